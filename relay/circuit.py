@@ -1,0 +1,100 @@
+"""The gate in front of Pusher: a circuit breaker plus a process-wide pause for 429s.
+
+1. Closed: every greenlet may fetch and send.
+2. Open (401, 403, 404, or a run of failures with no success between them: the fault is
+   Pusher's or our credentials', never one notification's): nobody fetches; everything stays
+   in Redis. One log line when it opens, one when it closes.
+3. While open, one greenlet at a time is let through as a probe, at a growing interval
+   (capped); its success closes the circuit, its failure reopens it for longer.
+4. `pause(seconds)` (429 with Retry-After) holds every greenlet until the time has passed,
+   because the limit applies to the whole app, not to one notification.
+
+Pure logic with an injectable clock; the worker does the waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+FIRST_PROBE_S = 1.0
+MAX_PROBE_S = 300.0
+FAILURES_TO_OPEN = 5
+
+
+class Circuit:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 first_probe_s: float = FIRST_PROBE_S, max_probe_s: float = MAX_PROBE_S,
+                 failures_to_open: int = FAILURES_TO_OPEN) -> None:
+        self.clock = clock
+        self.first_probe_s = first_probe_s
+        self.max_probe_s = max_probe_s
+        self.failures_to_open = failures_to_open
+        self.reason: str | None = None
+        self.opened_at = 0.0
+        self.interval = first_probe_s
+        self.next_probe_at = 0.0
+        self.probing = False
+        self.paused_until = 0.0
+        self.failures = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.reason is not None
+
+    def wait_s(self) -> float:
+        """0 when the caller may go now (and, if open, it became the probe); else how long."""
+        now = self.clock()
+        if now < self.paused_until:
+            return self.paused_until - now
+        if self.reason is None:
+            return 0.0
+        if self.probing:
+            return min(self.interval, 1.0)
+        if now >= self.next_probe_at:
+            self.probing = True
+            return 0.0
+        return self.next_probe_at - now
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.probing = False
+        if self.reason is not None:
+            log.warning("circuit closed: Pusher accepts calls again (was open %.1f s: %s)",
+                        self.clock() - self.opened_at, self.reason)
+            self.reason = None
+            self.interval = self.first_probe_s
+
+    def systemic(self, reason: str) -> None:
+        """A failure that is not the notification's fault: open (or keep open) the circuit."""
+        now = self.clock()
+        if self.reason is None:
+            log.error("circuit open: %s; fetching stops, everything stays in Redis", reason)
+            self.reason = reason
+            self.opened_at = now
+            self.interval = self.first_probe_s
+        elif self.probing:
+            self.interval = min(self.max_probe_s, self.interval * 2)
+        self.probing = False
+        self.next_probe_at = now + self.interval
+
+    def transient(self, reason: str) -> None:
+        """A failure that may be the notification's or Pusher's: a run of them opens."""
+        self.failures += 1
+        if self.reason is not None or self.failures >= self.failures_to_open:
+            self.systemic(f"{self.failures} calls in a row failed, last: {reason}")
+
+    def abandon_probe(self) -> None:
+        """The probe found nothing to send; the next greenlet may probe."""
+        self.probing = False
+
+    def pause(self, seconds: float) -> None:
+        until = self.clock() + seconds
+        if until > self.paused_until:
+            if self.clock() >= self.paused_until:
+                log.warning("Pusher asked to slow down (429): every greenlet waits %.1f s",
+                            seconds)
+            self.paused_until = until

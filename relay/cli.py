@@ -1,0 +1,77 @@
+"""Command line: `python worker.py [settings]` runs the worker.
+
+Bad configuration ends the process at start with one line naming the setting, status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from relay import __version__, config, logs
+from relay.delivery import Delivery
+from relay.metrics import Metrics
+from relay.queue import RedisQueue
+from relay.worker import BLOCK_S, Worker
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+# Above the blocking pop's wake-up (BLOCK_S), so an idle pop is never a socket timeout.
+REDIS_SOCKET_TIMEOUT_S = BLOCK_S + 4.0
+REDIS_CONNECT_TIMEOUT_S = 3.0
+SPARE_CONNECTIONS = 8  # housekeeping greenlets and the metrics endpoint
+
+
+def redis_client(url: str, max_connections: int) -> redis.Redis:
+    """One pool for the process; redis-py's own retries are off because ours know more."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=None,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0), health_check_interval=30)
+    return redis.Redis(connection_pool=pool)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worker.py",
+        description="relay: move notifications from a Redis list to the Pusher HTTP API.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    config.add_arguments(parser)
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> config.Config | None:
+    try:
+        return config.load(args=args)
+    except config.ConfigError as exc:
+        sys.stderr.write(f"relay: bad configuration: {exc}\n")
+        return None
+
+
+def run(cfg: config.Config) -> int:
+    metrics = Metrics()
+    client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
+    queue = RedisQueue(client, cfg.queue, cfg.order)
+    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=metrics.observe_call)
+    try:
+        return Worker(cfg, queue, delivery, metrics).run()
+    finally:
+        delivery.close()
+        client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args)
+    if cfg is None:
+        return EXIT_CONFIG
+    logs.setup(cfg.log_level, cfg.log_format)
+    return run(cfg)

@@ -1,0 +1,191 @@
+"""Pusher calls, and the one place where an answer is classified.
+
+1. The only module that imports `pusher`: the official library signs and validates, and a
+   small backend (its `backend=` hook) sends through one `requests.Session` whose connection
+   pool is as large as the greenlet pool, so calls reuse keep-alive connections.
+2. `classify(status, body, retry_after)` maps an answer to a `Failure` kind by status code,
+   never by message text: PERMANENT (this notification can never go: 400, 413),
+   TRANSIENT (network, timeout, 5xx: retry it later), SYSTEMIC (401, 403, 404: our account or
+   setup, pause everything), RATE_LIMITED (429: pause everything, honour Retry-After).
+   A 200 whose JSON body carries an error (soketi answers some errors that way) is that error.
+3. `Delivery.send(notes)` sends one notification with `trigger`, several single-channel ones
+   with one `trigger_batch`, and splits a refused batch to find the culprit, so one bad event
+   never dead-letters its neighbours.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pusher
+import requests
+from requests.adapters import HTTPAdapter
+
+from relay.config import PusherTarget
+from relay.message import Notification
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 10  # Pusher's batch_events limit
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+class Kind(enum.Enum):
+    PERMANENT = "permanent"
+    TRANSIENT = "transient"
+    SYSTEMIC = "systemic"
+    RATE_LIMITED = "rate_limited"
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: Kind
+    reason: str
+    status: int | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the backend returns instead of raising: the raw HTTP outcome."""
+
+    status: int
+    body: str
+    retry_after: str | None = None
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value is not None else DEFAULT_RETRY_AFTER_S
+    except ValueError:
+        return DEFAULT_RETRY_AFTER_S  # an HTTP date: rare here; a short pause is safe
+
+
+def _body_error(body: str) -> tuple[int, str] | None:
+    """soketi-style errors inside a 200: {"error": "...", "code": 4xx}."""
+    if '"error"' not in body:
+        return None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or "error" not in obj:
+        return None
+    code = obj.get("code")
+    return (code if isinstance(code, int) else 500), str(obj["error"])
+
+
+def classify(answer: Answer) -> Failure | None:
+    """None for success; otherwise the Failure this answer means."""
+    status, body = answer.status, answer.body
+    if status in (200, 202):
+        embedded = _body_error(body)
+        if embedded is None:
+            return None
+        status, body = embedded
+    reason = f"HTTP {status}: {body.strip()[:200]}"
+    if status in (400, 413):
+        return Failure(Kind.PERMANENT, reason, status)
+    if status in (401, 403, 404):
+        return Failure(Kind.SYSTEMIC, reason, status)
+    if status == 429:
+        return Failure(Kind.RATE_LIMITED, reason, status, _retry_after(answer.retry_after))
+    return Failure(Kind.TRANSIENT, reason, status)
+
+
+class SessionBackend:
+    """pusher's backend hook: send the signed request, return the Answer, never raise for HTTP."""
+
+    def __init__(self, client: Any, session: requests.Session) -> None:
+        self.client = client
+        self.session = session
+
+    def send_request(self, request: Any) -> Answer:
+        resp = self.session.request(request.method, request.url, headers=request.headers,
+                                    data=request.body, timeout=self.client.timeout)
+        return Answer(resp.status_code, resp.text, resp.headers.get("Retry-After"))
+
+
+def make_session(pool_size: int) -> requests.Session:
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class Delivery:
+    """One Pusher client for the process; safe to share between greenlets."""
+
+    def __init__(self, target: PusherTarget, pool_size: int,
+                 on_call: Callable[[int | None, float], None] | None = None) -> None:
+        """on_call(status or None for a network error, seconds) observes every HTTP call."""
+        self.on_call = on_call
+        self.session = make_session(pool_size)
+        self.client = pusher.Pusher(
+            app_id=target.app_id, key=target.key, secret=target.secret, host=target.host,
+            port=target.port, ssl=target.ssl, timeout=target.timeout,
+            backend=SessionBackend, session=self.session)
+        self.calls = 0
+
+    def send(self, notes: Sequence[Notification]) -> list[Failure | None]:
+        """Deliver; one result per notification, in order (None = Pusher accepted it)."""
+        batchable = [n for n in notes if len(n.channels) == 1]
+        results: dict[int, Failure | None] = {}
+        if len(batchable) > 1:
+            for note, result in zip(batchable, self._batch(batchable), strict=True):
+                results[id(note)] = result
+        for note in notes:
+            if id(note) not in results:
+                results[id(note)] = self._single(note)
+        return [results[id(n)] for n in notes]
+
+    def _single(self, note: Notification) -> Failure | None:
+        return self._call(self.client.trigger, list(note.channels), note.event, note.data,
+                          note.socket_id)
+
+    def _batch(self, notes: Sequence[Notification]) -> list[Failure | None]:
+        results: list[Failure | None] = []
+        for start in range(0, len(notes), MAX_BATCH):
+            chunk = notes[start:start + MAX_BATCH]
+            events = [_event(n) for n in chunk]
+            failure = self._call(self.client.trigger_batch, events, True)
+            if failure is not None and failure.kind is Kind.PERMANENT:
+                # One bad event refuses the whole batch: find it by sending each alone.
+                results.extend(self._single(n) for n in chunk)
+            else:
+                results.extend([failure] * len(chunk))
+        return results
+
+    def _call(self, method: Any, *args: Any) -> Failure | None:
+        self.calls += 1
+        started = time.monotonic()
+        try:
+            answer = method(*args)
+        except requests.RequestException as exc:
+            self._observe(None, started)
+            return Failure(Kind.TRANSIENT, f"network: {type(exc).__name__}")
+        except (ValueError, TypeError) as exc:  # the library's own validation
+            return Failure(Kind.PERMANENT, f"refused by the pusher library: {exc}"[:300])
+        self._observe(answer.status, started)
+        return classify(answer)
+
+    def _observe(self, status: int | None, started: float) -> None:
+        if self.on_call is not None:
+            self.on_call(status, time.monotonic() - started)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _event(note: Notification) -> dict[str, str]:
+    event = {"channel": note.channels[0], "name": note.event, "data": note.data}
+    if note.socket_id:
+        event["socket_id"] = note.socket_id
+    return event

@@ -1,0 +1,227 @@
+"""Parse and validate what producers push: pure functions, no I/O.
+
+1. A *classic* message is a JSON object with a `channel` key: the event is RELAY_EVENT and
+   the data is the object without `channel`. Any object that has `channel` is classic, so
+   a classic message can never be misread as an envelope, whatever else it carries.
+2. An *envelope* has no `channel` key and carries `"relay": 1`, with `channels` (1 to 100),
+   `event`, `data`, and optionally `socket_id`, `enqueued_at` (Unix seconds) and `id`.
+3. A *retry wrapper* (`"relay": 1` with `payload`) is what the worker itself writes back when
+   a notification waits for another attempt: it carries the original text and the attempt
+   history, so dead letters always show what the producer pushed.
+4. Everything Pusher would refuse (names, sizes) is refused here first, with a reason, so a
+   bad notification is dead-lettered instead of failing a whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from secrets import token_hex
+from typing import Any
+
+MAX_CHANNELS = 100
+MAX_CHANNEL_LENGTH = 164
+MAX_EVENT_LENGTH = 200
+MAX_DATA_BYTES = 10_240
+ENVELOPE_VERSION = 1
+
+_CHANNEL = re.compile(r"\A[-a-zA-Z0-9_=@,.;]+\Z")
+_SERVER_TO_USER = re.compile(r"\A#server-to-user-[-a-zA-Z0-9_=@,.;]+\Z")
+_SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
+
+
+class InvalidMessage(ValueError):
+    """The notification can never be delivered; the text is the dead-letter reason."""
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One parsed notification, ready for the Pusher API.
+
+    `raw` is exactly what sits in Redis (needed to ack it); `payload` is what the producer
+    pushed (differs from `raw` only for a retry wrapper).
+    """
+
+    raw: bytes
+    payload: str
+    channels: tuple[str, ...]
+    event: str
+    data: str
+    socket_id: str | None = None
+    enqueued_at: float | None = None
+    attempts: int = 0
+    first_failed_at: float | None = None
+    id: str | None = None
+
+    @property
+    def cost(self) -> int:
+        """Messages Pusher counts for this notification: one per channel."""
+        return len(self.channels)
+
+
+def encode_data(data: Any) -> str:
+    """Pusher wants data as a string: strings pass through, anything else becomes JSON."""
+    if isinstance(data, str):
+        return data
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def validate_channel(channel: Any) -> str:
+    if not isinstance(channel, str) or not channel:
+        raise InvalidMessage("channel must be a non-empty string")
+    if len(channel) > MAX_CHANNEL_LENGTH:
+        raise InvalidMessage(f"channel name longer than {MAX_CHANNEL_LENGTH} characters")
+    if channel.startswith("private-encrypted-"):
+        raise InvalidMessage("encrypted channels are not supported")
+    if not (_CHANNEL.match(channel) or _SERVER_TO_USER.match(channel)):
+        raise InvalidMessage(f"invalid channel name {channel[:80]!r}")
+    return channel
+
+
+def validate_event(event: Any) -> str:
+    if not isinstance(event, str) or not event:
+        raise InvalidMessage("event must be a non-empty string")
+    if len(event) > MAX_EVENT_LENGTH:
+        raise InvalidMessage(f"event name longer than {MAX_EVENT_LENGTH} characters")
+    return event
+
+
+def validate_data(data: str) -> str:
+    size = len(data.encode("utf-8"))
+    if size > MAX_DATA_BYTES:
+        raise InvalidMessage(f"data is {size} bytes, over Pusher's {MAX_DATA_BYTES}")
+    return data
+
+
+def validate_socket_id(socket_id: Any) -> str | None:
+    if socket_id is None:
+        return None
+    if not isinstance(socket_id, str) or not _SOCKET_ID.match(socket_id):
+        raise InvalidMessage("socket_id must look like 1234.5678")
+    return socket_id
+
+
+def _decode(raw: bytes | str) -> tuple[str, dict[str, Any]]:
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        raise InvalidMessage("not UTF-8 text") from None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise InvalidMessage("not JSON") from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage(f"not a JSON object (got {type(obj).__name__})")
+    return text, obj
+
+
+def _classic(raw: bytes, text: str, obj: dict[str, Any], event: str) -> Notification:
+    channel = validate_channel(obj["channel"])
+    rest = {k: v for k, v in obj.items() if k != "channel"}
+    return Notification(raw=raw, payload=text, channels=(channel,), event=validate_event(event),
+                        data=validate_data(encode_data(rest)))
+
+
+def _channels(obj: dict[str, Any]) -> tuple[str, ...]:
+    channels = obj.get("channels")
+    if isinstance(channels, str):
+        channels = [channels]
+    if not isinstance(channels, list) or not channels:
+        raise InvalidMessage("envelope needs channels: a non-empty list")
+    if len(channels) > MAX_CHANNELS:
+        raise InvalidMessage(f"envelope has {len(channels)} channels, over {MAX_CHANNELS}")
+    return tuple(validate_channel(c) for c in channels)
+
+
+def _number(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidMessage(f"{name} must be a number of Unix seconds")
+    return float(value)
+
+
+def _envelope(raw: bytes, text: str, obj: dict[str, Any]) -> Notification:
+    if "data" not in obj:
+        raise InvalidMessage("envelope needs data")
+    ident = obj.get("id")
+    return Notification(
+        raw=raw,
+        payload=text,
+        channels=_channels(obj),
+        event=validate_event(obj.get("event")),
+        data=validate_data(encode_data(obj["data"])),
+        socket_id=validate_socket_id(obj.get("socket_id")),
+        enqueued_at=_number(obj.get("enqueued_at"), "enqueued_at"),
+        id=str(ident) if ident is not None else None,
+    )
+
+
+def parse(raw: bytes, default_event: str) -> Notification:
+    """Turn one queue element into a Notification, or raise InvalidMessage with the reason."""
+    text, obj = _decode(raw)
+    if "channel" in obj:
+        return _classic(raw, text, obj, default_event)
+    if obj.get("relay") != ENVELOPE_VERSION:
+        raise InvalidMessage("no channel (neither a classic message nor a relay envelope)")
+    if "payload" in obj:
+        return _unwrap_retry(raw, obj, default_event)
+    return _envelope(raw, text, obj)
+
+
+def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str) -> Notification:
+    payload = obj["payload"]
+    history = obj.get("retry") or {}
+    if not isinstance(payload, str) or not isinstance(history, dict):
+        raise InvalidMessage("malformed retry wrapper")
+    inner = parse(payload.encode("utf-8"), default_event)
+    if inner.payload != payload or inner.attempts:
+        raise InvalidMessage("nested retry wrapper")
+    return Notification(
+        raw=raw, payload=payload, channels=inner.channels, event=inner.event, data=inner.data,
+        socket_id=inner.socket_id, enqueued_at=inner.enqueued_at, id=inner.id,
+        attempts=int(history.get("attempts", 0)),
+        first_failed_at=_number(history.get("first_failed_at"), "first_failed_at"),
+    )
+
+
+def retry_wrapper(payload: str, attempts: int, first_failed_at: float, last_error: str) -> str:
+    """The queue element that carries a notification back for another attempt."""
+    return json.dumps({
+        "relay": ENVELOPE_VERSION,
+        "payload": payload,
+        "retry": {"attempts": attempts, "first_failed_at": first_failed_at,
+                  "last_error": last_error},
+        # A sorted set keeps one copy of equal members: the nonce keeps twins apart.
+        "nonce": token_hex(6),
+    }, separators=(",", ":"))
+
+
+def payload_of(raw: bytes) -> str:
+    """What the producer pushed, even for an element that does not parse (for dead letters)."""
+    text = raw.decode("utf-8", errors="replace")
+    if text.startswith('{"relay":1,"payload":'):
+        try:
+            inner = json.loads(text).get("payload")
+        except ValueError:
+            return text
+        if isinstance(inner, str):
+            return inner
+    return text
+
+
+def envelope(channels: list[str], event: str, data: Any, socket_id: str | None = None,
+             enqueued_at: float | None = None, ident: str | None = None) -> str:
+    """Encode an envelope (the producer's format), validated so bad input fails at the source."""
+    obj: dict[str, Any] = {"relay": ENVELOPE_VERSION, "channels": channels, "event": event,
+                           "data": data}
+    if socket_id is not None:
+        obj["socket_id"] = socket_id
+    if enqueued_at is not None:
+        obj["enqueued_at"] = enqueued_at
+    if ident is not None:
+        obj["id"] = ident
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    parse(text.encode("utf-8"), event)
+    return text

@@ -1,0 +1,67 @@
+"""Prometheus metrics, one registry per worker (no module-level collectors).
+
+Names follow Prometheus conventions: `relay_` prefix, `_total` on counters, seconds.
+The periodic summary log line reads the same counters, so logs and metrics never disagree.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from relay import __version__
+
+CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+AGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.delivered = Counter("relay_notifications_delivered", "Notifications Pusher accepted",
+                                 registry=r)
+        self.dead = Counter("relay_notifications_dead_lettered",
+                            "Notifications moved to the dead-letter list", ["reason"], registry=r)
+        self.retried = Counter("relay_notifications_retried",
+                               "Notifications scheduled for another attempt", registry=r)
+        self.requeued = Counter("relay_notifications_requeued",
+                                "Notifications put back untouched (circuit open, 429, stop)",
+                                registry=r)
+        self.shed = Counter("relay_notifications_shed", "Notifications dropped by a policy",
+                            ["policy"], registry=r)
+        self.recovered = Counter("relay_notifications_recovered",
+                                 "In-flight notifications of dead workers returned to the queue",
+                                 registry=r)
+        self.calls = Counter("relay_pusher_calls", "Pusher HTTP calls by outcome", ["status"],
+                             registry=r)
+        self.call_seconds = Histogram("relay_pusher_call_duration_seconds",
+                                      "Pusher HTTP call latency", buckets=CALL_BUCKETS,
+                                      registry=r)
+        self.age_seconds = Histogram("relay_delivery_age_seconds",
+                                     "Enqueue-to-delivery age (envelopes with enqueued_at)",
+                                     buckets=AGE_BUCKETS, registry=r)
+        self.redis_errors = Counter("relay_redis_errors", "Failed Redis calls", registry=r)
+        self.rate_waits = Counter("relay_rate_limit_waits",
+                                  "Times a greenlet waited for the shared rate limit", registry=r)
+        self.blocked = Counter("relay_event_loop_blocked",
+                               "Times a greenlet blocked the gevent hub too long", registry=r)
+        self.inflight = Gauge("relay_inflight", "Notifications being handled now", registry=r)
+        self.pool_size = Gauge("relay_pool_size", "Greenlets in the pool", registry=r)
+        self.queue_length = Gauge("relay_queue_length", "Length of the queue list", registry=r)
+        self.dead_length = Gauge("relay_dead_letters", "Length of the dead-letter list",
+                                 registry=r)
+        self.retry_length = Gauge("relay_retry_scheduled", "Notifications waiting for a retry",
+                                  registry=r)
+        self.circuit_open = Gauge("relay_circuit_open", "1 while the circuit to Pusher is open",
+                                  registry=r)
+        Info("relay_build", "relay version", registry=r).info({"version": __version__})
+
+    def observe_call(self, status: int | None, seconds: float) -> None:
+        """Delivery's on_call hook: one count by status class and one latency sample."""
+        self.calls.labels("error" if status is None else f"{status // 100}xx").inc()
+        self.call_seconds.observe(seconds)
+
+    @staticmethod
+    def total(counter: Counter) -> float:
+        """Sum over every label set: the summary line wants one number."""
+        return sum(s.value for m in counter.collect() for s in m.samples
+                   if s.name.endswith("_total"))

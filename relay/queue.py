@@ -1,0 +1,331 @@
+"""Reliable fetch, ack, retry, dead-letter and recovery on Redis: every key and script.
+
+Keys for queue `Q` (all start with `Q`, so a hash-tagged name like `{notifications}` keeps
+every key in one Redis Cluster slot and every script below legal there):
+
+- `Q`                      list: producers RPUSH; the worker pops the head (fifo) or tail (lifo)
+- `Q:inflight:<wid>:<n>`   list: what greenlet slot n of worker process wid is handling now
+- `Q:workers`              zset: worker id -> heartbeat deadline (Redis clock, seconds)
+- `Q:workers:info`         hash: worker id -> JSON {host, pid, slots, started_at}
+- `Q:retry`                zset: retry wrapper -> due time (Redis clock); moved back when due
+- `Q:dead`                 list: dead letters, JSON {payload, error, failed_at, attempts, ...}
+- `Q:stats`                hash: running totals (delivered, dead, retried, shed_*) for `stats`
+- `Q:ratelimit`            string: the shared rate limiter's state (see ratelimit.py)
+
+How nothing is lost:
+1. Fetch moves items atomically into the greenlet's own in-flight list (BLMOVE, then a
+   script tops it up to a batch). The script returns the *whole* list, so an item moved by a
+   command whose reply was lost on the wire is adopted on the next fetch, not stranded.
+2. Every settle step (ack, dead-letter, retry-later, requeue) removes the exact bytes that
+   were fetched and, in the same script, puts them where they go next; it only pushes when
+   the removal happened, so a script replayed after a lost reply does nothing twice.
+3. A live worker keeps its heartbeat in `Q:workers`; any worker returns the in-flight lists
+   of a worker whose deadline passed to the queue, in one script that also unregisters it,
+   so two reapers cannot both return the same items.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from secrets import token_hex
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# Redis time, inside scripts, so that hosts with skewed clocks agree on deadlines.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+# KEYS: queue, slot list, workers zset. ARGV: batch size, pop side, worker id.
+# Returns the slot's whole list, or false when this worker has been reaped (see heartbeat).
+FETCH = """
+if not redis.call('ZSCORE', KEYS[3], ARGV[3]) then return false end
+local want = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[2])
+for i = 1, want do
+  if not redis.call('LMOVE', KEYS[1], KEYS[2], ARGV[2], 'RIGHT') then break end
+end
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"""
+
+# KEYS: slot list, stats hash. ARGV: stats field, raw items...
+ACK = """
+local n = 0
+for i = 2, #ARGV do n = n + redis.call('LREM', KEYS[1], 1, ARGV[i]) end
+if n > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
+return n
+"""
+
+# KEYS: slot list, dead list, stats hash. ARGV: raw item, dead-letter entry.
+DEAD = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'dead', 1)
+return 1
+"""
+
+# KEYS: slot list, retry zset, stats hash. ARGV: raw item, retry wrapper, delay seconds.
+RETRY_LATER = _NOW + """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'retried', 1)
+return 1
+"""
+
+# KEYS: slot list, queue. ARGV: push command (where the next pop happens), raw items...
+# Walks the items backwards so that they come out again in the order they went in.
+REQUEUE = """
+local n = 0
+for i = #ARGV, 2, -1 do
+  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
+    redis.call(ARGV[1], KEYS[2], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: retry zset, queue. ARGV: push command, most to move.
+PROMOTE = _NOW + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, item in ipairs(due) do
+  redis.call('ZREM', KEYS[1], item)
+  redis.call(ARGV[1], KEYS[2], item)
+end
+return #due
+"""
+
+# KEYS: workers zset, info hash. ARGV: worker id, ttl seconds, info JSON.
+# Returns 1 when the worker was registered already, 0 when it had been reaped (or is new).
+HEARTBEAT = _NOW + """
+local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+if known then return 1 else return 0 end
+"""
+
+# KEYS: workers zset, info hash, queue, the worker's slot lists...
+# ARGV: worker id, where the next pop happens (LEFT or RIGHT), force (1 for our own shutdown).
+# Returns how many items went back, or -1 when the worker is alive (or already reaped).
+REAP = _NOW + """
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if ARGV[3] ~= '1' and ((not deadline) or tonumber(deadline) > now) then return -1 end
+local n = 0
+for i = 4, #KEYS do
+  while redis.call('LMOVE', KEYS[i], KEYS[3], 'RIGHT', ARGV[2]) do n = n + 1 end
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return n
+"""
+
+# KEYS: queue, stats hash. ARGV: the longest the queue may be. Drops the oldest excess.
+TRIM = """
+local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[1])
+if excess <= 0 then return 0 end
+redis.call('LTRIM', KEYS[1], excess, -1)
+redis.call('HINCRBY', KEYS[2], 'shed_backlog', excess)
+return excess
+"""
+
+# KEYS: dead list, queue. ARGV: the exact dead-letter entry, payload to requeue.
+# Removing the exact entry first makes two operators requeueing at once harmless.
+UNDEAD = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every key of one queue, derived from its name."""
+
+    queue: str
+
+    @property
+    def dead(self) -> str:
+        return f"{self.queue}:dead"
+
+    @property
+    def retry(self) -> str:
+        return f"{self.queue}:retry"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.queue}:workers"
+
+    @property
+    def info(self) -> str:
+        return f"{self.queue}:workers:info"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.queue}:stats"
+
+    @property
+    def ratelimit(self) -> str:
+        return f"{self.queue}:ratelimit"
+
+    def inflight(self, worker_id: str, slot: int) -> str:
+        return f"{self.queue}:inflight:{worker_id}:{slot}"
+
+
+def new_worker_id() -> str:
+    """host:pid:random, unique even when a pid is reused on another host or after restart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{token_hex(3)}"
+
+
+class WorkerReaped(RuntimeError):
+    """Another worker declared this one dead (it missed heartbeats); re-register first."""
+
+
+class RedisQueue:
+    """The queue's Redis side for one worker process; every call is one round trip."""
+
+    def __init__(self, client: redis.Redis, name: str, order: str = "fifo",
+                 worker_id: str | None = None) -> None:
+        self.client = client
+        self.keys = Keys(name)
+        self.worker_id = worker_id or new_worker_id()
+        # fifo pops the head (oldest); lifo pops the tail (newest). What goes back goes where
+        # the next pop happens, so requeued and recovered items are next.
+        self.pop_side = "LEFT" if order == "fifo" else "RIGHT"
+        self.push_cmd = "LPUSH" if order == "fifo" else "RPUSH"
+        self._started_at = time.time()
+        self._fetch = client.register_script(FETCH)
+        self._ack = client.register_script(ACK)
+        self._dead = client.register_script(DEAD)
+        self._retry_later = client.register_script(RETRY_LATER)
+        self._requeue = client.register_script(REQUEUE)
+        self._promote = client.register_script(PROMOTE)
+        self._heartbeat = client.register_script(HEARTBEAT)
+        self._reap = client.register_script(REAP)
+        self._trim = client.register_script(TRIM)
+        self._undead = client.register_script(UNDEAD)
+
+    # -- fetch and settle, per greenlet slot -------------------------------------------------
+
+    def slot_key(self, slot: int) -> str:
+        return self.keys.inflight(self.worker_id, slot)
+
+    def fetch(self, slot: int, batch: int, block_s: float) -> list[bytes]:
+        """Up to `batch` items for this slot; waits up to block_s when the queue is empty.
+
+        Tries the non-blocking script first (a busy queue costs one round trip a batch);
+        only an empty answer leads to a blocking pop.
+        """
+        key = self.slot_key(slot)
+        items = self._top_up(key, batch)
+        if items or block_s <= 0:
+            return items
+        moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side, "RIGHT")
+        return self._top_up(key, batch) if moved is not None else []
+
+    def _top_up(self, key: str, batch: int) -> list[bytes]:
+        items = self._fetch(keys=[self.keys.queue, key, self.keys.workers],
+                            args=[batch, self.pop_side, self.worker_id])
+        if items is None:
+            raise WorkerReaped(self.worker_id)
+        return list(items)
+
+    def ack(self, slot: int, raws: Sequence[bytes], stat: str = "delivered") -> int:
+        """Forget delivered (or deliberately dropped) items; `stat` names the total to count."""
+        if not raws:
+            return 0
+        return int(self._ack(keys=[self.slot_key(slot), self.keys.stats], args=[stat, *raws]))
+
+    def dead_letter(self, slot: int, raw: bytes, entry: dict[str, Any]) -> bool:
+        text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+        keys = [self.slot_key(slot), self.keys.dead, self.keys.stats]
+        return bool(self._dead(keys=keys, args=[raw, text]))
+
+    def retry_later(self, slot: int, raw: bytes, wrapper: str, delay_s: float) -> bool:
+        keys = [self.slot_key(slot), self.keys.retry, self.keys.stats]
+        return bool(self._retry_later(keys=keys, args=[raw, wrapper, delay_s]))
+
+    def requeue(self, slot: int, raws: Sequence[bytes]) -> int:
+        """Put items back where the next pop happens, without counting an attempt."""
+        if not raws:
+            return 0
+        keys = [self.slot_key(slot), self.keys.queue]
+        return int(self._requeue(keys=keys, args=[self.push_cmd, *raws]))
+
+    # -- housekeeping, per process -----------------------------------------------------------
+
+    def promote_due(self, limit: int = 500) -> int:
+        """Move retries whose time has come back to the queue, next in line."""
+        return int(self._promote(keys=[self.keys.retry, self.keys.queue],
+                                 args=[self.push_cmd, limit]))
+
+    def heartbeat(self, ttl_s: float, slots: int) -> bool:
+        """Register or refresh this worker; False means it had been reaped (or is new)."""
+        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slots": slots,
+                           "started_at": self._started_at})
+        return bool(self._heartbeat(keys=[self.keys.workers, self.keys.info],
+                                    args=[self.worker_id, ttl_s, info]))
+
+    def reap_expired(self) -> dict[str, int]:
+        """Return the in-flight items of every worker whose heartbeat deadline passed."""
+        seconds, micros = self.client.time()
+        expired = self.client.zrangebyscore(self.keys.workers, "-inf", seconds + micros / 1e6)
+        recovered: dict[str, int] = {}
+        for raw_id in expired:
+            wid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            n = self._reap_one(wid, force=False)
+            if n >= 0:
+                recovered[wid] = n
+        return recovered
+
+    def release(self, slots: int) -> int:
+        """On shutdown: return all of this worker's in-flight items and unregister."""
+        return self._reap_one(self.worker_id, force=True, slots=slots)
+
+    def _reap_one(self, wid: str, force: bool, slots: int | None = None) -> int:
+        if slots is None:
+            slots = self.worker_slots(wid)
+        keys = [self.keys.workers, self.keys.info, self.keys.queue]
+        keys += [self.keys.inflight(wid, n) for n in range(slots)]
+        return int(self._reap(keys=keys, args=[wid, self.pop_side, "1" if force else "0"]))
+
+    def worker_slots(self, wid: str) -> int:
+        raw = self.client.hget(self.keys.info, wid)
+        try:
+            return int(json.loads(raw)["slots"]) if raw else 0
+        except (ValueError, KeyError, TypeError):
+            return 0
+
+    def trim(self, max_backlog: int) -> int:
+        """Drop the oldest items beyond max_backlog; returns how many were dropped."""
+        return int(self._trim(keys=[self.keys.queue, self.keys.stats], args=[max_backlog]))
+
+    def lengths(self) -> dict[str, int]:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(self.keys.queue)
+        pipe.zcard(self.keys.retry)
+        pipe.llen(self.keys.dead)
+        queue, retry, dead = pipe.execute()
+        return {"queue": int(queue), "retry": int(retry), "dead": int(dead)}
+
+    # -- dead letters, for the admin commands ---------------------------------------------------
+
+    def requeue_dead(self, entries: Iterable[bytes]) -> int:
+        """Move dead letters back to the queue's tail as the producer pushed them."""
+        n = 0
+        for entry in entries:
+            try:
+                payload = json.loads(entry)["payload"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("skipping a dead letter that is not relay's JSON")
+                continue
+            n += int(self._undead(keys=[self.keys.dead, self.keys.queue], args=[entry, payload]))
+        return n

@@ -1,0 +1,82 @@
+"""Fixtures: our own redis-server on a free port, the local Pusher-compatible server, and
+workers as subprocesses. Nothing here touches the Redis on 6379."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from relay.pusher_server import LocalPusher
+from relay.redis_server import RedisServer
+from tests.support import WorkerProcess
+
+_queue_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()  # our own throwaway server: nothing of anyone else's is in it
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"q{next(_queue_names)}"
+
+
+@pytest.fixture(scope="session")
+def pusher_server() -> Iterator[LocalPusher]:
+    with LocalPusher() as server:
+        yield server
+
+
+@pytest.fixture
+def pusher(pusher_server: LocalPusher) -> LocalPusher:
+    pusher_server.reset()
+    return pusher_server
+
+
+@pytest.fixture
+def worker_env(redis_server: RedisServer, pusher: LocalPusher, queue_name: str
+               ) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_server.url,
+        "PUSHER_URL": pusher.url,
+        "RELAY_QUEUE": queue_name,
+        "RELAY_METRICS_ADDR": "off",
+        "RELAY_HEARTBEAT_TTL": "2",
+        "PUSHER_TIMEOUT": "2",
+        "RELAY_POOL_SIZE": "10",
+    }
+
+
+@pytest.fixture
+def start_worker(worker_env: dict[str, str], tmp_path: Path
+                 ) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers with the test's settings plus overrides; all are killed at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(wait: bool = True, args: list[str] | None = None, **overrides: str
+              ) -> WorkerProcess:
+        env = {**worker_env, **overrides}
+        proc = WorkerProcess(env, tmp_path / f"worker{len(started)}.log", args)
+        started.append(proc)
+        if wait:
+            proc.wait_started()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
