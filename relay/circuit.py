@@ -23,16 +23,23 @@ log = logging.getLogger(__name__)
 FIRST_PROBE_S = 1.0
 MAX_PROBE_S = 300.0
 FAILURES_TO_OPEN = 5
+# A probe that never reports back (its fetch hit a Redis error, or everything it fetched was
+# invalid or stale, so nothing was sent) must not hold the circuit open forever: after this
+# long another greenlet may probe. Longer than any one fetch plus a batch of Pusher calls.
+PROBE_LEASE_S = 60.0
 
 
 class Circuit:
     def __init__(self, clock: Callable[[], float] = time.monotonic,
                  first_probe_s: float = FIRST_PROBE_S, max_probe_s: float = MAX_PROBE_S,
-                 failures_to_open: int = FAILURES_TO_OPEN) -> None:
+                 failures_to_open: int = FAILURES_TO_OPEN,
+                 probe_lease_s: float = PROBE_LEASE_S) -> None:
         self.clock = clock
         self.first_probe_s = first_probe_s
         self.max_probe_s = max_probe_s
         self.failures_to_open = failures_to_open
+        self.probe_lease_s = probe_lease_s
+        self.probe_started_at = 0.0
         self.reason: str | None = None
         self.opened_at = 0.0
         self.interval = first_probe_s
@@ -45,6 +52,10 @@ class Circuit:
     def is_open(self) -> bool:
         return self.reason is not None
 
+    def holding(self) -> bool:
+        """True while nobody but a probe may send (open, or paused by a 429)."""
+        return self.reason is not None or self.clock() < self.paused_until
+
     def wait_s(self) -> float:
         """0 when the caller may go now (and, if open, it became the probe); else how long."""
         now = self.clock()
@@ -52,10 +63,11 @@ class Circuit:
             return self.paused_until - now
         if self.reason is None:
             return 0.0
-        if self.probing:
+        if self.probing and now < self.probe_started_at + self.probe_lease_s:
             return min(self.interval, 1.0)
         if now >= self.next_probe_at:
             self.probing = True
+            self.probe_started_at = now
             return 0.0
         return self.next_probe_at - now
 

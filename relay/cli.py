@@ -16,6 +16,7 @@ from redis.retry import Retry
 
 from relay import __version__, config, logs
 from relay.delivery import Delivery
+from relay.health import HealthServer, Watchdog
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
 from relay.worker import BLOCK_S, Worker
@@ -61,9 +62,24 @@ def run(cfg: config.Config) -> int:
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order)
     delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=metrics.observe_call)
+    worker = Worker(cfg, queue, delivery, metrics)
+    watchdog = server = None
     try:
-        return Worker(cfg, queue, delivery, metrics).run()
+        if cfg.metrics_addr != "off":
+            watchdog = Watchdog(on_block=metrics.blocked.inc)
+            server = HealthServer(cfg.metrics_addr, worker, watchdog)
+            try:
+                server.start()
+            except OSError as exc:
+                sys.stderr.write(f"relay: bad configuration: RELAY_METRICS_ADDR: cannot listen "
+                                 f"on {cfg.metrics_addr} ({exc.strerror or exc})\n")
+                return EXIT_CONFIG
+            watchdog.start()
+        return worker.run()
     finally:
+        for part in (server, watchdog):
+            if part is not None:
+                part.stop()
         delivery.close()
         client.close()
 

@@ -93,7 +93,8 @@ def _metrics_addr(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError("must be HOST:PORT or off")
-    int(port)  # 0 is allowed: the OS picks a free port (tests use it)
+    if not 0 <= int(port) <= 65535:  # 0 is allowed: the OS picks a free port (tests use it)
+        raise ValueError("port must be 0 to 65535")
     return text
 
 

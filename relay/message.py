@@ -79,16 +79,33 @@ def validate_channel(channel: Any) -> str:
     return channel
 
 
+def _utf8_size(text: str, what: str) -> int:
+    # JSON may carry a lone surrogate ("\ud800"): valid JSON, but no UTF-8 text can hold it.
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidMessage(f"{what} holds a lone surrogate, not valid Unicode") from None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_event(event: Any) -> str:
     if not isinstance(event, str) or not event:
         raise InvalidMessage("event must be a non-empty string")
     if len(event) > MAX_EVENT_LENGTH:
         raise InvalidMessage(f"event name longer than {MAX_EVENT_LENGTH} characters")
+    _utf8_size(event, "event name")
     return event
 
 
 def validate_data(data: str) -> str:
-    size = len(data.encode("utf-8"))
+    size = _utf8_size(data, "data")
     if size > MAX_DATA_BYTES:
         raise InvalidMessage(f"data is {size} bytes, over Pusher's {MAX_DATA_BYTES}")
     return data
@@ -111,6 +128,8 @@ def _decode(raw: bytes | str) -> tuple[str, dict[str, Any]]:
         obj = json.loads(text)
     except ValueError:
         raise InvalidMessage("not JSON") from None
+    except RecursionError:  # the decoder recurses per nesting level
+        raise InvalidMessage("JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise InvalidMessage(f"not a JSON object (got {type(obj).__name__})")
     return text, obj
@@ -173,15 +192,17 @@ def parse(raw: bytes, default_event: str) -> Notification:
 def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str) -> Notification:
     payload = obj["payload"]
     history = obj.get("retry") or {}
-    if not isinstance(payload, str) or not isinstance(history, dict):
+    attempts = history.get("attempts", 0) if isinstance(history, dict) else None
+    if not isinstance(payload, str) or not isinstance(attempts, int) or attempts < 0:
         raise InvalidMessage("malformed retry wrapper")
+    _utf8_size(payload, "retry payload")
     inner = parse(payload.encode("utf-8"), default_event)
     if inner.payload != payload or inner.attempts:
         raise InvalidMessage("nested retry wrapper")
     return Notification(
         raw=raw, payload=payload, channels=inner.channels, event=inner.event, data=inner.data,
         socket_id=inner.socket_id, enqueued_at=inner.enqueued_at, id=inner.id,
-        attempts=int(history.get("attempts", 0)),
+        attempts=attempts,
         first_failed_at=_number(history.get("first_failed_at"), "first_failed_at"),
     )
 
@@ -204,9 +225,9 @@ def payload_of(raw: bytes) -> str:
     if text.startswith('{"relay":1,"payload":'):
         try:
             inner = json.loads(text).get("payload")
-        except ValueError:
+        except (ValueError, RecursionError):
             return text
-        if isinstance(inner, str):
+        if isinstance(inner, str) and _encodable(inner):
             return inner
     return text
 

@@ -40,7 +40,14 @@ def should_give_up(attempts: int, first_failed_at: float, now: float, max_attemp
 
 
 class Outage:
-    """Shared backoff for one dependency; cheap to call on every success."""
+    """Shared backoff for one dependency; cheap to call on every success.
+
+    After a restart, pooled connections to the old server fail once each; errors within
+    FLAP_S of a recovery count as the same outage, so they neither log again nor log a
+    second recovery.
+    """
+
+    FLAP_S = 5.0
 
     def __init__(self, name: str, base_s: float = 0.1, cap_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -50,6 +57,8 @@ class Outage:
         self.clock = clock
         self.failures = 0
         self.since: float | None = None
+        self.announced = False
+        self.recovered_at = float("-inf")
 
     @property
     def down(self) -> bool:
@@ -57,15 +66,26 @@ class Outage:
 
     def failed(self, error: BaseException) -> float:
         """Record a failed call; return how long the caller should wait before the next."""
+        now = self.clock()
         if self.since is None:
-            self.since = self.clock()
+            self.since = now
+        # Announce at once, unless this may be the tail of the last outage (then only if it
+        # lasts): a real outage is always logged, a flap after a restart is not.
+        if not self.announced and (now - self.recovered_at > self.FLAP_S
+                                   or now - self.since > self.FLAP_S):
+            self.announced = True
             log.error("%s unreachable (%s); backing off and retrying", self.name,
                       type(error).__name__)
         self.failures += 1
         return min(self.cap_s, self.base_s * (2 ** min(self.failures - 1, 16)))
 
     def succeeded(self) -> None:
-        if self.since is not None:
-            log.warning("%s reachable again after %.1f s", self.name, self.clock() - self.since)
-            self.since = None
-            self.failures = 0
+        if self.since is None:
+            return
+        now = self.clock()
+        if self.announced:
+            log.warning("%s reachable again after %.1f s", self.name, now - self.since)
+            self.announced = False
+            self.recovered_at = now
+        self.since = None
+        self.failures = 0

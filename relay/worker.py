@@ -144,6 +144,10 @@ class Worker:
             if probing:
                 self.circuit.abandon_probe()
             return
+        if not probing and self.circuit.holding():
+            # The gate closed while this greenlet was blocked in its pop: hand the items back.
+            self.metrics.requeued.inc(self._persist(self.queue.requeue, slot, items))
+            return
         self.inflight += len(items)
         self.metrics.inflight.inc(len(items))
         try:
@@ -197,19 +201,22 @@ class Worker:
         if delivered:
             self._persist(self.queue.ack, slot, [n.raw for n in delivered])
             self._count_delivered(delivered)
+        self._tell_circuit(bool(delivered), results)
+        # With the circuit open the failure is Pusher's, not the notification's: no attempt
+        # is counted, so a long outage dead-letters nothing.
+        systemic = self.circuit.is_open
         putback: list[bytes] = []
         for note, failure in zip(notes, results, strict=True):
             if failure is None:
                 continue
             if failure.kind is Kind.PERMANENT:
                 self._dead(slot, note.raw, failure.reason, "rejected", note.attempts + 1)
-            elif failure.kind is Kind.TRANSIENT:
+            elif failure.kind is Kind.TRANSIENT and not systemic:
                 self._retry(slot, note, failure)
             else:
                 putback.append(note.raw)
         if putback:
             self.metrics.requeued.inc(self._persist(self.queue.requeue, slot, putback))
-        self._tell_circuit(bool(delivered), results)
 
     def _tell_circuit(self, any_delivered: bool, results: Sequence[Failure | None]) -> None:
         failures = {f.kind: f for f in results if f is not None}

@@ -64,5 +64,10 @@ class WorkerProcess:
                 self._log.close()
 
     @property
+    def pid_tag(self) -> str:
+        """The `:pid:` part of this process's worker id, to find its Redis keys."""
+        return f":{self.proc.pid}:"
+
+    @property
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -1,0 +1,162 @@
+"""Fault tests: Pusher failing in every way, Redis restarting, workers killed repeatedly.
+
+Each test counts what arrived at the server and what is left in Redis, and asserts that
+nothing was lost and nothing was dead-lettered for a fault that was not the notification's.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from relay.redis_server import RedisServer
+from tests.support import wait_for
+
+
+def _push(r, queue_name, count):
+    r.rpush(queue_name, *[json.dumps({"channel": "c", "n": i}) for i in range(count)])
+
+
+def _delivered(pusher) -> Counter:
+    return Counter(json.loads(e["data"])["n"] for e in pusher.events())
+
+
+def _inflight(r, queue_name) -> int:
+    return sum(r.llen(k) for k in r.keys(f"{queue_name}:inflight:*"))
+
+
+def _all_delivered(pusher, count, timeout=60.0) -> Counter:
+    return wait_for(lambda: len(_delivered(pusher)) == count and _delivered(pusher),
+                    timeout, f"all {count} notifications delivered")
+
+
+def test_three_sigkills_during_a_20000_drain(r, pusher, start_worker, queue_name):
+    total = 20_000
+    pusher.set_mode(delay=0.02)
+    _push(r, queue_name, total)
+    held = 0
+    for round_ in range(3):
+        w = start_worker(RELAY_POOL_SIZE="20")
+        target = (round_ + 1) * total // 5
+        wait_for(lambda t=target: len(pusher.events()) >= t, 60, "the drain to progress")
+        w.kill()
+        held += _inflight(r, queue_name)  # frozen by the kill: the most that can repeat
+    start_worker(RELAY_POOL_SIZE="20")
+    counts = _all_delivered(pusher, total, timeout=120)
+    duplicates = sum(c - 1 for c in counts.values())
+    assert duplicates <= held
+    wait_for(lambda: _inflight(r, queue_name) == 0, what="nothing in flight")
+    assert r.llen(queue_name) == 0 and r.llen(f"{queue_name}:dead") == 0
+
+
+@pytest.fixture
+def durable_redis() -> Iterator[RedisServer]:
+    with RedisServer(appendonly=True) as server:
+        yield server
+
+
+def test_redis_killed_and_restarted_mid_drain(durable_redis, pusher, start_worker, queue_name):
+    total = 3000
+    client = redis.Redis.from_url(durable_redis.url)
+    pusher.set_mode(delay=0.02)
+    _push(client, queue_name, total)
+    w = start_worker(REDIS_URL=durable_redis.url)
+    wait_for(lambda: len(pusher.events()) >= 500, what="the drain to be under way")
+    durable_redis.kill()
+    outage_calls = pusher.stats()["requests_total"]
+    durable_redis.start()
+    client = redis.Redis.from_url(durable_redis.url)
+    counts = _all_delivered(pusher, total, timeout=90)
+    wait_for(lambda: _inflight(client, queue_name) == 0, what="nothing in flight")
+    assert client.llen(queue_name) == 0 and client.llen(f"{queue_name}:dead") == 0
+    assert sum(c - 1 for c in counts.values()) <= 10 * 10  # at most what was in flight
+    assert pusher.stats()["requests_total"] > outage_calls
+    log = w.log()
+    assert log.count("Redis unreachable") == 1, log
+    assert "Redis reachable again" in log
+
+
+def test_503_for_10s_then_healthy(r, pusher, start_worker, queue_name):
+    total = 500
+    w = start_worker()
+    pusher.set_mode(status=503)
+    _push(r, queue_name, total)
+    outage_started = time.monotonic()
+    wait_for(lambda: "circuit open" in w.log(), what="the circuit to open")
+    wait_for(lambda: time.monotonic() - outage_started >= 10, timeout=15, what="10 s of outage")
+    outage_calls = pusher.stats()["requests_total"]
+    pusher.clear_mode()
+    _all_delivered(pusher, total)
+    assert r.llen(f"{queue_name}:dead") == 0
+    # 10 greenlets' first calls, then one probe at 1, 2, 4, 8 s: the backlog is not hammered.
+    assert outage_calls <= 25, outage_calls
+    assert w.log().count("circuit open") == 1
+
+
+def test_429_with_retry_after_pauses_every_greenlet(r, pusher, start_worker, queue_name):
+    start_worker()
+    pusher.set_mode(status=429, retry_after="2", fail_next=1)
+    _push(r, queue_name, 1)
+    wait_for(lambda: pusher.stats()["by_status"].get("429"), what="the 429")
+    _push(r, queue_name, 50)  # work is waiting: only the pause holds it back
+    wait_for(lambda: len(pusher.events()) == 51, what="everything after the pause")
+    requests = pusher.stats()["requests"]
+    refused_at = next(q["at"] for q in requests if q["status"] == 429)
+    later = [q["at"] for q in requests if q["at"] > refused_at]
+    assert later and min(later) - refused_at >= 2.0
+    assert r.llen(f"{queue_name}:dead") == 0
+
+
+def test_401_for_5s_then_accepted(r, pusher, start_worker, queue_name):
+    total = 100
+    pusher.set_mode(status=401)
+    w = start_worker()
+    _push(r, queue_name, total)
+    wait_for(lambda: "circuit open" in w.log(), what="the circuit to open")
+    started = time.monotonic()
+    wait_for(lambda: time.monotonic() - started >= 5, timeout=8, what="5 s of 401s")
+    pusher.clear_mode()
+    _all_delivered(pusher, total)
+    assert r.llen(f"{queue_name}:dead") == 0
+    wait_for(lambda: "circuit closed" in w.log(), what="the circuit to close")
+    log = w.log()
+    assert log.count("circuit open") == 1 and log.count("circuit closed") == 1
+
+
+def test_hanging_server_costs_a_timeout_and_sigterm_still_exits_in_time(r, pusher,
+                                                                        start_worker,
+                                                                        queue_name):
+    pusher.set_mode(hang=True)
+    w = start_worker(PUSHER_TIMEOUT="1")
+    _push(r, queue_name, 30)
+    wait_for(lambda: pusher.stats()["requests_total"] >= 3, what="calls to hang")
+    # The calls time out (1 s), fail transiently, and the circuit opens after a run of them.
+    wait_for(lambda: "circuit open" in w.log(), timeout=10, what="timeouts to open the circuit")
+    started = time.monotonic()
+    w.signal(signal.SIGTERM)
+    assert w.wait(timeout=15) == 0
+    assert time.monotonic() - started < 1 + 4
+    pusher.clear_mode()
+    assert _inflight(r, queue_name) == 0
+    queued = r.llen(queue_name) + r.zcard(f"{queue_name}:retry")
+    assert queued == 30  # nothing delivered, nothing lost, nothing dead
+    assert r.llen(f"{queue_name}:dead") == 0
+
+
+def test_413_is_dead_lettered_once_and_not_retried(r, pusher, start_worker, queue_name):
+    pusher.set_mode(status=413, fail_next=1)
+    start_worker()
+    r.rpush(queue_name, json.dumps({"channel": "c", "n": 0}))
+    dead = wait_for(lambda: r.lrange(f"{queue_name}:dead", 0, -1), what="the dead letter")
+    [entry] = [json.loads(d) for d in dead]
+    assert "413" in entry["error"] and entry["attempts"] == 1
+    _push(r, queue_name, 3)
+    pusher.wait_for_events(3)
+    assert pusher.stats()["by_status"].get("413") == 1
+    assert r.zcard(f"{queue_name}:retry") == 0
