@@ -29,6 +29,7 @@ from relay.delivery import MAX_BATCH, Delivery, Failure, Kind
 from relay.message import InvalidMessage, Notification, parse, payload_of, retry_wrapper
 from relay.metrics import Metrics
 from relay.queue import RedisQueue, WorkerReaped
+from relay.ratelimit import RateLimiter
 from relay.retry import Outage, compute_backoff, should_give_up
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ class Worker:
         self.pool = gevent.pool.Pool(config.pool_size)
         self.services: list[gevent.Greenlet] = []
         self.batch = MAX_BATCH
+        self.limiter: RateLimiter | None = None
+        if config.rate_limit > 0:
+            self.limiter = RateLimiter(queue.client, queue.keys.ratelimit, config.rate_limit,
+                                       config.rate_burst, sleep=gevent.sleep)
+            self.batch = min(MAX_BATCH, self.limiter.burst)
         self.inflight = 0
         self._shedding = False
         self._next_reap = 0.0
@@ -138,23 +144,43 @@ class Worker:
             self.stopping.wait(min(wait, BLOCK_S))
             return
         probing = self.circuit.is_open
-        items = self.queue.fetch(slot, self.batch, BLOCK_S)
+        budget = self._budget()
+        items = self.queue.fetch(slot, budget, BLOCK_S) if budget else []
         self.redis_outage.succeeded()
-        if not items:
+        if not items or (not probing and self.circuit.holding()):
+            # Nothing came, or the gate closed while this greenlet was blocked in its pop:
+            # hand back the items and the budget.
+            if items:
+                self.metrics.requeued.inc(self._persist(self.queue.requeue, slot, items))
             if probing:
                 self.circuit.abandon_probe()
-            return
-        if not probing and self.circuit.holding():
-            # The gate closed while this greenlet was blocked in its pop: hand the items back.
-            self.metrics.requeued.inc(self._persist(self.queue.requeue, slot, items))
+            self._reconcile(budget, 0)
             return
         self.inflight += len(items)
         self.metrics.inflight.inc(len(items))
         try:
-            self._handle(slot, items)
+            self._handle(slot, items, budget)
         finally:
             self.inflight -= len(items)
             self.metrics.inflight.dec(len(items))
+
+    def _budget(self) -> int:
+        """How many to fetch: a batch, or what the shared rate limit grants (waits for it)."""
+        if self.limiter is None:
+            return self.batch
+        waits = self.limiter.waits
+        taken = self.limiter.take(self.batch, self.stopping.is_set)
+        self.metrics.rate_waits.inc(self.limiter.waits - waits)
+        return taken
+
+    def _reconcile(self, budget: int, cost: int) -> None:
+        """Settle the rate budget with what is really sent: one event per channel."""
+        if self.limiter is None or cost == budget:
+            return
+        if cost < budget:
+            self.limiter.refund(budget - cost)
+        else:
+            self.limiter.take_all(cost - budget, self.stopping.is_set)
 
     def _every(self, interval_s: float, action: Callable[[], Any]) -> None:
         while not self.stopping.wait(interval_s):
@@ -168,7 +194,7 @@ class Worker:
 
     # -- one batch ---------------------------------------------------------------------------
 
-    def _handle(self, slot: int, items: Sequence[bytes]) -> None:
+    def _handle(self, slot: int, items: Sequence[bytes], budget: int) -> None:
         notes: list[Notification] = []
         stale: list[bytes] = []
         now = self.clock()
@@ -185,6 +211,7 @@ class Worker:
         if stale:
             self._persist(self.queue.ack, slot, stale, "shed_max_age")
             self.metrics.shed.labels("max_age").inc(len(stale))
+        self._reconcile(budget, sum(n.cost for n in notes))
         if notes:
             self._settle(slot, notes, self._send(notes))
 

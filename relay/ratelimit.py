@@ -1,0 +1,94 @@
+"""One rate limit for every worker on the queue: GCRA in a Redis script.
+
+Key `Q:ratelimit` holds the theoretical arrival time (TAT) of the next event, in Redis
+time, so every process on every host draws from the same budget and clocks need not agree.
+With emission interval T = 1/rate and burst B, taking k events is allowed while
+TAT + k*T - now <= B*T. Events are counted as Pusher counts messages: one per channel.
+
+A greenlet takes tokens *before* it fetches, for as many items as it may fetch, so no
+notification leaves the queue only to wait for budget; what it could not use it refunds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# KEYS: ratelimit key. ARGV: seconds per event, burst, most to take.
+# Returns {taken, milliseconds to wait before one more is free}.
+TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local free = math.floor(burst - (tat - now) / interval + 1e-9)
+local take = math.min(want, free)
+if take < 1 then
+  return {0, math.ceil((tat - (burst - 1) * interval - now) * 1000)}
+end
+tat = tat + take * interval
+redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
+return {take, 0}
+"""
+
+# KEYS: ratelimit key. ARGV: seconds per event, events to give back.
+REFUND = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+tat = tat - tonumber(ARGV[2]) * tonumber(ARGV[1])
+if tat <= now then redis.call('DEL', KEYS[1]) return 0 end
+redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
+return 1
+"""
+
+MIN_WAIT_S = 0.005
+
+
+class RateLimiter:
+    """Shared events-per-second budget; `take` blocks (via `sleep`) until it gets some."""
+
+    def __init__(self, client: redis.Redis, key: str, rate: float, burst: int,
+                 sleep: Callable[[float], object]) -> None:
+        self.key = key
+        self.interval = 1.0 / rate
+        self.burst = max(1, burst)
+        self.sleep = sleep
+        self.waits = 0
+        self._take = client.register_script(TAKE)
+        self._refund = client.register_script(REFUND)
+
+    def try_take(self, want: int) -> tuple[int, float]:
+        """(events granted, seconds until one more is free); one round trip."""
+        taken, wait_ms = self._take(keys=[self.key],
+                                    args=[self.interval, self.burst, min(want, self.burst)])
+        return int(taken), max(MIN_WAIT_S, int(wait_ms) / 1000.0)
+
+    def take(self, want: int, stop: Callable[[], bool] = lambda: False) -> int:
+        """At least one and at most `want` (and burst) events; 0 only if `stop()` turned true."""
+        while not stop():
+            taken, wait_s = self.try_take(want)
+            if taken:
+                return taken
+            self.waits += 1
+            self.sleep(wait_s)
+        return 0
+
+    def take_all(self, want: int, stop: Callable[[], bool] = lambda: False) -> int:
+        """Exactly `want` events, in burst-sized steps (a 100-channel trigger costs 100)."""
+        got = 0
+        while got < want:
+            step = self.take(want - got, stop)
+            if not step:
+                break
+            got += step
+        return got
+
+    def refund(self, unused: int) -> None:
+        if unused > 0:
+            self._refund(keys=[self.key], args=[self.interval, unused])
