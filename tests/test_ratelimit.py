@@ -68,7 +68,8 @@ def test_two_workers_share_one_limit(r, pusher, start_worker, queue_name):
     received = sorted(e["received_at"] for e in events)
     # However fast the machine, the budget allows no more than burst + rate * t events by t.
     assert received[-1] - started >= (total - burst) / rate - 0.2
-    # No one-second window holds more than rate + burst (plus a little receipt jitter).
+    # Grants in any second are at most rate + burst; receipt adds jitter of up to one batch
+    # (a batch granted just before a window can land inside it).
     busiest = max(sum(1 for t in received if s <= t < s + 1.0) for s in received)
-    assert busiest <= rate + burst + 3, busiest
+    assert busiest <= rate + 2 * burst + 2, busiest
     assert r.llen(f"{queue_name}:dead") == 0
