@@ -1,20 +1,23 @@
-"""Command line: `python worker.py [settings]` runs the worker.
+"""Command line: `python worker.py [settings]` runs the worker; subcommands administer.
 
 Bad configuration ends the process at start with one line naming the setting, status 2.
+Settings flags go before or after a subcommand name; each is also an environment variable.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from relay import __version__, config, logs
+from relay import __version__, admin, config, logs
 from relay.delivery import Delivery
 from relay.health import HealthServer, Watchdog
 from relay.metrics import Metrics
@@ -39,25 +42,48 @@ def redis_client(url: str, max_connections: int) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse echoes unknown arguments; a mistyped --pusher-url would print its secret."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            words = message.split(":", 1)[1].split()
+            flags = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+            message = ("unrecognized arguments: " + " ".join(flags)
+                       + " (values not shown: they may hold secrets)")
+        elif "invalid choice:" in message:
+            message = message.split("invalid choice:", 1)[0] + "invalid choice (not shown)"
+        super().error(re.sub(r"//[^/@\s]+@", "//***@", message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="worker.py",
-        description="relay: move notifications from a Redis list to the Pusher HTTP API.",
+        description="relay: move notifications from a Redis list to the Pusher HTTP API.\n"
+                    "Without a subcommand it runs the worker.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     config.add_arguments(parser)
+    settings = argparse.ArgumentParser(add_help=False)
+    config.add_arguments(settings, suppress=True)
+    settings_no_event = argparse.ArgumentParser(add_help=False)
+    config.add_arguments(settings_no_event, suppress=True, skip=frozenset({"RELAY_EVENT"}))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", parents=[settings], help="run the worker (the default)")
+    admin.add_subcommands(sub, [settings], [settings_no_event])
     return parser
 
 
-def load_config(args: argparse.Namespace) -> config.Config | None:
+def load_config(args: argparse.Namespace, need_pusher: bool = True) -> config.Config | None:
     try:
-        return config.load(args=args)
+        return config.load(args=args, need_pusher=need_pusher)
     except config.ConfigError as exc:
         sys.stderr.write(f"relay: bad configuration: {exc}\n")
         return None
 
 
 def run(cfg: config.Config) -> int:
+    assert cfg.pusher is not None  # load(need_pusher=True) guarantees it
     metrics = Metrics()
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order)
@@ -86,8 +112,15 @@ def run(cfg: config.Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config(args)
+    command = args.command or "run"
+    cfg = load_config(args, need_pusher=command == "run")
     if cfg is None:
         return EXIT_CONFIG
     logs.setup(cfg.log_level, cfg.log_format)
-    return run(cfg)
+    if command == "run":
+        return run(cfg)
+    client = redis_client(cfg.redis_url, SPARE_CONNECTIONS)
+    try:
+        return admin.run(command, args, cfg, client)
+    finally:
+        client.close()

@@ -186,7 +186,7 @@ class Config:
 
     redis_url: str = field(repr=False)
     queue: str
-    pusher: PusherTarget
+    pusher: PusherTarget | None
     event: str
     pool_size: int
     rate_limit: float
@@ -204,12 +204,12 @@ class Config:
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
         parts = [f"redis={mask_url(self.redis_url)}"]
-        parts.append(f"pusher={self.pusher.base_url}/apps/{self.pusher.app_id}")
-        parts.append(f"key={self.pusher.key} secret=***")
+        if self.pusher is not None:
+            parts.append(f"pusher={self.pusher.base_url}/apps/{self.pusher.app_id}")
+            parts.append(f"key={self.pusher.key} secret=*** timeout={self.pusher.timeout}")
         for f in fields(self):
             if f.name not in ("redis_url", "pusher"):
                 parts.append(f"{f.name}={getattr(self, f.name)}")
-        parts.append(f"timeout={self.pusher.timeout}")
         return " ".join(parts)
 
 
@@ -287,6 +287,13 @@ def _check_redis_url(url: str) -> None:
         scheme = ""
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+    from redis.connection import parse_url  # the parser the client will use, checked now
+
+    try:
+        parse_url(url)
+    except ValueError:  # its text may quote parts of the URL: keep it out of the message
+        raise ConfigError("REDIS_URL", "is not a valid Redis URL (check the port and the "
+                                       "query options)") from None
 
 
 def _parse_one(setting: Setting, text: str | None) -> Any:
@@ -300,17 +307,28 @@ def _parse_one(setting: Setting, text: str | None) -> Any:
         raise ConfigError(setting.env, f"{reason} (got {shown})") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Give every setting its flag; a flag left out falls back to the environment."""
+def add_arguments(parser: argparse.ArgumentParser, suppress: bool = False,
+                  skip: frozenset[str] = frozenset()) -> None:
+    """Give every setting its flag; a flag left out falls back to the environment.
+
+    suppress=True is for subcommands: their unset flags must not overwrite the ones given
+    before the subcommand name.
+    """
     group = parser.add_argument_group("settings (each also an environment variable)")
     for s in SETTINGS:
+        if s.env in skip:
+            continue
         default = f"default: {s.default}" if s.default is not None else "no default"
-        group.add_argument(s.flag, dest=s.attr, default=None, metavar=s.env,
-                           help=f"{s.help} [{s.env}; {default}]")
+        group.add_argument(s.flag, dest=s.attr, default=argparse.SUPPRESS if suppress else None,
+                           metavar=s.env, help=f"{s.help} [{s.env}; {default}]")
 
 
-def load(env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None) -> Config:
-    """Build the Config from flags over environment over defaults; raise ConfigError."""
+def load(env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None,
+         need_pusher: bool = True) -> Config:
+    """Build the Config from flags over environment over defaults; raise ConfigError.
+
+    The admin commands pass need_pusher=False: they only touch Redis, and `pusher` is None.
+    """
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     for s in SETTINGS:
@@ -325,7 +343,7 @@ def load(env: Mapping[str, str] | None = None, args: argparse.Namespace | None =
     burst = raw["rate_burst"]
     if burst is None:
         burst = int(raw["rate_limit"] + 0.999999)  # one second's worth, rounded up
-    pusher = _pusher_target(raw)
+    pusher = _pusher_target(raw) if need_pusher else None
     values = {k: v for k, v in raw.items() if not k.startswith("pusher_")}
     values.update(pusher=pusher, rate_burst=burst)
     return Config(**values)

@@ -55,6 +55,7 @@ def encode(channels: Channels, data: Any, event: str | None = None,
            now: float | None = None) -> str:
     """The queue element for this notification; raises InvalidMessage for bad input."""
     try:
+        json.dumps(data, allow_nan=False)  # NaN/Infinity are not JSON to Pusher's clients
         if _is_classic(channels, data, event, socket_id):
             text = json.dumps({"channel": channels, **data}, ensure_ascii=False,
                               separators=(",", ":"))
@@ -63,9 +64,9 @@ def encode(channels: Channels, data: Any, event: str | None = None,
         listed = [channels] if isinstance(channels, str) else list(channels)
         return envelope(listed, default_event if event is None else event, data, socket_id,
                         enqueued_at=time.time() if now is None else now)
-    except (TypeError, ValueError) as exc:  # json.dumps: not serialisable, circular
-        if isinstance(exc, InvalidMessage):
-            raise
+    except InvalidMessage:
+        raise
+    except (TypeError, ValueError) as exc:  # json.dumps: not serialisable, NaN, circular
         raise InvalidMessage(f"data is not JSON-serialisable: {exc}") from None
 
 

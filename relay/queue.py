@@ -46,10 +46,15 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: queue, slot list, workers zset. ARGV: batch size, pop side, worker id.
-# Returns the slot's whole list, or false when this worker has been reaped (see heartbeat).
+# KEYS: queue, slot list, workers zset. ARGV: batch size, pop side, worker id, push command.
+# Returns the slot's whole list, or false when this worker has been reaped (see heartbeat):
+# then whatever a blocking pop just moved into the slot goes straight back to the queue, so
+# nothing waits in the list of a worker that nobody will reap again.
 FETCH = """
-if not redis.call('ZSCORE', KEYS[3], ARGV[3]) then return false end
+if not redis.call('ZSCORE', KEYS[3], ARGV[3]) then
+  while redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', ARGV[2]) do end
+  return false
+end
 local want = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[2])
 for i = 1, want do
   if not redis.call('LMOVE', KEYS[1], KEYS[2], ARGV[2], 'RIGHT') then break end
@@ -95,11 +100,14 @@ return n
 """
 
 # KEYS: retry zset, queue. ARGV: push command, most to move.
+# At the head (fifo) the latest-due is pushed first, so the earliest-due is popped first.
 PROMOTE = _NOW + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-for _, item in ipairs(due) do
-  redis.call('ZREM', KEYS[1], item)
-  redis.call(ARGV[1], KEYS[2], item)
+local first, last, step = 1, #due, 1
+if ARGV[1] == 'LPUSH' then first, last, step = #due, 1, -1 end
+for i = first, last, step do
+  redis.call('ZREM', KEYS[1], due[i])
+  redis.call(ARGV[1], KEYS[2], due[i])
 end
 return #due
 """
@@ -120,7 +128,7 @@ REAP = _NOW + """
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if ARGV[3] ~= '1' and ((not deadline) or tonumber(deadline) > now) then return -1 end
 local n = 0
-for i = 4, #KEYS do
+for i = #KEYS, 4, -1 do
   while redis.call('LMOVE', KEYS[i], KEYS[3], 'RIGHT', ARGV[2]) do n = n + 1 end
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -233,7 +241,7 @@ class RedisQueue:
 
     def _top_up(self, key: str, batch: int) -> list[bytes]:
         items = self._fetch(keys=[self.keys.queue, key, self.keys.workers],
-                            args=[batch, self.pop_side, self.worker_id])
+                            args=[batch, self.pop_side, self.worker_id, self.push_cmd])
         if items is None:
             raise WorkerReaped(self.worker_id)
         return list(items)
@@ -270,7 +278,7 @@ class RedisQueue:
     def heartbeat(self, ttl_s: float, slots: int) -> bool:
         """Register or refresh this worker; False means it had been reaped (or is new)."""
         info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slots": slots,
-                           "started_at": self._started_at})
+                           "ttl": ttl_s, "started_at": self._started_at})
         return bool(self._heartbeat(keys=[self.keys.workers, self.keys.info],
                                     args=[self.worker_id, ttl_s, info]))
 
@@ -316,10 +324,40 @@ class RedisQueue:
         queue, retry, dead = pipe.execute()
         return {"queue": int(queue), "retry": int(retry), "dead": int(dead)}
 
-    # -- dead letters, for the admin commands ---------------------------------------------------
+    # -- for the admin commands ---------------------------------------------------------------
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Registered workers with heartbeat age and in-flight count (Redis clock)."""
+        seconds, micros = self.client.time()
+        now = seconds + micros / 1e6
+        found = []
+        for raw_id, deadline in self.client.zrange(self.keys.workers, 0, -1, withscores=True):
+            wid = raw_id.decode()
+            info = json.loads(self.client.hget(self.keys.info, wid) or b"{}")
+            slots = int(info.get("slots", 0))
+            pipe = self.client.pipeline(transaction=False)
+            for n in range(slots):
+                pipe.llen(self.keys.inflight(wid, n))
+            inflight = sum(pipe.execute()) if slots else 0
+            ttl = float(info.get("ttl", 0))
+            found.append({"id": wid, "host": info.get("host"), "pid": info.get("pid"),
+                          "slots": slots, "inflight": inflight,
+                          "heartbeat_age_s": round(now - (deadline - ttl), 3),
+                          "expired": deadline < now})
+        return found
+
+    def totals(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.client.hgetall(self.keys.stats).items()}
+
+    def dead_entries(self, limit: int = -1) -> list[bytes]:
+        return list(self.client.lrange(self.keys.dead, 0, limit - 1 if limit > 0 else -1))
 
     def requeue_dead(self, entries: Iterable[bytes]) -> int:
-        """Move dead letters back to the queue's tail as the producer pushed them."""
+        """Move dead letters back to the queue's tail as the producer pushed them.
+
+        Each entry is removed by its exact bytes before its payload is pushed, in one script:
+        two operators requeueing at once requeue each entry once.
+        """
         n = 0
         for entry in entries:
             try:
@@ -329,3 +367,9 @@ class RedisQueue:
                 continue
             n += int(self._undead(keys=[self.keys.dead, self.keys.queue], args=[entry, payload]))
         return n
+
+    def purge_dead(self, entries: Iterable[bytes]) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for entry in entries:
+            pipe.lrem(self.keys.dead, 1, entry)
+        return sum(pipe.execute())

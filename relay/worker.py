@@ -163,6 +163,9 @@ class Worker:
         finally:
             self.inflight -= len(items)
             self.metrics.inflight.dec(len(items))
+            if probing and self.circuit.probing:
+                # The probe ended without a verdict (all invalid or stale, a 429, an error).
+                self.circuit.abandon_probe()
 
     def _budget(self) -> int:
         """How many to fetch: a batch, or what the shared rate limit grants (waits for it)."""

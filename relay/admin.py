@@ -1,0 +1,231 @@
+"""Admin subcommands of `python worker.py`: look at the queue and fix the usual problems.
+
+1. `stats [--json] [--watch]`: queue, in-flight per worker (with heartbeat age), retries,
+   dead letters, running totals and the rate-limit state.
+2. `dead list [--limit N]`, `dead requeue (--all | --match TEXT)`,
+   `dead purge [--older-than DURATION]`: each entry is moved or removed by its exact bytes
+   in one Redis step, so two operators at once never lose or double one.
+3. `enqueue CHANNEL JSON [--event NAME]`: a test notification through the producer helper.
+4. `check`: one-shot health for scripts and container health checks: the worker's /healthz
+   when RELAY_METRICS_ADDR is on, otherwise Redis answers and a live worker is registered.
+
+Exit codes: 0 done or healthy, 1 unhealthy or nothing matched, 2 bad configuration or usage.
+Output goes to stdout (it is the command's result); logs stay on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, TextIO
+
+import redis
+
+from relay import producer
+from relay.config import Config
+from relay.message import InvalidMessage
+from relay.queue import RedisQueue
+
+EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
+WATCH_EVERY_S = 2.0
+_DURATION = re.compile(r"\A(\d+(?:\.\d+)?)([smhd]?)\Z")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def add_subcommands(sub: Any, parents: list[argparse.ArgumentParser],
+                    parents_without_event: list[argparse.ArgumentParser]) -> None:
+    """Register the admin subcommands on the CLI's subparsers."""
+    stats = sub.add_parser("stats", parents=parents, help="queue, in-flight, retries, dead")
+    stats.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    stats.add_argument("--watch", action="store_true", help="refresh in place every 2 s")
+    dead = sub.add_parser("dead", parents=parents, help="list, requeue or purge dead letters")
+    verbs = dead.add_subparsers(dest="verb", required=True)
+    lst = verbs.add_parser("list", parents=parents, help="show dead letters, oldest first")
+    lst.add_argument("--limit", type=int, default=20)
+    req = verbs.add_parser("requeue", parents=parents, help="put dead letters back in the queue")
+    which = req.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true")
+    which.add_argument("--match", metavar="TEXT", help="only entries whose payload or error "
+                                                       "contains TEXT")
+    purge = verbs.add_parser("purge", parents=parents, help="delete dead letters")
+    purge.add_argument("--older-than", metavar="DURATION", type=parse_duration,
+                       help="e.g. 30m, 12h, 7d (default: all)")
+    enq = sub.add_parser("enqueue", parents=parents_without_event,
+                         help="push a test notification")
+    enq.add_argument("channel")
+    enq.add_argument("data", help="JSON object or value")
+    enq.add_argument("--event", help="event name (default: a classic message, RELAY_EVENT)")
+    sub.add_parser("check", parents=parents, help="health probe: exit 0 healthy, 1 not")
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30s, 10m, 12h, 7d)")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def run(command: str, args: argparse.Namespace, cfg: Config, client: redis.Redis,
+        out: TextIO = sys.stdout) -> int:
+    queue = RedisQueue(client, cfg.queue, cfg.order, worker_id="admin")
+    handlers = {"stats": _stats, "dead": _dead, "enqueue": _enqueue, "check": _check}
+    try:
+        return handlers[command](args, cfg, queue, out)
+    except redis.RedisError as exc:
+        out.write(f"redis error: {type(exc).__name__}\n")
+        return EXIT_UNHEALTHY
+
+
+# -- stats -------------------------------------------------------------------------------------
+
+
+def collect_stats(cfg: Config, queue: RedisQueue) -> dict[str, Any]:
+    lengths = queue.lengths()
+    seconds, micros = queue.client.time()
+    tat = queue.client.get(queue.keys.ratelimit)
+    ahead = max(0.0, float(tat) - (seconds + micros / 1e6)) if tat else 0.0
+    workers = queue.workers()
+    return {
+        "queue": cfg.queue,
+        "length": lengths["queue"],
+        "inflight": sum(w["inflight"] for w in workers),
+        "retry_scheduled": lengths["retry"],
+        "dead": lengths["dead"],
+        "workers": workers,
+        "totals": queue.totals(),
+        "rate_limit": {"limit_per_s": cfg.rate_limit, "burst": cfg.rate_burst,
+                       "budget_used_events": round(ahead * cfg.rate_limit, 1)},
+    }
+
+
+def _stats(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
+    while True:
+        report = collect_stats(cfg, queue)
+        if args.json:
+            out.write(json.dumps(report) + "\n")
+        else:
+            if args.watch:
+                out.write("\x1b[H\x1b[2J")  # home and clear: refresh in place
+            out.write(format_stats(report))
+        out.flush()
+        if not args.watch:
+            return EXIT_OK
+        try:
+            time.sleep(WATCH_EVERY_S)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def format_stats(s: dict[str, Any]) -> str:
+    lines = [
+        f"queue {s['queue']}: {s['length']:,} waiting, {s['inflight']:,} in flight, "
+        f"{s['retry_scheduled']:,} scheduled for retry, {s['dead']:,} dead",
+    ]
+    for w in s["workers"]:
+        state = "EXPIRED" if w["expired"] else "alive"
+        lines.append(f"  worker {w['id']}: {w['inflight']} in flight, heartbeat "
+                     f"{w['heartbeat_age_s']:.1f} s ago ({state})")
+    if not s["workers"]:
+        lines.append("  no worker registered")
+    totals = ", ".join(f"{k} {v:,}" for k, v in sorted(s["totals"].items())) or "none yet"
+    lines.append(f"totals: {totals}")
+    rl = s["rate_limit"]
+    if rl["limit_per_s"]:
+        lines.append(f"rate limit {rl['limit_per_s']:g}/s burst {rl['burst']}: "
+                     f"{rl['budget_used_events']:g} of the burst in use")
+    return "\n".join(lines) + "\n"
+
+
+# -- dead letters --------------------------------------------------------------------------------
+
+
+def _dead(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
+    if args.verb == "list":
+        return _dead_list(queue, args.limit, out)
+    entries = queue.dead_entries()
+    if args.verb == "requeue":
+        chosen = [e for e in entries if args.all or _matches(e, args.match)]
+        n = queue.requeue_dead(chosen)
+        out.write(f"requeued {n} dead letter(s) to {cfg.queue}\n")
+        return EXIT_OK if n or not chosen else EXIT_UNHEALTHY
+    cutoff = time.time() - args.older_than if args.older_than is not None else None
+    chosen = [e for e in entries if cutoff is None or _failed_at(e) < cutoff]
+    out.write(f"purged {queue.purge_dead(chosen)} dead letter(s)\n")
+    return EXIT_OK
+
+
+def _dead_list(queue: RedisQueue, limit: int, out: TextIO) -> int:
+    now = time.time()
+    entries = queue.dead_entries(limit)
+    for raw in entries:
+        entry = _entry(raw)
+        age = now - float(entry.get("failed_at") or now)
+        out.write(f"{age:8.0f}s ago  attempts={entry.get('attempts', '?')}  "
+                  f"{entry.get('error', '?')}\n          payload: "
+                  f"{str(entry.get('payload', raw))[:100]}\n")
+    total = queue.client.llen(queue.keys.dead)
+    out.write(f"{len(entries)} of {total} dead letter(s) shown\n")
+    return EXIT_OK
+
+
+def _entry(raw: bytes) -> dict[str, Any]:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return {}
+    return entry if isinstance(entry, dict) else {}
+
+
+def _failed_at(raw: bytes) -> float:
+    try:
+        return float(_entry(raw).get("failed_at") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _matches(raw: bytes, text: str) -> bool:
+    entry = _entry(raw)
+    return text in str(entry.get("payload", "")) or text in str(entry.get("error", ""))
+
+
+# -- enqueue and check ---------------------------------------------------------------------------
+
+
+def _enqueue(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
+    try:
+        data = json.loads(args.data)
+    except ValueError:
+        out.write("DATA must be JSON, e.g. '{\"title\": \"hello\"}'\n")
+        return EXIT_USAGE
+    try:
+        text = producer.notify(args.channel, data, event=args.event, client=queue.client,
+                               queue=cfg.queue)
+    except InvalidMessage as exc:
+        out.write(f"not enqueued: {exc}\n")
+        return EXIT_USAGE
+    out.write(f"enqueued to {cfg.queue}: {text}\n")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
+    if cfg.metrics_addr != "off":
+        url = f"http://{cfg.metrics_addr}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                out.write(resp.read().decode() + "\n")
+                return EXIT_OK
+        except urllib.error.HTTPError as exc:
+            out.write(exc.read().decode() + "\n")
+            return EXIT_UNHEALTHY
+        except OSError as exc:
+            out.write(f"unhealthy: no answer from {url} ({exc})\n")
+            return EXIT_UNHEALTHY
+    queue.client.ping()
+    alive = [w for w in queue.workers() if not w["expired"]]
+    out.write(f"redis ok; {len(alive)} live worker(s) on {cfg.queue}\n")
+    return EXIT_OK if alive else EXIT_UNHEALTHY

@@ -1,0 +1,306 @@
+"""relay.message: classic and envelope parsing, retry wrappers, and every refusal."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from relay.message import (
+    InvalidMessage,
+    Notification,
+    envelope,
+    parse,
+    payload_of,
+    retry_wrapper,
+)
+
+
+def raw(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def env(**fields: Any) -> bytes:
+    base: dict[str, Any] = {"relay": 1, "channels": ["c"], "event": "ev", "data": {"x": 1}}
+    base.update(fields)
+    return raw({k: v for k, v in base.items() if v is not ...})
+
+
+def refused(message: bytes, *reason_parts: str) -> str:
+    with pytest.raises(InvalidMessage) as caught:
+        parse(message, "hit")
+    reason = str(caught.value)
+    for part in reason_parts:
+        assert part in reason, reason
+    return reason
+
+
+# -- classic -----------------------------------------------------------------------------------
+
+
+def test_classic_message() -> None:
+    text = b'{"channel": "site-42", "title": "T\xc3\xa9", "url": "https://x/y"}'
+    note = parse(text, "hit")
+    assert note.channels == ("site-42",)
+    assert note.event == "hit"
+    assert note.data == '{"title":"T\u00e9","url":"https://x/y"}'  # compact, not ASCII-escaped
+    assert json.loads(note.data) == {"title": "T\u00e9", "url": "https://x/y"}
+    assert note.raw == text
+    assert note.payload == text.decode()
+    assert (note.socket_id, note.enqueued_at, note.attempts, note.id) == (None, None, 0, None)
+    assert note.cost == 1
+
+
+def test_classic_uses_the_configured_event() -> None:
+    assert parse(b'{"channel":"a"}', "new-visit").event == "new-visit"
+    assert parse(b'{"channel":"a"}', "new-visit").data == "{}"
+
+
+def test_classic_accepts_a_str() -> None:
+    assert parse('{"channel":"a","n":1}', "hit").data == '{"n":1}'  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("extra", [
+    {"channels": ["x", "y"]},
+    {"event": "other"},
+    {"relay": 1},
+    {"relay": 1, "channels": ["x"], "event": "e", "data": "d", "payload": "{}"},
+])
+def test_classic_with_envelope_like_keys_stays_classic(extra: dict[str, Any]) -> None:
+    note = parse(raw({"channel": "site-1", **extra}), "hit")
+    assert note.channels == ("site-1",)
+    assert note.event == "hit"
+    assert json.loads(note.data) == extra
+    assert note.attempts == 0
+
+
+def test_server_to_user_channel_is_accepted() -> None:
+    assert parse(raw({"channel": "#server-to-user-u1"}), "hit").channels == (
+        "#server-to-user-u1",)
+
+
+# -- envelope ----------------------------------------------------------------------------------
+
+
+def test_envelope_with_every_field() -> None:
+    message = raw({"relay": 1, "channels": ["a", "private-b", "presence-c"], "event": "ev",
+                   "data": {"k": [1, 2]}, "socket_id": "123.456",
+                   "enqueued_at": 1700000000.5, "id": 77})
+    note = parse(message, "hit")
+    assert note.channels == ("a", "private-b", "presence-c")
+    assert note.cost == 3
+    assert note.event == "ev"
+    assert note.data == '{"k":[1,2]}'
+    assert note.socket_id == "123.456"
+    assert note.enqueued_at == 1700000000.5
+    assert note.id == "77"
+    assert note.payload == message.decode()
+    assert note.attempts == 0
+
+
+def test_envelope_string_data_passes_through() -> None:
+    note = parse(env(data='{"already":"json"}'), "hit")
+    assert note.data == '{"already":"json"}'
+    assert parse(env(data="plain text"), "hit").data == "plain text"
+
+
+def test_envelope_optional_fields_default_to_none() -> None:
+    note = parse(env(), "hit")
+    assert (note.socket_id, note.enqueued_at, note.id) == (None, None, None)
+
+
+def test_envelope_helper_round_trip() -> None:
+    text = envelope(["a", "b"], "ev", {"n": "\u00e9"}, socket_id="1.2", enqueued_at=5.0,
+                    ident="id-1")
+    note = parse(text.encode(), "ignored")
+    assert (note.channels, note.event, note.data) == (("a", "b"), "ev", '{"n":"\u00e9"}')
+    assert (note.socket_id, note.enqueued_at, note.id) == ("1.2", 5.0, "id-1")
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"channels": ["bad channel"], "event": "e", "data": {}}, "invalid channel"),
+    ({"channels": [], "event": "e", "data": {}}, "channels"),
+    ({"channels": ["a"], "event": "", "data": {}}, "event"),
+    ({"channels": ["a"], "event": "e", "data": "x" * 10_241}, "10241 bytes"),
+    ({"channels": ["a"], "event": "e", "data": {}, "socket_id": "nope"}, "socket_id"),
+])
+def test_envelope_helper_validates_at_the_source(kwargs: dict[str, Any], reason: str) -> None:
+    with pytest.raises(InvalidMessage, match=reason):
+        envelope(**kwargs)
+
+
+# -- retry wrapper -----------------------------------------------------------------------------
+
+
+def test_retry_wrapper_round_trip() -> None:
+    payload = '{"channel":"site-1","title":"t"}'
+    wrapper = retry_wrapper(payload, 3, 1700000000.25, "HTTP 503: down")
+    note = parse(wrapper.encode(), "hit")
+    assert note.raw == wrapper.encode()
+    assert note.payload == payload
+    assert note.attempts == 3
+    assert note.first_failed_at == 1700000000.25
+    assert (note.channels, note.event, note.data) == (("site-1",), "hit", '{"title":"t"}')
+    assert json.loads(wrapper)["retry"]["last_error"] == "HTTP 503: down"
+
+
+def test_retry_wrapper_of_an_envelope_keeps_its_fields() -> None:
+    payload = envelope(["a", "b"], "ev", "d", socket_id="1.2", enqueued_at=9.0, ident="x")
+    note = parse(retry_wrapper(payload, 1, 10.0, "e").encode(), "hit")
+    assert (note.channels, note.event, note.data) == (("a", "b"), "ev", "d")
+    assert (note.socket_id, note.enqueued_at, note.id, note.attempts) == ("1.2", 9.0, "x", 1)
+
+
+def test_retry_wrapper_nonce_differs_for_equal_inputs() -> None:
+    a = retry_wrapper('{"channel":"c"}', 1, 1.0, "e")
+    b = retry_wrapper('{"channel":"c"}', 1, 1.0, "e")
+    assert a != b
+    assert json.loads(a)["nonce"] != json.loads(b)["nonce"]
+    assert parse(a.encode(), "hit").payload == parse(b.encode(), "hit").payload
+
+
+def test_nested_retry_wrapper_is_refused() -> None:
+    inner = retry_wrapper('{"channel":"c"}', 1, 1.0, "e")
+    refused(retry_wrapper(inner, 2, 1.0, "e").encode(), "nested")
+
+
+@pytest.mark.parametrize("wrapper", [
+    {"relay": 1, "payload": 5},
+    {"relay": 1, "payload": '{"channel":"c"}', "retry": "soon"},
+    {"relay": 1, "payload": '{"channel":"c"}', "retry": {"attempts": "x"}},
+    {"relay": 1, "payload": '{"channel":"c"}', "retry": {"attempts": None}},
+    {"relay": 1, "payload": '{"channel":"c"}', "retry": {"attempts": 1.5}},
+    {"relay": 1, "payload": '{"channel":"c"}', "retry": {"attempts": -1}},
+])
+def test_malformed_retry_wrapper_is_invalid_not_a_crash(wrapper: dict[str, Any]) -> None:
+    refused(raw(wrapper), "malformed retry wrapper")
+
+
+def test_retry_wrapper_with_bad_inner_payload_is_invalid() -> None:
+    refused(retry_wrapper('{"no":"channel"}', 1, 1.0, "e").encode(), "no channel")
+    refused(raw({"relay": 1, "payload": '{"channel":"c"}',
+                 "retry": {"attempts": 1, "first_failed_at": "yesterday"}}), "first_failed_at")
+
+
+# -- payload_of --------------------------------------------------------------------------------
+
+
+def test_payload_of() -> None:
+    classic = b'{"channel":"c","x":1}'
+    assert payload_of(classic) == classic.decode()
+    wrapper = retry_wrapper(classic.decode(), 2, 1.0, "e").encode()
+    assert payload_of(wrapper) == classic.decode()
+    assert payload_of(b"\xff\xfe not utf-8") == "\ufffd\ufffd not utf-8"
+    assert payload_of(b'{"relay":1,"payload":broken') == '{"relay":1,"payload":broken'
+    assert payload_of(b'{"relay":1,"payload":5}') == '{"relay":1,"payload":5}'
+
+
+def test_payload_of_never_raises_on_hostile_input() -> None:
+    deep = b'{"relay":1,"payload":' + b"[" * 100_000
+    assert payload_of(deep) == deep.decode()
+    lone = b'{"relay":1,"payload":"\\ud800"}'
+    assert payload_of(lone) == lone.decode()  # a lone surrogate cannot go back into Redis
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message,reason", [
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b"{not json", "not JSON"),
+    (b"", "not JSON"),
+    (b"[1, 2]", "not a JSON object (got list)"),
+    (b"42", "not a JSON object (got int)"),
+    (b'"channel"', "not a JSON object (got str)"),
+    (b"null", "not a JSON object"),
+    (b'{"title": "no channel"}', "no channel"),
+    (b'{"channels": ["a"], "event": "e", "data": {}}', "no channel"),  # envelope without relay
+    (b'{"relay": 2, "channels": ["a"], "event": "e", "data": {}}', "no channel"),
+    (b'{"channel": ""}', "channel must be a non-empty string"),
+    (b'{"channel": 42}', "channel must be a non-empty string"),
+    (b'{"channel": "a b"}', "invalid channel name"),
+    (b'{"channel": "caf\xc3\xa9"}', "invalid channel name"),
+    (b'{"channel": "a/b"}', "invalid channel name"),
+    (b'{"channel": "private-encrypted-x"}', "encrypted"),
+    (b"[" * 100_000, "nested too deeply"),
+])
+def test_invalid_classic(message: bytes, reason: str) -> None:
+    refused(message, reason)
+
+
+@pytest.mark.parametrize("fields,reason", [
+    ({"data": ...}, "envelope needs data"),
+    ({"channels": ...}, "channels"),
+    ({"channels": []}, "channels"),
+    ({"channels": "not-a-list-but-ok"}, None),
+    ({"channels": {"a": 1}}, "channels"),
+    ({"channels": ["ok", "bad!"]}, "invalid channel name"),
+    ({"channels": ["private-encrypted-x"]}, "encrypted"),
+    ({"event": ...}, "event must be a non-empty string"),
+    ({"event": ""}, "event must be a non-empty string"),
+    ({"event": 5}, "event must be a non-empty string"),
+    ({"socket_id": "abc"}, "socket_id"),
+    ({"socket_id": "1234"}, "socket_id"),
+    ({"socket_id": "1.2.3"}, "socket_id"),
+    ({"socket_id": 1.2}, "socket_id"),
+    ({"enqueued_at": "now"}, "enqueued_at"),
+    ({"enqueued_at": True}, "enqueued_at"),
+    ({"event": "\ud800"}, "lone surrogate"),
+    ({"data": "\udc00"}, "lone surrogate"),
+])
+def test_invalid_envelope(fields: dict[str, Any], reason: str | None) -> None:
+    if reason is None:
+        assert parse(env(**fields), "hit").channels == ("not-a-list-but-ok",)
+    else:
+        refused(env(**fields), reason)
+
+
+def test_lone_surrogate_in_classic_data_is_invalid_not_a_crash() -> None:
+    refused(b'{"channel":"c","t":"\\ud800"}', "lone surrogate")
+
+
+def test_channel_name_length_limit() -> None:
+    assert parse(raw({"channel": "c" * 164}), "hit").channels == ("c" * 164,)
+    refused(raw({"channel": "c" * 165}), "164")
+    refused(env(channels=["ok", "c" * 165]), "164")
+
+
+def test_channel_count_limit() -> None:
+    hundred = [f"ch-{i}" for i in range(100)]
+    assert parse(env(channels=hundred), "hit").channels == tuple(hundred)
+    refused(env(channels=[*hundred, "one-more"]), "101 channels", "100")
+
+
+def test_event_name_length_limit() -> None:
+    assert parse(env(event="e" * 200), "hit").event == "e" * 200
+    refused(env(event="e" * 201), "200")
+    with pytest.raises(InvalidMessage, match="200"):
+        parse(b'{"channel":"c"}', "e" * 201)  # the configured classic event is checked too
+
+
+def test_data_size_limit_ascii() -> None:
+    assert len(parse(env(data="x" * 10_240), "hit").data) == 10_240
+    refused(env(data="x" * 10_241), "10241 bytes", "10240")
+
+
+def test_data_size_limit_counts_utf8_bytes() -> None:
+    # "\u00e9" is two bytes of UTF-8 and "\u20ac" three: the limit is on bytes, not characters.
+    assert parse(env(data="\u00e9" * 5_120), "hit").data == "\u00e9" * 5_120
+    refused(env(data="\u00e9" * 5_120 + "x"), "10241 bytes")
+    refused(env(data="\u20ac" * 3_414), "10242 bytes")  # 3,414 characters only
+    assert parse(env(data="\u20ac" * 3_413 + "x"), "hit")
+
+
+def test_data_size_limit_for_classic_counts_the_encoded_object() -> None:
+    # data = {"t":"..."} : 8 bytes of JSON around the value, unescaped UTF-8 inside.
+    fits = raw({"channel": "c", "t": "\u00e9" * 5_116})
+    assert len(parse(fits, "hit").data.encode()) == 10_240
+    refused(raw({"channel": "c", "t": "\u00e9" * 5_116 + "x"}), "10241 bytes")
+
+
+def test_notification_is_frozen() -> None:
+    note = parse(b'{"channel":"c"}', "hit")
+    assert isinstance(note, Notification)
+    with pytest.raises(AttributeError):
+        note.event = "x"  # type: ignore[misc]
