@@ -46,6 +46,7 @@ class Watchdog:
         self._reporter: gevent.Greenlet | None = None
 
     def start(self) -> None:
+        gevent.config.monitor_thread = True
         gevent.config.max_blocking_time = BLOCKED_S
         gevent.config.print_blocking_reports = False
         gevent.events.subscribers.append(self._on_event)
@@ -71,8 +72,9 @@ class Watchdog:
             while self.reports:
                 _at, seconds, info = self.reports.popleft()
                 self.on_block()
+                stack = "\n".join(info).split("\nInfo:", 1)[0].strip("=\n ")
                 log.error("the event loop was blocked for over %.1f s; stack:\n%s",
-                          seconds, "\n".join(info[-40:]))
+                          seconds, stack)
 
     def blocked_recently(self, now: float) -> bool:
         return self.last_block_at is not None and now - self.last_block_at < \

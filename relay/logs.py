@@ -1,7 +1,9 @@
 """Logging set-up: plain text by default, one JSON object per line for log shippers.
 
-Fields passed with `extra={...}` travel as JSON keys (json format) or as `k=v` after the
-message (text format), so the same call serves both.
+1. Fields passed with `extra={...}` travel as JSON keys (json format) or as `k=v` after the
+   message (text format), so the same call serves both.
+2. `RepeatFilter`: an identical warning or error repeated within REPEAT_WINDOW_S is logged
+   once; the next time it gets through it says how many were held back.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -46,9 +49,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str, ensure_ascii=False)
 
 
+REPEAT_WINDOW_S = 10.0
+
+
+class RepeatFilter(logging.Filter):
+    """Hold back identical warnings and errors within a window, then report the count."""
+
+    def __init__(self, window_s: float = REPEAT_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.clock = clock
+        self.seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        now = self.clock()
+        last_at, held = self.seen.get(key, (float("-inf"), 0))
+        if now - last_at < self.window_s:
+            self.seen[key] = (last_at, held + 1)
+            return False
+        if held:
+            record.repeated = held  # shown as a field: "repeated=N" or "repeated": N
+        if len(self.seen) > 1000:
+            self.seen.clear()
+        self.seen[key] = (now, 0)
+        return True
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     """Send every log line to stderr (supervisord collects it) in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

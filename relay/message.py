@@ -64,7 +64,10 @@ def encode_data(data: Any) -> str:
     """Pusher wants data as a string: strings pass through, anything else becomes JSON."""
     if isinstance(data, str):
         return data
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # NaN or Infinity: Python reads them, browsers' JSON.parse does not
+        raise InvalidMessage("data holds NaN or Infinity, which is not JSON") from None
 
 
 def validate_channel(channel: Any) -> str:
@@ -243,6 +246,9 @@ def envelope(channels: list[str], event: str, data: Any, socket_id: str | None =
         obj["enqueued_at"] = enqueued_at
     if ident is not None:
         obj["id"] = ident
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise InvalidMessage("data holds NaN or Infinity, which is not JSON") from None
     parse(text.encode("utf-8"), event)
     return text

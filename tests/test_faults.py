@@ -69,6 +69,9 @@ def test_redis_killed_and_restarted_mid_drain(durable_redis, pusher, start_worke
     w = start_worker(REDIS_URL=durable_redis.url)
     wait_for(lambda: len(pusher.events()) >= 500, what="the drain to be under way")
     durable_redis.kill()
+    # Keep it down until the worker has noticed: an instant restart may go unseen, as
+    # redis-py reconnects idle connections by itself.
+    wait_for(lambda: "Redis unreachable" in w.log(), what="the worker to notice the outage")
     outage_calls = pusher.stats()["requests_total"]
     durable_redis.start()
     client = redis.Redis.from_url(durable_redis.url)
@@ -100,10 +103,12 @@ def test_503_for_10s_then_healthy(r, pusher, start_worker, queue_name):
 
 
 def test_429_with_retry_after_pauses_every_greenlet(r, pusher, start_worker, queue_name):
-    start_worker()
+    w = start_worker()
     pusher.set_mode(status=429, retry_after="2", fail_next=1)
     _push(r, queue_name, 1)
-    wait_for(lambda: pusher.stats()["by_status"].get("429"), what="the 429")
+    # Wait for the worker to have read the answer: a call already under way when the 429
+    # is answered cannot know of it.
+    wait_for(lambda: "429" in w.log(), what="the worker to take in the 429")
     _push(r, queue_name, 50)  # work is waiting: only the pause holds it back
     wait_for(lambda: len(pusher.events()) == 51, what="everything after the pause")
     requests = pusher.stats()["requests"]

@@ -304,3 +304,16 @@ def test_notification_is_frozen() -> None:
     assert isinstance(note, Notification)
     with pytest.raises(AttributeError):
         note.event = "x"  # type: ignore[misc]
+
+
+def test_nan_and_infinity_are_refused_because_browsers_cannot_parse_them():
+    import pytest
+
+    from relay.message import InvalidMessage, envelope, parse
+
+    with pytest.raises(InvalidMessage, match="NaN"):
+        parse(b'{"channel": "c", "v": NaN}', "hit")
+    with pytest.raises(InvalidMessage, match="NaN"):
+        parse(b'{"relay": 1, "channels": ["c"], "event": "e", "data": [Infinity]}', "hit")
+    with pytest.raises(InvalidMessage, match="NaN"):
+        envelope(["c"], "e", {"v": float("nan")})

@@ -40,10 +40,16 @@ def test_two_limiters_on_one_key_share_the_budget(r):
 
 def test_take_waits_with_the_given_sleep_and_never_spins(r):
     slept: list[float] = []
-    lim = _limiter(r, rate=1000, burst=1, slept=slept)
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    lim = RateLimiter(r, "q:ratelimit", 10, 1, sleep=sleep)
     assert lim.take(1) == 1
-    assert lim.take(1) == 1
+    assert lim.take(1) == 1  # the next token is 0.1 s away: take must sleep for it
     assert slept and all(s >= 0.005 for s in slept)  # a minimum pause, not a hot loop
+    assert len(slept) <= 3 and sum(slept) >= 0.05  # it slept about the interval at once
 
 
 def test_take_all_collects_more_than_a_burst(r):

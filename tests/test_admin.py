@@ -1,0 +1,146 @@
+"""Admin subcommands of `python worker.py`, run as a user would, against our redis-server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from tests.support import ROOT
+
+
+def admin(redis_server, queue_name, *args, timeout=30, **env):
+    full_env = {"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name,
+                "RELAY_METRICS_ADDR": "off", "PATH": "/usr/bin:/bin", **env}
+    return subprocess.run([sys.executable, str(ROOT / "worker.py"), *args], cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _dead_entry(payload, error="HTTP 400: bad", failed_at=None, attempts=1):
+    return json.dumps({"payload": payload, "error": error, "attempts": attempts,
+                       "failed_at": time.time() if failed_at is None else failed_at})
+
+
+def test_stats_text_and_json(r, redis_server, queue_name):
+    r.rpush(queue_name, "a", "b", "c")
+    r.rpush(f"{queue_name}:dead", _dead_entry("x"))
+    r.zadd(f"{queue_name}:retry", {"w": time.time() + 60})
+    r.hset(f"{queue_name}:stats", mapping={"delivered": 12})
+    out = admin(redis_server, queue_name, "stats")
+    assert out.returncode == 0, out.stderr
+    assert "3 waiting" in out.stdout and "1 dead" in out.stdout
+    assert "1 scheduled for retry" in out.stdout and "delivered 12" in out.stdout
+    data = json.loads(admin(redis_server, queue_name, "stats", "--json").stdout)
+    assert (data["length"], data["dead"], data["retry_scheduled"]) == (3, 1, 1)
+    assert data["totals"]["delivered"] == 12
+
+
+def test_stats_shows_each_worker_with_its_inflight_and_heartbeat_age(r, redis_server,
+                                                                     pusher, start_worker,
+                                                                     queue_name):
+    pusher.set_mode(hang=True)
+    start_worker(PUSHER_TIMEOUT="30")
+    r.rpush(queue_name, *[json.dumps({"channel": "c", "n": i}) for i in range(5)])
+    data = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        data = json.loads(admin(redis_server, queue_name, "stats", "--json").stdout)
+        if data["inflight"] == 5:
+            break
+    assert data is not None and data["inflight"] == 5
+    [worker] = data["workers"]
+    assert worker["inflight"] == 5 and 0 <= worker["heartbeat_age_s"] < 3
+    assert worker["expired"] is False
+    pusher.clear_mode()
+
+
+def test_dead_list_shows_reason_attempts_and_payload(r, redis_server, queue_name):
+    r.rpush(f"{queue_name}:dead", _dead_entry('{"channel":"c","title":"boom"}',
+                                              error="HTTP 413: too big", attempts=3))
+    out = admin(redis_server, queue_name, "dead", "list", "--limit", "5")
+    assert out.returncode == 0
+    assert "HTTP 413: too big" in out.stdout and "attempts=3" in out.stdout
+    assert '"title":"boom"' in out.stdout and "1 of 1" in out.stdout
+
+
+def test_dead_requeue_match_moves_only_matching_entries(r, redis_server, queue_name):
+    r.rpush(f"{queue_name}:dead", _dead_entry('{"channel":"a"}'), _dead_entry('{"channel":"b"}'))
+    out = admin(redis_server, queue_name, "dead", "requeue", "--match", '"a"')
+    assert out.returncode == 0 and "requeued 1" in out.stdout
+    assert r.lrange(queue_name, 0, -1) == [b'{"channel":"a"}']
+    assert r.llen(f"{queue_name}:dead") == 1
+
+
+def test_dead_requeue_needs_all_or_match(redis_server, queue_name):
+    out = admin(redis_server, queue_name, "dead", "requeue")
+    assert out.returncode == 2
+
+
+def test_two_operators_requeue_all_at_once_every_entry_back_exactly_once(r, redis_server,
+                                                                         queue_name):
+    payloads = [json.dumps({"channel": "c", "n": i}) for i in range(300)]
+    r.rpush(f"{queue_name}:dead", *[_dead_entry(p) for p in payloads])
+    env = {"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name,
+           "RELAY_METRICS_ADDR": "off"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "dead", "requeue",
+                               "--all"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode in (0, 1) for p in procs)
+    counts = Counter(x.decode() for x in r.lrange(queue_name, 0, -1))
+    assert counts == Counter(payloads)  # each once: none lost, none doubled
+    assert r.llen(f"{queue_name}:dead") == 0
+    moved = sum(int(o.split()[1]) for o in outputs)
+    assert moved == 300
+
+
+def test_dead_purge_older_than(r, redis_server, queue_name):
+    now = time.time()
+    r.rpush(f"{queue_name}:dead", _dead_entry("old", failed_at=now - 3 * 86400),
+            _dead_entry("new", failed_at=now - 60))
+    out = admin(redis_server, queue_name, "dead", "purge", "--older-than", "2d")
+    assert out.returncode == 0 and "purged 1" in out.stdout
+    [left] = r.lrange(f"{queue_name}:dead", 0, -1)
+    assert json.loads(left)["payload"] == "new"
+    assert admin(redis_server, queue_name, "dead", "purge", "--older-than", "soon"
+                 ).returncode == 2
+    assert "purged 1" in admin(redis_server, queue_name, "dead", "purge").stdout
+
+
+def test_enqueue_pushes_through_the_producer(r, redis_server, queue_name):
+    out = admin(redis_server, queue_name, "enqueue", "site-1", '{"title": "hi"}')
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(r.lpop(queue_name)) == {"channel": "site-1", "title": "hi"}
+    out = admin(redis_server, queue_name, "enqueue", "site-1", '{"title": "hi"}',
+                "--event", "update")
+    assert out.returncode == 0
+    pushed = json.loads(r.lpop(queue_name))
+    assert pushed["event"] == "update" and pushed["channels"] == ["site-1"]
+
+
+@pytest.mark.parametrize("args", [("bad channel", "{}"), ("c", "{not json")])
+def test_enqueue_refuses_bad_input_and_pushes_nothing(r, redis_server, queue_name, args):
+    out = admin(redis_server, queue_name, "enqueue", *args)
+    assert out.returncode == 2
+    assert r.llen(queue_name) == 0
+
+
+def test_check_without_metrics_needs_a_live_worker(r, redis_server, pusher, start_worker,
+                                                   queue_name):
+    assert admin(redis_server, queue_name, "check").returncode == 1
+    start_worker()
+    out = admin(redis_server, queue_name, "check")
+    assert out.returncode == 0 and "1 live worker" in out.stdout
+
+
+def test_admin_commands_need_no_pusher_credentials_and_fail_cleanly_without_redis(
+        queue_name, redis_server):
+    out = subprocess.run([sys.executable, str(ROOT / "worker.py"), "stats"], cwd=ROOT,
+                         env={"REDIS_URL": "redis://127.0.0.1:1/0", "RELAY_QUEUE": queue_name},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "redis error" in out.stdout

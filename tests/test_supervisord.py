@@ -1,0 +1,216 @@
+"""supervisord.conf as shipped, with only paths and settings rewritten for the test:
+two workers start, deliver, stop cleanly on `supervisorctl stop`, and come back after kill -9
+without losing anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from relay.pusher_server import LocalPusher
+from relay.redis_server import RedisServer
+from tests.support import ROOT, wait_for
+
+PROGRAMS = ("relay:relay_00", "relay:relay_01")
+
+
+def rewrite(text: str, overrides: dict[str, dict[str, str]]) -> str:
+    """Replace the values of keys the file already has; fail on any key it lacks, so the
+    test keeps exercising the shipped file rather than a copy of our own."""
+    section, seen, out = "", set(), []
+    for line in text.splitlines():
+        header = re.fullmatch(r"\[(.+)\]\s*", line)
+        key = line.partition("=")[0].strip()
+        if header:
+            section = header.group(1)
+        elif "=" in line and not line.startswith(";") and key in overrides.get(section, {}):
+            line = f"{key}={overrides[section][key]}"
+            seen.add((section, key))
+        out.append(line)
+    missing = {(s, k) for s, keys in overrides.items() for k in keys} - seen
+    assert not missing, f"supervisord.conf lacks {sorted(missing)}"
+    return "\n".join(out) + "\n"
+
+
+def environment(values: dict[str, str]) -> str:
+    return ",".join(f'{k}="{v.replace("%", "%%")}"' for k, v in values.items())
+
+
+class Supervisor:
+    """supervisord in the foreground (nodaemon) with supervisorctl on the same config."""
+
+    def __init__(self, conf: Path, log: Path) -> None:
+        self.conf = conf
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RELAY_", "PUSHER_", "REDIS_"))}
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def ctl(self, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c",
+                               str(self.conf), *args], capture_output=True, text=True,
+                              timeout=60)
+        return done.stdout + done.stderr
+
+    def status(self) -> dict[str, str]:
+        """{'relay:relay_00': 'RUNNING', ...}; empty while supervisord is not answering."""
+        found = re.findall(r"^(\S+)\s+([A-Z]+)\b", self.ctl("status"), re.MULTILINE)
+        return {name: state for name, state in found if name in PROGRAMS}
+
+    def all_in(self, state: str) -> bool:
+        status = self.status()
+        return all(status.get(name) == state for name in PROGRAMS)
+
+    def pid(self, name: str) -> int:
+        text = self.ctl("pid", name).strip()
+        return int(text) if text.isdigit() else 0
+
+    def shutdown(self) -> None:
+        if self.proc.poll() is None:
+            self.ctl("shutdown")
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()  # supervisord stops its children on SIGTERM too
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path, redis_server: RedisServer, pusher: LocalPusher,
+               queue_name: str) -> Iterator[Callable[..., Supervisor]]:
+    """Start supervisord on the shipped file rewritten for this test; always shut down."""
+    sock_dir = tempfile.mkdtemp(prefix="sv-")  # unix socket paths must stay short
+    started: list[Supervisor] = []
+
+    def start(program: dict[str, str] | None = None, **settings: str) -> Supervisor:
+        """settings: the workers' environment; program: other [program:relay] keys."""
+        env = {"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name,
+               "PUSHER_URL": pusher.url, "RELAY_METRICS_ADDR": "off",
+               "RELAY_HEARTBEAT_TTL": "2", "PUSHER_TIMEOUT": "2", **settings}
+        sock = f"{sock_dir}/supervisor.sock"
+        conf = tmp_path / "supervisord.conf"
+        conf.write_text(rewrite((ROOT / "supervisord.conf").read_text(), {
+            "unix_http_server": {"file": sock},
+            "supervisorctl": {"serverurl": f"unix://{sock}"},
+            "supervisord": {"logfile": str(tmp_path / "supervisord.log"),
+                            "pidfile": str(tmp_path / "supervisord.pid")},
+            "program:relay": {
+                "command": f"{sys.executable} {ROOT / 'worker.py'}",
+                "directory": str(ROOT),
+                "stdout_logfile": str(tmp_path / "%(process_num)02d.log"),
+                "environment": environment(env),
+                **(program or {}),
+            },
+        }))
+        started.append(Supervisor(conf, tmp_path / "supervisord.out"))
+        return started[-1]
+
+    yield start
+    for sup in started:
+        sup.shutdown()
+    shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def worker_log(tmp_path: Path, num: int) -> str:
+    path = tmp_path / f"{num:02d}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def push(r: redis.Redis, queue: str, count: int) -> None:
+    r.rpush(queue, *(json.dumps({"channel": "site-1", "id": i}) for i in range(count)))
+
+
+def delivered_ids(pusher: LocalPusher) -> set[int]:
+    return {json.loads(e["data"])["id"] for e in pusher.events()}
+
+
+def test_two_workers_deliver_and_stop_cleanly(
+        supervisor: Callable[..., Supervisor], r: redis.Redis, pusher: LocalPusher,
+        queue_name: str, tmp_path: Path) -> None:
+    sup = supervisor()
+    wait_for(lambda: sup.all_in("RUNNING"), 30, "both workers RUNNING")
+    assert sup.pid(PROGRAMS[0]) != sup.pid(PROGRAMS[1])
+    for num in (0, 1):
+        wait_for(lambda num=num: "started:" in worker_log(tmp_path, num), 15,
+                 f"worker {num}'s start line in its own log file")
+    push(r, queue_name, 20)
+    wait_for(lambda: delivered_ids(pusher) == set(range(20)), 15, "all 20 delivered")
+
+    assert "relay:relay_00: stopped" in sup.ctl("stop", "all")
+    assert sup.all_in("STOPPED"), sup.ctl("status")
+    out = (tmp_path / "supervisord.out").read_text()
+    for num in (0, 1):
+        assert "stopped; 0 in-flight" in worker_log(tmp_path, num)
+        assert f"stopped: relay_{num:02d} (exit status 0)" in out, out
+    assert r.llen(queue_name) == 0
+    assert r.keys(queue_name + ":inflight:*") == []
+    assert r.zcard(queue_name + ":workers") == 0  # both unregistered on the way out
+    sup.ctl("shutdown")
+    assert sup.proc.wait(30) == 0
+
+
+def worker_id_of(r: redis.Redis, queue: str, pid: int) -> str | None:
+    for wid, info in r.hgetall(queue + ":workers:info").items():
+        if json.loads(info).get("pid") == pid:
+            return wid.decode()
+    return None
+
+
+def holds_inflight(r: redis.Redis, queue: str, wid: str) -> bool:
+    return any(r.llen(key) for key in r.keys(f"{queue}:inflight:{wid}:*"))
+
+
+def test_kill_9_is_restarted_and_nothing_is_lost(
+        supervisor: Callable[..., Supervisor], r: redis.Redis, pusher: LocalPusher,
+        queue_name: str, tmp_path: Path) -> None:
+    count = 1000
+    sup = supervisor(RELAY_POOL_SIZE="2")
+    wait_for(lambda: sup.all_in("RUNNING"), 30, "both workers RUNNING")
+    pusher.set_mode(delay=0.05)  # slow enough that the victim has work in flight
+    victim = sup.pid(PROGRAMS[0])
+    wid = wait_for(lambda: worker_id_of(r, queue_name, victim), 15, "the victim's worker id")
+    push(r, queue_name, count)
+    wait_for(lambda: holds_inflight(r, queue_name, wid), 15, "the victim holding work")
+
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: sup.pid(PROGRAMS[0]) not in (0, victim), 30, "a restarted relay_00")
+    wait_for(lambda: sup.all_in("RUNNING"), 30, "both workers RUNNING again")
+    pusher.set_mode()
+    wait_for(lambda: delivered_ids(pusher) == set(range(count)), 60,
+             f"all {count} delivered at least once", interval=0.2)
+    wait_for(lambda: not r.keys(queue_name + ":inflight:*"), 15, "nothing left in flight")
+    assert r.llen(queue_name) == 0 and r.llen(queue_name + ":dead") == 0
+    recovered = re.findall(rf"worker {re.escape(wid)} missed its heartbeat: (\d+) in-flight",
+                           worker_log(tmp_path, 0) + worker_log(tmp_path, 1))
+    assert recovered and int(recovered[0]) > 0, "the victim's in-flight work was not recovered"
+    out = (tmp_path / "supervisord.out").read_text()
+    assert "exited: relay_00 (terminated by SIGKILL" in out, out
+
+
+def test_bad_configuration_ends_fatal_not_in_a_restart_loop(
+        supervisor: Callable[..., Supervisor], tmp_path: Path) -> None:
+    # The placeholder the shipped file carries: the worker exits 2 faster than startsecs,
+    # so supervisord gives up after startretries instead of restarting it forever
+    # (fewer retries here only to keep the test short).
+    sup = supervisor({"startretries": "1"},
+                     PUSHER_URL="https://KEY:SECRET@api-mt1.pusher.com/apps/APP_ID")
+    wait_for(lambda: sup.all_in("FATAL"), 60, "both workers FATAL", interval=0.5)
+    for num in (0, 1):
+        assert "relay: bad configuration: PUSHER_URL" in worker_log(tmp_path, num)
