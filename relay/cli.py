@@ -87,7 +87,8 @@ def run(cfg: config.Config) -> int:
     metrics = Metrics()
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order)
-    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=metrics.observe_call)
+    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=metrics.observe_call,
+                        http_client=cfg.http_client)
     worker = Worker(cfg, queue, delivery, metrics)
     watchdog = server = None
     try:

@@ -226,18 +226,22 @@ class RedisQueue:
     def slot_key(self, slot: int) -> str:
         return self.keys.inflight(self.worker_id, slot)
 
-    def fetch(self, slot: int, batch: int, block_s: float) -> list[bytes]:
+    def fetch(self, slot: int, batch: int, block_s: float, eager: bool = True) -> list[bytes]:
         """Up to `batch` items for this slot; waits up to block_s when the queue is empty.
 
-        Tries the non-blocking script first (a busy queue costs one round trip a batch);
-        only an empty answer leads to a blocking pop.
+        eager (there is a backlog, or the slot must adopt what a lost reply left in it):
+        the non-blocking script first, one round trip a batch. Otherwise straight to the
+        blocking pop, and a lone item goes out without a second round trip.
         """
         key = self.slot_key(slot)
-        items = self._top_up(key, batch)
-        if items or block_s <= 0:
-            return items
+        if eager:
+            items = self._top_up(key, batch)
+            if items or block_s <= 0:
+                return items
         moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side, "RIGHT")
-        return self._top_up(key, batch) if moved is not None else []
+        if moved is None:
+            return []
+        return self._top_up(key, batch) if eager else [moved]
 
     def _top_up(self, key: str, batch: int) -> list[bytes]:
         items = self._fetch(keys=[self.keys.queue, key, self.keys.workers],
@@ -315,6 +319,9 @@ class RedisQueue:
     def trim(self, max_backlog: int) -> int:
         """Drop the oldest items beyond max_backlog; returns how many were dropped."""
         return int(self._trim(keys=[self.keys.queue, self.keys.stats], args=[max_backlog]))
+
+    def length(self) -> int:
+        return int(self.client.llen(self.keys.queue))
 
     def lengths(self) -> dict[str, int]:
         pipe = self.client.pipeline(transaction=False)

@@ -7,19 +7,28 @@ TAT + k*T - now <= B*T. Events are counted as Pusher counts messages: one per ch
 
 A greenlet takes tokens *before* it fetches, for as many items as it may fetch, so no
 notification leaves the queue only to wait for budget; what it could not use it refunds.
+Only one greenlet per process waits on Redis at a time (the others wait on a local lock),
+and it waits until its whole request is free, so a throttled worker makes a few calls a
+second instead of polling.
+
+Pusher counts messages when they arrive, a little after the budget was granted, so the
+limiter keeps HEADROOM of the burst in reserve: the spread between grant and arrival must
+not push Pusher's count for any one second over rate + burst.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import redis
 
 log = logging.getLogger(__name__)
 
-# KEYS: ratelimit key. ARGV: seconds per event, burst, most to take.
-# Returns {taken, milliseconds to wait before one more is free}.
+# KEYS: ratelimit key. ARGV: seconds per event, burst, how many to take (<= burst).
+# Returns {taken (all or none), milliseconds until that many are free}.
 TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -27,13 +36,12 @@ local interval, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARG
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local free = math.floor(burst - (tat - now) / interval + 1e-9)
-local take = math.min(want, free)
-if take < 1 then
-  return {0, math.ceil((tat - (burst - 1) * interval - now) * 1000)}
+if free < want then
+  return {0, math.ceil((tat - (burst - want) * interval - now) * 1000)}
 end
-tat = tat + take * interval
+tat = tat + want * interval
 redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
-return {take, 0}
+return {want, 0}
 """
 
 # KEYS: ratelimit key. ARGV: seconds per event, events to give back.
@@ -48,35 +56,39 @@ return 1
 """
 
 MIN_WAIT_S = 0.005
+HEADROOM = 0.1  # of the burst, kept back for the spread between grant and arrival
 
 
 class RateLimiter:
     """Shared events-per-second budget; `take` blocks (via `sleep`) until it gets some."""
 
     def __init__(self, client: redis.Redis, key: str, rate: float, burst: int,
-                 sleep: Callable[[float], object]) -> None:
+                 sleep: Callable[[float], object],
+                 lock: AbstractContextManager[Any] | None = None) -> None:
         self.key = key
         self.interval = 1.0 / rate
-        self.burst = max(1, burst)
+        self.burst = max(1, int(burst * (1 - HEADROOM)))
         self.sleep = sleep
+        self.lock = lock if lock is not None else nullcontext()
         self.waits = 0
         self._take = client.register_script(TAKE)
         self._refund = client.register_script(REFUND)
 
     def try_take(self, want: int) -> tuple[int, float]:
-        """(events granted, seconds until one more is free); one round trip."""
+        """(events granted: `want` capped at the burst, or 0; seconds until they are free)."""
         taken, wait_ms = self._take(keys=[self.key],
                                     args=[self.interval, self.burst, min(want, self.burst)])
         return int(taken), max(MIN_WAIT_S, int(wait_ms) / 1000.0)
 
     def take(self, want: int, stop: Callable[[], bool] = lambda: False) -> int:
-        """At least one and at most `want` (and burst) events; 0 only if `stop()` turned true."""
-        while not stop():
-            taken, wait_s = self.try_take(want)
-            if taken:
-                return taken
-            self.waits += 1
-            self.sleep(wait_s)
+        """`want` events (capped at the burst); 0 only if `stop()` turned true meanwhile."""
+        with self.lock:
+            while not stop():
+                taken, wait_s = self.try_take(want)
+                if taken:
+                    return taken
+                self.waits += 1
+                self.sleep(wait_s)
         return 0
 
     def take_all(self, want: int, stop: Callable[[], bool] = lambda: False) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 import redis
 
@@ -59,11 +60,16 @@ class Worker:
         self.limiter: RateLimiter | None = None
         if config.rate_limit > 0:
             self.limiter = RateLimiter(queue.client, queue.keys.ratelimit, config.rate_limit,
-                                       config.rate_burst, sleep=gevent.sleep)
+                                       config.rate_burst, sleep=gevent.sleep,
+                                       lock=gevent.lock.Semaphore())
             self.batch = min(MAX_BATCH, self.limiter.burst)
         self.inflight = 0
         self._shedding = False
         self._next_reap = 0.0
+        # Per slot: fetch eagerly (non-blocking batch first)? True at start so each slot
+        # adopts what a previous run of this worker id might have left; see RedisQueue.fetch.
+        self._eager = [True] * config.pool_size
+        self.backlog = 0  # queue length as of the last housekeeping round
         metrics.pool_size.set(config.pool_size)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -129,6 +135,7 @@ class Worker:
                 self._step(slot)
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
                 self.metrics.redis_errors.inc()
+                self._eager[slot] = True  # a lost reply may have left items in the slot
                 self.stopping.wait(self.redis_outage.failed(exc))
             except WorkerReaped:
                 log.warning("this worker had been declared dead (missed heartbeats); "
@@ -145,8 +152,10 @@ class Worker:
             return
         probing = self.circuit.is_open
         budget = self._budget()
-        items = self.queue.fetch(slot, budget, BLOCK_S) if budget else []
+        eager = self._eager[slot] or self.backlog > 0
+        items = self.queue.fetch(slot, budget, BLOCK_S, eager) if budget else []
         self.redis_outage.succeeded()
+        self._eager[slot] = len(items) > 1
         if not items or (not probing and self.circuit.holding()):
             # Nothing came, or the gate closed while this greenlet was blocked in its pop:
             # hand back the items and the budget.
@@ -311,6 +320,7 @@ class Worker:
 
     def _maintain(self) -> None:
         self.queue.promote_due()
+        self.backlog = self.queue.length()
         now = time.monotonic()
         if now >= self._next_reap:
             self._next_reap = now + self.config.heartbeat_ttl / 2

@@ -98,6 +98,8 @@ CASES: list[tuple[str, str, str, str, Getter, Any, Any]] = [
      lambda c: (c.pusher.ssl, c.pusher.port), (False, 80), (True, 443)),
     ("PUSHER_TIMEOUT", "--pusher-timeout", "2.5", "7", lambda c: c.pusher.timeout, 2.5, 7.0),
     ("RELAY_EVENT", "--event", "ping", "pong", lambda c: c.event, "ping", "pong"),
+    ("PUSHER_HTTP_CLIENT", "--pusher-http-client", "requests", "URLLIB3",
+     lambda c: c.http_client, "requests", "urllib3"),
     ("RELAY_POOL_SIZE", "--pool-size", "3", "200", lambda c: c.pool_size, 3, 200),
     ("RELAY_RATE_LIMIT", "--rate-limit", "10", "0.5", lambda c: c.rate_limit, 10.0, 0.5),
     ("RELAY_RATE_BURST", "--rate-burst", "4", "0", lambda c: c.rate_burst, 4, 0),

@@ -83,6 +83,12 @@ def note(text: str) -> Notification:
     return parse(text.encode(), "hit")
 
 
+@pytest.fixture(params=["urllib3", "requests"])
+def http_client(request: pytest.FixtureRequest) -> str:
+    """Every delivery test runs over both transports."""
+    return request.param
+
+
 @pytest.fixture
 def target(pusher: LocalPusher) -> PusherTarget:
     return parse_pusher_url(pusher.url, 2.0)
@@ -94,8 +100,10 @@ def calls() -> list[int | None]:
 
 
 @pytest.fixture
-def delivery(target: PusherTarget, calls: list[int | None]) -> Iterator[Delivery]:
-    d = Delivery(target, pool_size=4, on_call=lambda status, _s: calls.append(status))
+def delivery(target: PusherTarget, calls: list[int | None],
+             http_client: str) -> Iterator[Delivery]:
+    d = Delivery(target, pool_size=4, on_call=lambda status, _s: calls.append(status),
+                 http_client=http_client)
     yield d
     d.close()
 
@@ -200,9 +208,11 @@ def test_connection_reset_is_transient(pusher: LocalPusher, delivery: Delivery,
     assert delivery.send([note('{"channel":"a"}')]) == [None]  # the session recovers
 
 
-def test_hang_times_out_as_transient(pusher: LocalPusher, calls: list[int | None]) -> None:
+def test_hang_times_out_as_transient(pusher: LocalPusher, calls: list[int | None],
+                                     http_client: str) -> None:
     target = parse_pusher_url(pusher.url, 0.5)
-    d = Delivery(target, pool_size=4, on_call=lambda status, _s: calls.append(status))
+    d = Delivery(target, pool_size=4, on_call=lambda status, _s: calls.append(status),
+                 http_client=http_client)
     pusher.set_mode(hang=True)
     started = time.monotonic()
     try:
@@ -217,9 +227,10 @@ def test_hang_times_out_as_transient(pusher: LocalPusher, calls: list[int | None
     assert calls == [None]
 
 
-def test_unreachable_server_is_transient(calls: list[int | None]) -> None:
+def test_unreachable_server_is_transient(calls: list[int | None], http_client: str) -> None:
     # Port 9 (discard) on loopback: nothing listens there, so the connect is refused at once.
     d = Delivery(parse_pusher_url("http://k:s@127.0.0.1:9/apps/1", 1.0), pool_size=2,
+                 http_client=http_client,
                  on_call=lambda status, _s: calls.append(status))
     try:
         (failure,) = d.send([note('{"channel":"a"}')])
@@ -230,11 +241,12 @@ def test_unreachable_server_is_transient(calls: list[int | None]) -> None:
 
 
 def test_bad_secret_with_soketi_errors_is_systemic(pusher: LocalPusher,
-                                                   target: PusherTarget) -> None:
+                                                   target: PusherTarget,
+                                                   http_client: str) -> None:
     pusher.set_mode(soketi_errors=True)
     bad = PusherTarget(app_id=target.app_id, key=target.key, secret="wrong-secret",
                        host=target.host, port=target.port, ssl=False, timeout=2.0)
-    d = Delivery(bad, pool_size=2)
+    d = Delivery(bad, pool_size=2, http_client=http_client)
     try:
         results = d.send([note('{"channel":"a"}'), note('{"channel":"b"}')])
     finally:
@@ -244,10 +256,11 @@ def test_bad_secret_with_soketi_errors_is_systemic(pusher: LocalPusher,
     assert pusher.events() == []
 
 
-def test_bad_secret_is_systemic(pusher: LocalPusher, target: PusherTarget) -> None:
+def test_bad_secret_is_systemic(pusher: LocalPusher, target: PusherTarget,
+                                http_client: str) -> None:
     bad = PusherTarget(app_id=target.app_id, key=target.key, secret="wrong-secret",
                        host=target.host, port=target.port, ssl=False, timeout=2.0)
-    d = Delivery(bad, pool_size=2)
+    d = Delivery(bad, pool_size=2, http_client=http_client)
     try:
         (failure,) = d.send([note('{"channel":"a"}')])
     finally:

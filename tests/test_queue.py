@@ -397,3 +397,14 @@ def test_hash_tagged_name_keeps_every_key_in_one_slot(r: redis.Redis) -> None:
     assert len(keys) >= 8
     assert {key_slot(k) for k in keys} == {key_slot(name.encode())}
     assert all(k.decode().startswith(name) for k in keys)
+
+
+def test_lazy_fetch_takes_a_lone_item_in_one_blocking_pop(r, queue_name):
+    from relay.queue import RedisQueue
+
+    q = RedisQueue(r, queue_name, "fifo")
+    q.heartbeat(10, 1)
+    r.rpush(queue_name, b"a", b"b", b"c")
+    assert q.fetch(0, 10, 1.0, eager=False) == [b"a"]  # no top-up: one round trip
+    assert r.lrange(q.slot_key(0), 0, -1) == [b"a"]
+    assert q.fetch(0, 10, 1.0, eager=True) == [b"a", b"b", b"c"]  # adopts and tops up

@@ -14,27 +14,36 @@ def _limiter(r, rate, burst, key="q:ratelimit", slept=None):
                                                    else time.sleep))
 
 
-def test_burst_then_nothing_until_the_interval_passes(r):
-    lim = _limiter(r, rate=10, burst=5)
-    assert lim.try_take(3)[0] == 3
-    assert lim.try_take(10)[0] == 2  # the rest of the burst, not more
-    taken, wait_s = lim.try_take(1)
+def test_burst_keeps_headroom_then_all_or_nothing_until_the_interval_passes(r):
+    lim = _limiter(r, rate=10, burst=10)
+    assert lim.burst == 9  # 10 % of the burst is kept back for arrival jitter
+    assert lim.try_take(6)[0] == 6
+    taken, wait_s = lim.try_take(5)  # only 3 are free: none are taken
     assert taken == 0
-    assert 0.05 <= wait_s <= 0.11  # one interval (0.1 s), less the time spent since
+    assert 0.15 <= wait_s <= 0.21  # until 5 are free: two intervals of 0.1 s
+    assert lim.try_take(3)[0] == 3
+    assert lim.try_take(1)[0] == 0
+
+
+def test_a_request_larger_than_the_burst_is_capped_at_the_burst(r):
+    lim = _limiter(r, rate=10, burst=10)
+    assert lim.try_take(50)[0] == 9
 
 
 def test_refund_gives_back_budget(r):
-    lim = _limiter(r, rate=1, burst=4)
+    lim = _limiter(r, rate=1, burst=5)
     assert lim.try_take(4)[0] == 4
     assert lim.try_take(1)[0] == 0
     lim.refund(3)
-    assert lim.try_take(4)[0] == 3
+    assert lim.try_take(3)[0] == 3
+    assert lim.try_take(1)[0] == 0
 
 
 def test_two_limiters_on_one_key_share_the_budget(r):
-    a, b = _limiter(r, rate=1, burst=6), _limiter(r, rate=1, burst=6)
+    a, b = _limiter(r, rate=1, burst=7), _limiter(r, rate=1, burst=7)
     assert a.try_take(4)[0] == 4
-    assert b.try_take(4)[0] == 2
+    assert b.try_take(3)[0] == 0  # 6 of 7 are usable (headroom): only 2 are left
+    assert b.try_take(2)[0] == 2
     assert a.try_take(1)[0] == 0
 
 
@@ -79,3 +88,23 @@ def test_two_workers_share_one_limit(r, pusher, start_worker, queue_name):
     busiest = max(sum(1 for t in received if s <= t < s + 1.0) for s in received)
     assert busiest <= rate + 2 * burst + 2, busiest
     assert r.llen(f"{queue_name}:dead") == 0
+
+
+def test_throttled_greenlets_wait_on_a_local_lock_instead_of_polling_redis(r):
+    import gevent
+    import gevent.lock
+
+    lim = RateLimiter(r, "q:ratelimit", 200, 2, sleep=gevent.sleep,
+                      lock=gevent.lock.Semaphore())
+    calls = []
+    real = lim.try_take
+
+    def counted(want):
+        calls.append(want)
+        return real(want)
+
+    lim.try_take = counted
+    gevent.joinall([gevent.spawn(lambda: [lim.take(1) for _ in range(3)]) for _ in range(20)],
+                   timeout=30, raise_error=True)
+    # 60 grants: each costs one successful call, plus at most one that learned the wait.
+    assert len(calls) <= 2 * 60 + 5, len(calls)
