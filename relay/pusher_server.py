@@ -14,14 +14,18 @@
    API request, with its time and status, including those hit by a fault.
 5. Has run-time fault modes: ``delay``, ``status``, ``retry_after``, ``reset``
    (RST via SO_LINGER 0), ``hang``, ``soketi_errors`` and ``fail_next``.
-6. Exposes an unauthenticated control API on the same port under ``/_control/``.
+6. Exposes an unauthenticated control API on the same port under ``/_control/``:
+   ``POST mode``, ``POST reset``, ``GET events``, ``GET stats`` (``?requests=0`` leaves
+   out the per-request list) and ``GET count`` (just ``events_total`` and
+   ``requests_total``: cheap to poll however many records are kept).
 7. Runs as ``python -m relay.pusher_server --port 0 --app-id 1 --key K --secret S
    [--host H] [--print]``; it prints ``LISTENING <port>`` on stdout (the only
    stdout output, written directly rather than via logging so that a parent can
    rely on it whatever the logging setup); ``--print`` logs each event via logging
    (stderr).
 8. ``LocalPusher`` runs that command in a child process for tests, the benchmark
-   and the dev mode, and talks to the control API with stdlib ``urllib`` only.
+   and the dev mode, and talks to the control API with stdlib ``urllib`` only. Its
+   ``stderr`` argument sends the server's log elsewhere (default: the parent's stderr).
 
 The HTTP layer is a minimal HTTP/1.1 keep-alive parser on ``gevent.server.StreamServer``
 rather than ``gevent.pywsgi``: it is faster and gives direct access to the socket,
@@ -53,7 +57,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 from urllib.parse import quote, unquote_plus
 
 import gevent
@@ -77,6 +81,8 @@ CHANNEL_RE = re.compile(r"[-a-zA-Z0-9_=@,.;]+")
 SOCKET_ID_RE = re.compile(r"\d+\.\d+")
 INFO_ATTRIBUTES = ("subscription_count", "user_count")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+WAIT_POLL_S = 0.01
 
 
 class ApiError(Exception):
@@ -438,15 +444,22 @@ class PusherServer:
                 self.modes = Modes()
         return modes, release
 
-    def stats(self) -> dict[str, Any]:
-        return {
+    def count(self) -> dict[str, int]:
+        """The totals only: constant cost, unlike events() and stats() with many records."""
+        return {"events_total": self.events_total, "requests_total": self.requests_total}
+
+    def stats(self, requests: bool = True) -> dict[str, Any]:
+        """Counters and modes, plus the per-request list unless ``requests`` is False."""
+        stats: dict[str, Any] = {
             "requests_total": self.requests_total,
             "by_status": dict(self.by_status),
             "faults": dict(self.faults),
             "events_total": self.events_total,
             "modes": asdict(self.modes),
-            "requests": list(self.requests),
         }
+        if requests:
+            stats["requests"] = list(self.requests)
+        return stats
 
     # -- connections
 
@@ -595,7 +608,8 @@ class PusherServer:
         handlers = {
             ("POST", "/_control/mode"): self._control_mode,
             ("GET", "/_control/events"): lambda _r: Response.json(200, list(self.events)),
-            ("GET", "/_control/stats"): lambda _r: Response.json(200, self.stats()),
+            ("GET", "/_control/stats"): self._control_stats,
+            ("GET", "/_control/count"): lambda _r: Response.json(200, self.count()),
             ("POST", "/_control/reset"): self._control_reset,
         }
         handler = handlers.get((request.method, request.path))
@@ -611,6 +625,12 @@ class PusherServer:
         self._set_modes(modes)
         log.info("modes set: %s", {k: v for k, v in asdict(modes).items() if v})
         return Response.json(200, asdict(modes))
+
+    def _control_stats(self, request: Request) -> Response:
+        value = _parse_query(request.query).get("requests", "1").lower()
+        if value not in _FLAGS:
+            return Response.text(400, f"requests must be one of {sorted(_FLAGS)}, not {value!r}")
+        return Response.json(200, self.stats(requests=_FLAGS[value]))
 
     def _control_reset(self, _request: Request) -> Response:
         self._clear_records()
@@ -676,11 +696,20 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------ helper
 
 
+StderrTarget = int | IO[Any] | str | os.PathLike[str] | None
+
+
 class LocalPusher:
     """Runs the server as a child process so parents need no gevent and get real sockets.
 
     Usable as a context manager. Control calls use urllib, which works in plain and
     gevent-patched parents alike.
+
+    ``stderr`` is where the server's log goes: None (the default) inherits the parent's
+    stderr; a path is opened for writing (truncated) at each start and closed at stop; an
+    open file object, a file descriptor or ``subprocess.DEVNULL`` is passed as is (and left
+    open). ``subprocess.PIPE`` and ``subprocess.STDOUT`` are refused: nobody would read
+    the pipe, and stdout carries the ``LISTENING`` line.
     """
 
     def __init__(
@@ -692,14 +721,20 @@ class LocalPusher:
         python: str = sys.executable,
         host: str = "127.0.0.1",
         startup_timeout: float = 15.0,
+        stderr: StderrTarget = None,
     ) -> None:
+        if stderr in (subprocess.PIPE, subprocess.STDOUT):
+            raise ValueError("stderr=PIPE or STDOUT would block or corrupt the server's output; "
+                             "pass a path, a file, DEVNULL or None")
         self.app_id, self.key, self.secret = app_id, key, secret
         self.print_events = print_events
         self.python = python
         self.host = host
         self.port = 0
         self.startup_timeout = startup_timeout
+        self.stderr = stderr
         self._process: subprocess.Popen[bytes] | None = None
+        self._stderr_file: IO[bytes] | None = None
 
     def __enter__(self) -> "LocalPusher":
         self.start()
@@ -718,6 +753,13 @@ class LocalPusher:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (for /proc readings); RuntimeError when not started."""
+        if self._process is None:
+            raise RuntimeError("LocalPusher is not running: call start() first")
+        return self._process.pid
+
     def start(self) -> None:
         """Spawn the server and wait for its ``LISTENING <port>`` line."""
         command = [
@@ -731,9 +773,17 @@ class LocalPusher:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
-        self._process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+        stderr: Any = self.stderr
+        if isinstance(stderr, str | os.PathLike):
+            stderr = self._stderr_file = open(stderr, "wb")  # closed in stop()
+        try:
+            self._process = subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
+        except BaseException:
+            self._close_stderr_file()
+            raise
         try:
             self.port = self._read_port()
         except BaseException:
@@ -753,10 +803,16 @@ class LocalPusher:
             )
         return int(line.split()[1])
 
+    def _close_stderr_file(self) -> None:
+        stderr_file, self._stderr_file = self._stderr_file, None
+        if stderr_file is not None:
+            stderr_file.close()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the child, kill it if it does not exit in time. Idempotent."""
         process, self._process = self._process, None
         if process is None:
+            self._close_stderr_file()
             return
         if process.poll() is None:
             process.terminate()
@@ -768,6 +824,7 @@ class LocalPusher:
         for pipe in (process.stdin, process.stdout):
             if pipe is not None:
                 pipe.close()
+        self._close_stderr_file()
 
     def _call(self, method: str, path: str, payload: Any = None) -> Any:
         import urllib.error
@@ -794,30 +851,41 @@ class LocalPusher:
     def events(self) -> list[dict[str, Any]]:
         return self._call("GET", "/_control/events")
 
-    def stats(self) -> dict[str, Any]:
-        return self._call("GET", "/_control/stats")
+    def count(self) -> dict[str, int]:
+        """``{"events_total": N, "requests_total": M}``: cheap, whatever the record count."""
+        return self._call("GET", "/_control/count")
+
+    def stats(self, requests: bool = True) -> dict[str, Any]:
+        """Counters and modes; ``requests=False`` leaves out the per-request list."""
+        return self._call("GET", "/_control/stats" + ("" if requests else "?requests=0"))
 
     def reset(self) -> None:
         """Forget events, counters and modes (between tests)."""
         self._call("POST", "/_control/reset", {})
 
     def wait_for_events(self, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """Poll until at least n events were recorded; TimeoutError says what did arrive."""
+        """Poll until at least n events were recorded, then return them all.
+
+        Polls the cheap count endpoint and fetches the event list once, when enough have
+        arrived (or at the deadline, for the TimeoutError that says what did arrive).
+        """
         deadline = time.monotonic() + timeout
-        while True:
-            events = self.events()
-            if len(events) >= n:
-                return events
+        while self.count()["events_total"] < n:
             if time.monotonic() >= deadline:
-                stats = self.stats()
-                seen = [(e["channel"], e["name"]) for e in events[-5:]]
-                raise TimeoutError(
-                    f"expected {n} events within {timeout}s, got {len(events)} "
-                    f"(last: {seen}); requests_total={stats['requests_total']} "
-                    f"by_status={stats['by_status']} faults={stats['faults']} "
-                    f"modes={ {k: v for k, v in stats['modes'].items() if v} }"
-                )
-            time.sleep(0.01)
+                self._timed_out(n, timeout)
+            time.sleep(WAIT_POLL_S)
+        return self.events()
+
+    def _timed_out(self, n: int, timeout: float) -> NoReturn:
+        events = self.events()
+        stats = self.stats(requests=False)
+        seen = [(e["channel"], e["name"]) for e in events[-5:]]
+        raise TimeoutError(
+            f"expected {n} events within {timeout}s, got {len(events)} "
+            f"(last: {seen}); requests_total={stats['requests_total']} "
+            f"by_status={stats['by_status']} faults={stats['faults']} "
+            f"modes={ {k: v for k, v in stats['modes'].items() if v} }"
+        )
 
 
 if __name__ == "__main__":

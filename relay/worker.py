@@ -64,10 +64,14 @@ class Worker:
                                        lock=gevent.lock.Semaphore())
             self.batch = min(MAX_BATCH, self.limiter.burst)
         self.inflight = 0
-        self._shedding = False
+        self.backlog_shedding = Episode(
+            f"backlog over RELAY_MAX_BACKLOG={config.max_backlog}: dropping the oldest")
+        self.stale_shedding = Episode(
+            f"dropping envelopes older than RELAY_MAX_AGE={config.max_age:g} s as stale")
         self._next_reap = 0.0
-        # Per slot: fetch eagerly (non-blocking batch first)? True at start so each slot
-        # adopts what a previous run of this worker id might have left; see RedisQueue.fetch.
+        # Per slot: fetch eagerly (a non-blocking batch first, adopting whatever the slot list
+        # already holds)? Yes after a batch, an error, or while there is a backlog; a lone
+        # item on a quiet queue takes one blocking pop instead. See RedisQueue.fetch.
         self._eager = [True] * config.pool_size
         self.backlog = 0  # queue length as of the last housekeeping round
         metrics.pool_size.set(config.pool_size)
@@ -143,6 +147,7 @@ class Worker:
                 self._heartbeat()
             except Exception:
                 log.exception("unexpected error in slot %d; going on after a pause", slot)
+                self._eager[slot] = True  # what the slot held is picked up again
                 self.stopping.wait(1.0)
 
     def _step(self, slot: int) -> None:
@@ -223,16 +228,14 @@ class Worker:
         if stale:
             self._persist(self.queue.ack, slot, stale, "shed_max_age")
             self.metrics.shed.labels("max_age").inc(len(stale))
+            self.stale_shedding.dropped(len(stale))
         self._reconcile(budget, sum(n.cost for n in notes))
         if notes:
-            self._settle(slot, notes, self._send(notes))
+            self._settle(slot, notes, self.delivery.send(notes))
 
     def _is_stale(self, note: Notification, now: float) -> bool:
         max_age = self.config.max_age
         return bool(max_age) and note.enqueued_at is not None and now - note.enqueued_at > max_age
-
-    def _send(self, notes: Sequence[Notification]) -> list[Failure | None]:
-        return self.delivery.send(notes)
 
     def _settle(self, slot: int, notes: Sequence[Notification],
                 results: Sequence[Failure | None]) -> None:
@@ -330,19 +333,15 @@ class Worker:
                             "returned to the queue", wid, n)
         if self.config.max_backlog:
             self._trim()
+        for episode in (self.backlog_shedding, self.stale_shedding):
+            episode.maybe_end()
         self.metrics.circuit_open.set(1 if self.circuit.is_open else 0)
 
     def _trim(self) -> None:
         dropped = self.queue.trim(self.config.max_backlog)
         if dropped:
             self.metrics.shed.labels("backlog").inc(dropped)
-            if not self._shedding:
-                log.warning("backlog over RELAY_MAX_BACKLOG=%d: dropping the oldest (%d so far)",
-                            self.config.max_backlog, dropped)
-            self._shedding = True
-        elif self._shedding:
-            log.info("backlog back under RELAY_MAX_BACKLOG=%d", self.config.max_backlog)
-            self._shedding = False
+            self.backlog_shedding.dropped(dropped)
 
     def _summary_loop(self) -> None:
         summary = Summary(self)
@@ -351,6 +350,30 @@ class Worker:
                 summary.tick()
             except redis.RedisError:
                 pass  # the outage is logged by the greenlets that hit it
+
+
+class Episode:
+    """A shedding episode, logged once when it starts and once when it has been quiet."""
+
+    QUIET_S = 10.0
+
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self.clock = clock
+        self.total = 0
+        self.last_at: float | None = None
+
+    def dropped(self, n: int) -> None:
+        if self.last_at is None:
+            log.warning("%s (counted in relay_notifications_shed_total)", self.what)
+            self.total = 0
+        self.total += n
+        self.last_at = self.clock()
+
+    def maybe_end(self) -> None:
+        if self.last_at is not None and self.clock() - self.last_at > self.QUIET_S:
+            log.info("shedding over: %d dropped (%s)", self.total, self.what)
+            self.last_at = None
 
 
 class Summary:

@@ -429,6 +429,108 @@ def test_wait_for_events_times_out_with_details(server: LocalPusher) -> None:
         server.wait_for_events(2, timeout=0.2)
 
 
+def test_count_endpoint_has_the_totals_only(server: LocalPusher) -> None:
+    assert server.count() == {"events_total": 0, "requests_total": 0}
+    post(server, event(channels=["a", "b", "c"]))
+    post(server, event(), secret="wrong")  # a request, but no event
+    assert server.count() == {"events_total": 3, "requests_total": 2}
+    response = requests.get(f"{server.base_url}/_control/count", timeout=5)
+    assert response.json() == {"events_total": 3, "requests_total": 2}
+    server.reset()
+    assert server.count() == {"events_total": 0, "requests_total": 0}
+
+
+def test_wait_for_events_polls_the_count_and_fetches_events_once(
+    server: LocalPusher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"count": 0, "events": 0}
+    count, events = server.count, server.events
+
+    def counted_count() -> dict[str, int]:
+        calls["count"] += 1
+        if calls["count"] == 2:  # the first poll saw too few; the second sees enough
+            post(server, event(data="2"))
+        return count()
+
+    def counted_events() -> list[dict[str, Any]]:
+        calls["events"] += 1
+        return events()
+
+    monkeypatch.setattr(server, "count", counted_count)
+    monkeypatch.setattr(server, "events", counted_events)
+    post(server, event(data="1"))
+    assert [r["data"] for r in server.wait_for_events(2)] == ["1", "2"]
+    assert calls == {"count": 2, "events": 1}
+
+
+def test_wait_for_events_fetches_events_once_on_timeout(
+    server: LocalPusher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetched = []
+    events = server.events
+    monkeypatch.setattr(server, "events", lambda: fetched.append(1) or events())
+    post(server, event())
+    with pytest.raises(TimeoutError, match="got 1"):
+        server.wait_for_events(2, timeout=0.1)
+    assert fetched == [1]  # for the error message only, not on every poll
+
+
+def test_stats_without_requests(server: LocalPusher) -> None:
+    post(server, event())
+    full = server.stats()
+    assert len(full["requests"]) == 1
+    brief = server.stats(requests=False)
+    assert "requests" not in brief
+    assert brief == {k: v for k, v in full.items() if k != "requests"}
+    assert brief["events_total"] == 1 and brief["by_status"] == {"200": 1}
+    url = f"{server.base_url}/_control/stats"
+    assert "requests" not in requests.get(url, params={"requests": "0"}, timeout=5).json()
+    assert "requests" in requests.get(url, params={"requests": "1"}, timeout=5).json()
+    assert requests.get(url, params={"requests": "maybe"}, timeout=5).status_code == 400
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_pid_is_the_server_process(server: LocalPusher) -> None:
+    cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"relay.pusher_server" in cmdline
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = LocalPusher().pid
+
+
+def _trigger_one(local: LocalPusher) -> None:
+    client = pusher.Pusher(app_id="1", key="test-key", secret="test-secret",
+                           host="127.0.0.1", port=local.port, ssl=False, timeout=5)
+    client.trigger("logged-channel", "logged-event", "x")
+    local.wait_for_events(1)
+
+
+def test_stderr_to_a_path(tmp_path: Path) -> None:
+    log_path = tmp_path / "server.log"
+    log_path.write_text("stale line from an earlier run\n")
+    local = LocalPusher(print_events=True, stderr=log_path)
+    with local:
+        _trigger_one(local)
+    assert local._stderr_file is None  # closed at stop
+    text = log_path.read_text()
+    assert "event logged-event on logged-channel" in text
+    assert "local Pusher API for app 1" in text
+    assert "LISTENING" not in text and "stale line" not in text
+
+
+def test_stderr_to_an_open_file(tmp_path: Path) -> None:
+    with open(tmp_path / "server.log", "wb") as log_file:
+        with LocalPusher(print_events=True, stderr=log_file) as local:
+            _trigger_one(local)
+        assert not log_file.closed  # the caller's file is the caller's to close
+    assert "event logged-event on logged-channel" in (tmp_path / "server.log").read_text()
+
+
+def test_stderr_refuses_pipe_and_stdout() -> None:
+    for target in (subprocess.PIPE, subprocess.STDOUT):
+        with pytest.raises(ValueError, match="stderr"):
+            LocalPusher(stderr=target)
+
+
 def test_url_has_credentials_port_and_app(server: LocalPusher) -> None:
     assert server.url == f"http://test-key:test-secret@127.0.0.1:{server.port}/apps/1"
 
@@ -478,7 +580,7 @@ def test_server_exits_when_its_parent_is_killed() -> None:
         from relay.pusher_server import LocalPusher
         local = LocalPusher()
         local.start()
-        sys.stdout.write(f"{local._process.pid}\\n")
+        sys.stdout.write(f"{local.pid}\\n")
         sys.stdout.flush()
         os.kill(os.getpid(), 9)
     """)

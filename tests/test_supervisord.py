@@ -9,9 +9,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 import redis
 
 from relay.pusher_server import LocalPusher
-from relay.redis_server import RedisServer
+from relay.redis_server import RedisServer, free_port
 from tests.support import ROOT, wait_for
 
 PROGRAMS = ("relay:relay_00", "relay:relay_01")
@@ -44,7 +46,34 @@ def rewrite(text: str, overrides: dict[str, dict[str, str]]) -> str:
 
 
 def environment(values: dict[str, str]) -> str:
-    return ",".join(f'{k}="{v.replace("%", "%%")}"' for k, v in values.items())
+    """supervisord's environment= value; %(process_num)02d is left for supervisord."""
+    def quote(v: str) -> str:
+        return v if "%(process_num)" in v else v.replace("%", "%%")
+    return ",".join(f'{k}="{quote(v)}"' for k, v in values.items())
+
+
+def metrics_ports() -> tuple[str, list[int]]:
+    """A RELAY_METRICS_ADDR giving each process its own port, as the shipped file does."""
+    for _ in range(50):
+        prefix = free_port() // 100
+        ports = [prefix * 100, prefix * 100 + 1]
+        if 1024 < ports[0] and all(port_is_free(p) for p in ports):
+            return f"127.0.0.1:{prefix}%(process_num)02d", ports
+    raise RuntimeError("no two free consecutive ports")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
 
 
 class Supervisor:
@@ -144,7 +173,8 @@ def delivered_ids(pusher: LocalPusher) -> set[int]:
 def test_two_workers_deliver_and_stop_cleanly(
         supervisor: Callable[..., Supervisor], r: redis.Redis, pusher: LocalPusher,
         queue_name: str, tmp_path: Path) -> None:
-    sup = supervisor()
+    addr, ports = metrics_ports()
+    sup = supervisor(RELAY_METRICS_ADDR=addr)
     wait_for(lambda: sup.all_in("RUNNING"), 30, "both workers RUNNING")
     assert sup.pid(PROGRAMS[0]) != sup.pid(PROGRAMS[1])
     for num in (0, 1):
@@ -152,6 +182,13 @@ def test_two_workers_deliver_and_stop_cleanly(
                  f"worker {num}'s start line in its own log file")
     push(r, queue_name, 20)
     wait_for(lambda: delivered_ids(pusher) == set(range(20)), 15, "all 20 delivered")
+    # Each process serves its own metrics port; together they count every delivery.
+    def delivered_total() -> float:
+        texts = [get(f"http://127.0.0.1:{port}/metrics") for port in ports]
+        return sum(float(line.split()[-1]) for t in texts for line in t.splitlines()
+                   if line.startswith("relay_notifications_delivered_total "))
+    wait_for(lambda: delivered_total() == 20, 15, "the two metrics endpoints to count 20")
+    assert all('"status": "ok"' in get(f"http://127.0.0.1:{p}/healthz") for p in ports)
 
     assert "relay:relay_00: stopped" in sup.ctl("stop", "all")
     assert sup.all_in("STOPPED"), sup.ctl("status")
