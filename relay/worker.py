@@ -142,8 +142,6 @@ class Worker:
                 self._eager[slot] = True  # a lost reply may have left items in the slot
                 self.stopping.wait(self.redis_outage.failed(exc))
             except WorkerReaped:
-                log.warning("this worker had been declared dead (missed heartbeats); "
-                            "registering again")
                 self._heartbeat()
             except Exception:
                 log.exception("unexpected error in slot %d; going on after a pause", slot)
@@ -319,7 +317,11 @@ class Worker:
     # -- housekeeping ------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size)
+        if not self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size):
+            # Frozen past the TTL (a paused VM, a stopped process): others recovered what it
+            # held, so what it still sends may be sent twice, never lost.
+            log.warning("this worker had been declared dead (missed heartbeats); "
+                        "registered again")
 
     def _maintain(self) -> None:
         self.queue.promote_due()

@@ -57,3 +57,27 @@ def test_two_workers_one_killed_the_other_recovers_its_items(r, pusher, start_wo
                              if a.pid_tag in k), what="the dead worker's lists to be empty")
     assert len(r.zrange(f"{queue_name}:workers", 0, -1)) == 1
     assert sum(c - 1 for c in _delivered(pusher).values()) <= held
+
+
+def test_a_frozen_worker_is_recovered_and_rejoins_when_it_thaws(r, pusher, start_worker,
+                                                                queue_name):
+    import signal
+
+    total = 400
+    pusher.set_mode(delay=0.05)
+    a = start_worker()
+    b = start_worker()
+    r.rpush(queue_name, *[json.dumps({"channel": "c", "n": i}) for i in range(total)])
+    wait_for(lambda: any(n for k, n in _inflight_lists(r, queue_name).items()
+                         if a.pid_tag in k), what="the first worker to hold notifications")
+    a.signal(signal.SIGSTOP)  # frozen: no heartbeat, calls stall
+    held = sum(n for k, n in _inflight_lists(r, queue_name).items() if a.pid_tag in k)
+    wait_for(lambda: "missed its heartbeat" in b.log(), timeout=15,
+             what="the other worker to recover the frozen one's notifications")
+    a.signal(signal.SIGCONT)
+    wait_for(lambda: "declared dead" in a.log(), timeout=15, what="the thawed worker to notice")
+    wait_for(lambda: len(_delivered(pusher)) == total, timeout=60, what="everything delivered")
+    assert sum(c - 1 for c in _delivered(pusher).values()) <= held
+    assert len(r.zrange(f"{queue_name}:workers", 0, -1)) == 2  # both registered again
+    wait_for(lambda: not any(_inflight_lists(r, queue_name).values()), what="in-flight empty")
+    assert r.llen(queue_name) == 0 and r.llen(f"{queue_name}:dead") == 0

@@ -408,3 +408,15 @@ def test_lazy_fetch_takes_a_lone_item_in_one_blocking_pop(r, queue_name):
     assert q.fetch(0, 10, 1.0, eager=False) == [b"a"]  # no top-up: one round trip
     assert r.lrange(q.slot_key(0), 0, -1) == [b"a"]
     assert q.fetch(0, 10, 1.0, eager=True) == [b"a", b"b", b"c"]  # adopts and tops up
+
+
+def test_a_reaped_worker_hands_back_what_a_blocking_pop_put_in_its_slot(
+        r: redis.Redis, queue_name: str) -> None:
+    q = registered(r, queue_name)
+    r.rpush(queue_name, *items(3))
+    r.zrem(q.keys.workers, q.worker_id)  # another worker declared this one dead
+    assert q.fetch(0, 10, 1.0, eager=False) == [items(3)[0]]  # BLMOVE does not check
+    with pytest.raises(WorkerReaped):
+        q.fetch(0, 10, 0)  # the next fetch does: the slot goes back, first in line
+    assert r.llen(q.slot_key(0)) == 0
+    assert r.lrange(queue_name, 0, -1) == items(3)
