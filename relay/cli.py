@@ -94,14 +94,8 @@ def run(cfg: config.Config) -> int:
     try:
         if cfg.metrics_addr != "off":
             watchdog = Watchdog(on_block=metrics.blocked.inc)
-            server = HealthServer(cfg.metrics_addr, worker, watchdog)
-            try:
-                server.start()
-            except OSError as exc:
-                sys.stderr.write(f"relay: bad configuration: RELAY_METRICS_ADDR: cannot listen "
-                                 f"on {cfg.metrics_addr} ({exc.strerror or exc})\n")
-                return EXIT_CONFIG
             watchdog.start()
+            server = start_health_server(cfg.metrics_addr, worker, watchdog)
         return worker.run()
     finally:
         for part in (server, watchdog):
@@ -109,6 +103,19 @@ def run(cfg: config.Config) -> int:
                 part.stop()
         delivery.close()
         client.close()
+
+
+def start_health_server(addr: str, worker: Worker, watchdog: Watchdog) -> HealthServer | None:
+    """Serve /metrics and /healthz; a taken port costs the endpoint, never the delivery."""
+    server = HealthServer(addr, worker, watchdog)
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("no /metrics or /healthz: cannot listen on %s (%s); give each process its "
+                  "own RELAY_METRICS_ADDR (supervisord: 127.0.0.1:93%%(process_num)02d)",
+                  addr, exc.strerror or exc)
+        return None
+    return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
