@@ -61,7 +61,8 @@ class Metrics:
         self.call_seconds.observe(seconds)
 
     @staticmethod
-    def total(counter: Counter) -> float:
-        """Sum over every label set: the summary line wants one number."""
+    def total(counter: Counter, **labels: str) -> float:
+        """Sum over every label set matching `labels`: the summary line wants one number."""
         return sum(s.value for m in counter.collect() for s in m.samples
-                   if s.name.endswith("_total"))
+                   if s.name.endswith("_total")
+                   and all(s.labels.get(k) == v for k, v in labels.items()))

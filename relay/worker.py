@@ -391,6 +391,7 @@ class Summary:
         m = self.worker.metrics
         return {"delivered": Metrics.total(m.delivered), "dead": Metrics.total(m.dead),
                 "retried": Metrics.total(m.retried), "shed": Metrics.total(m.shed),
+                "failed_calls": Metrics.total(m.calls) - Metrics.total(m.calls, status="2xx"),
                 "errors": Metrics.total(m.redis_errors)}
 
     def tick(self) -> None:
@@ -405,8 +406,9 @@ class Summary:
         backlog = lengths["queue"]
         if any(delta.values()) or backlog or self.worker.inflight:
             log.info("delivered %d (%.0f/s), dead-lettered %d, retried %d, shed %d, "
-                     "redis errors %d; %s", delta["delivered"], delta["delivered"] / elapsed,
-                     delta["dead"], delta["retried"], delta["shed"], delta["errors"],
+                     "failed Pusher calls %d, redis errors %d; %s", delta["delivered"],
+                     delta["delivered"] / elapsed, delta["dead"], delta["retried"],
+                     delta["shed"], delta["failed_calls"], delta["errors"],
                      self._progress(backlog, elapsed))
         self.last, self.last_at, self.last_backlog = counts, now, backlog
 

@@ -143,3 +143,21 @@ def test_repeated_identical_errors_are_logged_once_per_window():
     again = rec("boom")
     assert f.filter(again) and again.repeated == 2
     assert json.loads(JsonFormatter().format(again))["repeated"] == 2
+
+
+def test_summary_line_counts_this_interval(caplog):
+    class Queue:
+        def lengths(self):
+            return {"queue": 0, "retry": 0, "dead": 0}
+
+    worker = SimpleNamespace(metrics=Metrics(), queue=Queue(), inflight=0)
+    summary = Summary(worker)
+    worker.metrics.delivered.inc(30)
+    worker.metrics.calls.labels("2xx").inc(3)
+    worker.metrics.calls.labels("5xx").inc(2)
+    worker.metrics.calls.labels("error").inc(1)
+    with caplog.at_level("INFO", logger="relay.worker"):
+        summary.tick()
+        summary.tick()  # nothing new: no second line
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("delivered 30 (") and "failed Pusher calls 3" in line
