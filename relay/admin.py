@@ -104,21 +104,21 @@ def collect_stats(cfg: Config, queue: RedisQueue) -> dict[str, Any]:
 
 
 def _stats(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
-    while True:
-        report = collect_stats(cfg, queue)
-        if args.json:
-            out.write(json.dumps(report) + "\n")
-        else:
-            if args.watch:
-                out.write("\x1b[H\x1b[2J")  # home and clear: refresh in place
-            out.write(format_stats(report))
-        out.flush()
-        if not args.watch:
-            return EXIT_OK
-        try:
+    try:
+        while True:
+            report = collect_stats(cfg, queue)
+            if args.json:
+                out.write(json.dumps(report) + "\n")
+            else:
+                if args.watch:
+                    out.write("\x1b[H\x1b[2J")  # home and clear: refresh in place
+                out.write(format_stats(report))
+            out.flush()
+            if not args.watch:
+                return EXIT_OK
             time.sleep(WATCH_EVERY_S)
-        except KeyboardInterrupt:
-            return EXIT_OK
+    except KeyboardInterrupt:  # Ctrl-C is how --watch ends
+        return EXIT_OK
 
 
 def format_stats(s: dict[str, Any]) -> str:

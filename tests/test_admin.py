@@ -144,3 +144,26 @@ def test_admin_commands_need_no_pusher_credentials_and_fail_cleanly_without_redi
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "redis error" in out.stdout
+
+
+def test_stats_watch_refreshes_in_place_until_interrupted(r, redis_server, queue_name,
+                                                          tmp_path):
+    import signal
+
+    from tests.support import wait_for
+
+    out = tmp_path / "watch.out"
+    env = {"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name, "RELAY_METRICS_ADDR": "off"}
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "stats", "--watch"],
+                                cwd=ROOT, env=env, stdout=sink)
+        try:
+            wait_for(lambda: out.read_bytes().count(b"\x1b[H\x1b[2J") >= 1, 20, "a frame")
+            r.rpush(queue_name, "x", "y")
+            wait_for(lambda: b"2 waiting" in out.read_bytes(), 20, "a refreshed frame")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert out.read_bytes().count(b"\x1b[H\x1b[2J") >= 2
