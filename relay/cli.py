@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import redis
+from gevent import monkey
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -84,6 +85,9 @@ def load_config(args: argparse.Namespace, need_pusher: bool = True) -> config.Co
 
 def run(cfg: config.Config) -> int:
     assert cfg.pusher is not None  # load(need_pusher=True) guarantees it
+    if not monkey.is_module_patched("socket"):
+        log.warning("gevent has not patched the standard library: greenlets will block each "
+                    "other; start relay with `python worker.py`")
     metrics = Metrics()
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order)
