@@ -170,24 +170,15 @@ def test_keep_alive_session_serves_many_requests(server: LocalPusher) -> None:
 # ------------------------------------------------------------- authentication
 
 
-def test_wrong_secret_is_401(server: LocalPusher) -> None:
-    wrong = pusher.Pusher(
-        app_id="1", key="test-key", secret="not-the-secret",
-        host="127.0.0.1", port=server.port, ssl=False,
-    )
+@pytest.mark.parametrize("key,secret", [("test-key", "not-the-secret"),
+                                        ("other-key", "test-secret")])
+def test_wrong_secret_or_key_is_401(server: LocalPusher, key: str, secret: str) -> None:
+    wrong = pusher.Pusher(app_id="1", key=key, secret=secret, host="127.0.0.1",
+                          port=server.port, ssl=False)
     with pytest.raises(pusher.errors.PusherBadAuth):
         wrong.trigger("my-channel", "my-event", "x")
     assert server.events() == []
     assert server.stats()["by_status"] == {"401": 1}
-
-
-def test_wrong_key_is_401(server: LocalPusher) -> None:
-    other = pusher.Pusher(
-        app_id="1", key="other-key", secret="test-secret",
-        host="127.0.0.1", port=server.port, ssl=False,
-    )
-    with pytest.raises(pusher.errors.PusherBadAuth):
-        other.trigger("my-channel", "my-event", "x")
 
 
 def test_tampered_body_md5_is_401(server: LocalPusher) -> None:
