@@ -90,7 +90,7 @@ class Worker:
         self.services = [
             gevent.spawn(self._every, self.config.heartbeat_ttl / 4, self._heartbeat),
             gevent.spawn(self._every, MAINTENANCE_S, self._maintain),
-            gevent.spawn(self._summary_loop),
+            gevent.spawn(self._every, SUMMARY_S, Summary(self).tick),
         ]
         self.stopping.wait()
         return self.shutdown()
@@ -344,14 +344,6 @@ class Worker:
         if dropped:
             self.metrics.shed.labels("backlog").inc(dropped)
             self.backlog_shedding.dropped(dropped)
-
-    def _summary_loop(self) -> None:
-        summary = Summary(self)
-        while not self.stopping.wait(SUMMARY_S):
-            try:
-                summary.tick()
-            except redis.RedisError:
-                pass  # the outage is logged by the greenlets that hit it
 
 
 class Episode:
