@@ -250,7 +250,8 @@ class Worker:
             if failure is None:
                 continue
             if failure.kind is Kind.PERMANENT:
-                self._dead(slot, note.raw, failure.reason, "rejected", note.attempts + 1)
+                self._dead(slot, note.raw, failure.reason, "rejected", note.attempts + 1,
+                           note.id)
             elif failure.kind is Kind.TRANSIENT and not systemic:
                 self._retry(slot, note, failure)
             else:
@@ -282,7 +283,7 @@ class Worker:
         first = note.first_failed_at or now
         if should_give_up(attempts, first, now, self.config.max_attempts, self.config.retry_for):
             self._dead(slot, note.raw, f"gave up after {attempts} attempts: {failure.reason}",
-                       "exhausted", attempts)
+                       "exhausted", attempts, note.id)
             return
         wrapper = retry_wrapper(note.payload, attempts, first, failure.reason)
         delay = compute_backoff(attempts)
@@ -290,15 +291,19 @@ class Worker:
             self.metrics.retried.inc()
             log.debug("retry %d of a notification in %.1f s: %s", attempts, delay, failure.reason)
 
-    def _dead(self, slot: int, raw: bytes, reason: str, error_class: str, attempts: int) -> None:
+    def _dead(self, slot: int, raw: bytes, reason: str, error_class: str, attempts: int,
+              ident: str | None = None) -> None:
         payload = payload_of(raw)
         entry = {"payload": payload, "error": reason, "error_class": error_class,
                  "failed_at": self.clock(), "attempts": attempts, "queue": self.config.queue,
                  "worker": self.queue.worker_id}
         if self._persist(self.queue.dead_letter, slot, raw, entry):
             self.metrics.dead.labels(error_class).inc()
+            fields = {"error_class": error_class, "attempts": attempts}
+            if ident is not None:
+                fields["notification_id"] = ident
             log.warning("dead-lettered (%s): %s; payload starts %r", error_class, reason,
-                        payload[:120])
+                        payload[:120], extra=fields)
 
     def _persist(self, step: Callable[..., Any], *args: Any) -> Any:
         """Run one settle step, retrying through a Redis outage until it lands.

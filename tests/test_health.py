@@ -88,7 +88,9 @@ def test_json_logs_are_one_object_per_line(r, pusher, start_worker, queue_name):
     assert w.wait() == 0
     lines = [json.loads(line) for line in w.log().splitlines() if line.strip()]
     assert lines and all({"ts", "level", "logger", "message"} <= set(o) for o in lines)
-    assert any(o["level"] == "warning" and "dead-lettered" in o["message"] for o in lines)
+    [dead] = [o for o in lines if "dead-lettered" in o["message"]]
+    assert dead["level"] == "warning" and dead["error_class"] == "invalid"
+    assert dead["attempts"] == 0  # fields travel as JSON keys
 
 
 def test_watchdog_catches_a_greenlet_that_blocks_the_hub(tmp_path):
