@@ -6,7 +6,8 @@ every key in one Redis Cluster slot and every script below legal there):
 - `Q`                      list: producers RPUSH; the worker pops the head (fifo) or tail (lifo)
 - `Q:inflight:<wid>:<n>`   list: what greenlet slot n of worker process wid is handling now
 - `Q:workers`              zset: worker id -> heartbeat deadline (Redis clock, seconds)
-- `Q:workers:info`         hash: worker id -> JSON {host, pid, slots, started_at}
+- `Q:workers:info`         hash: worker id -> JSON {host, pid, slots, ttl, started_at}
+- `Q:workers:reaped`       zset: worker id -> when it was reaped (swept for an hour after)
 - `Q:retry`                zset: retry wrapper -> due time (Redis clock); moved back when due
 - `Q:dead`                 list: dead letters, JSON {payload, error, failed_at, attempts, ...}
 - `Q:stats`                hash: running totals (delivered, dead, retried, shed_*) for `stats`
@@ -21,7 +22,8 @@ How nothing is lost:
    the removal happened, so a script replayed after a lost reply does nothing twice.
 3. A live worker keeps its heartbeat in `Q:workers`; any worker returns the in-flight lists
    of a worker whose deadline passed to the queue, in one script that also unregisters it,
-   so two reapers cannot both return the same items.
+   so two reapers cannot both return the same items. For an hour after, its lists are swept
+   again, in case it was only frozen and pops once more before it registers anew.
 """
 
 from __future__ import annotations
@@ -121,18 +123,47 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 if known then return 1 else return 0 end
 """
 
-# KEYS: workers zset, info hash, queue, the worker's slot lists...
+# Moves every item of the slot lists (KEYS[5..]) back to the queue (KEYS[3]), in order,
+# to where the next pop happens (ARGV[2]); counts them in n.
+_DRAIN = """
+local n = 0
+for i = #KEYS, 5, -1 do
+  while redis.call('LMOVE', KEYS[i], KEYS[3], 'RIGHT', ARGV[2]) do n = n + 1 end
+end
+"""
+
+# KEYS: workers zset, info hash, queue, reaped zset, the worker's slot lists...
 # ARGV: worker id, where the next pop happens (LEFT or RIGHT), force (1 for our own shutdown).
 # Returns how many items went back, or -1 when the worker is alive (or already reaped).
+# A reaped worker stays in the reaped set for a while (see SWEEP); one that shut down does not.
 REAP = _NOW + """
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if ARGV[3] ~= '1' and ((not deadline) or tonumber(deadline) > now) then return -1 end
-local n = 0
-for i = #KEYS, 4, -1 do
-  while redis.call('LMOVE', KEYS[i], KEYS[3], 'RIGHT', ARGV[2]) do n = n + 1 end
-end
+""" + _DRAIN + """
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
+if ARGV[3] == '1' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+else
+  redis.call('ZADD', KEYS[4], now, ARGV[1])
+end
+return n
+"""
+
+# A reaped worker may only have been frozen: if it thaws, pops, and dies again before its
+# heartbeat registers it anew, what it popped would sit in its lists with nobody to reap it.
+# So reaped workers' lists are swept for REAPED_GRACE_S. KEYS and ARGV[1..2] as REAP;
+# ARGV[3]: the grace in seconds. Returns items moved, or -1 if the worker is registered again.
+SWEEP = _NOW + """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return -1
+end
+""" + _DRAIN + """
+local reaped_at = tonumber(redis.call('ZSCORE', KEYS[4], ARGV[1]) or '0')
+if now - reaped_at > tonumber(ARGV[3]) then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
 return n
 """
 
@@ -177,6 +208,10 @@ class Keys:
         return f"{self.queue}:workers:info"
 
     @property
+    def reaped(self) -> str:
+        return f"{self.queue}:workers:reaped"
+
+    @property
     def stats(self) -> str:
         return f"{self.queue}:stats"
 
@@ -191,6 +226,9 @@ class Keys:
 def new_worker_id() -> str:
     """host:pid:random, unique even when a pid is reused on another host or after restart."""
     return f"{socket.gethostname()}:{os.getpid()}:{token_hex(3)}"
+
+
+REAPED_GRACE_S = 3600.0
 
 
 class WorkerReaped(RuntimeError):
@@ -218,6 +256,7 @@ class RedisQueue:
         self._promote = client.register_script(PROMOTE)
         self._heartbeat = client.register_script(HEARTBEAT)
         self._reap = client.register_script(REAP)
+        self._sweep = client.register_script(SWEEP)
         self._trim = client.register_script(TRIM)
         self._undead = client.register_script(UNDEAD)
 
@@ -287,27 +326,33 @@ class RedisQueue:
                                     args=[self.worker_id, ttl_s, info]))
 
     def reap_expired(self) -> dict[str, int]:
-        """Return the in-flight items of every worker whose heartbeat deadline passed."""
+        """Return the in-flight items of every worker whose heartbeat deadline passed, and
+        anything that turned up since in the lists of workers reaped lately."""
         seconds, micros = self.client.time()
         expired = self.client.zrangebyscore(self.keys.workers, "-inf", seconds + micros / 1e6)
         recovered: dict[str, int] = {}
         for raw_id in expired:
-            wid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            n = self._reap_one(wid, force=False)
+            wid = raw_id.decode()
+            n = self._run_on_worker(self._reap, wid, "0")
             if n >= 0:
                 recovered[wid] = n
+        for raw_id in self.client.zrange(self.keys.reaped, 0, -1):
+            wid = raw_id.decode()
+            n = self._run_on_worker(self._sweep, wid, str(REAPED_GRACE_S))
+            if n > 0:
+                recovered[wid] = recovered.get(wid, 0) + n
         return recovered
 
     def release(self, slots: int) -> int:
         """On shutdown: return all of this worker's in-flight items and unregister."""
-        return self._reap_one(self.worker_id, force=True, slots=slots)
+        return self._run_on_worker(self._reap, self.worker_id, "1", slots)
 
-    def _reap_one(self, wid: str, force: bool, slots: int | None = None) -> int:
+    def _run_on_worker(self, script: Any, wid: str, arg: str, slots: int | None = None) -> int:
         if slots is None:
             slots = self.worker_slots(wid)
-        keys = [self.keys.workers, self.keys.info, self.keys.queue]
+        keys = [self.keys.workers, self.keys.info, self.keys.queue, self.keys.reaped]
         keys += [self.keys.inflight(wid, n) for n in range(slots)]
-        return int(self._reap(keys=keys, args=[wid, self.pop_side, "1" if force else "0"]))
+        return int(script(keys=keys, args=[wid, self.pop_side, arg]))
 
     def worker_slots(self, wid: str) -> int:
         raw = self.client.hget(self.keys.info, wid)

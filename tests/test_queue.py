@@ -269,7 +269,9 @@ def test_reap_returns_a_dead_workers_items_exactly_once(r: redis.Redis,
         positions = [queue.index(x) for x in slot]
         assert positions == sorted(positions)
     assert r.zscore(f"{queue_name}:workers", dead.worker_id) is None
-    assert r.hget(f"{queue_name}:workers:info", dead.worker_id) is None
+    # Kept (with its slot count) while its lists are swept for a thawed-zombie pop.
+    assert r.hget(f"{queue_name}:workers:info", dead.worker_id) is not None
+    assert r.zscore(f"{queue_name}:workers:reaped", dead.worker_id) is not None
     assert all(q.reap_expired() == {} for q in alive)
     with pytest.raises(WorkerReaped):
         dead.fetch(0, 3, 0)
@@ -420,3 +422,52 @@ def test_a_reaped_worker_hands_back_what_a_blocking_pop_put_in_its_slot(
         q.fetch(0, 10, 0)  # the next fetch does: the slot goes back, first in line
     assert r.llen(q.slot_key(0)) == 0
     assert r.lrange(queue_name, 0, -1) == items(3)
+
+
+def _expire(r: redis.Redis, q: RedisQueue) -> None:
+    """Make q's heartbeat deadline lie in the past, as if it had stopped beating."""
+    r.zadd(q.keys.workers, {q.worker_id: 1})
+
+
+def test_a_reaped_workers_lists_are_swept_for_a_while(r: redis.Redis, queue_name: str) -> None:
+    frozen, live = registered(r, queue_name, worker_id="frozen"), registered(r, queue_name)
+    r.rpush(queue_name, *items(2))
+    assert frozen.fetch(0, 1, 0) == items(2)[:1]
+    _expire(r, frozen)
+    assert live.reap_expired() == {"frozen": 1}
+    # It thaws, pops once more, and dies before its heartbeat: the sweep finds the item.
+    r.lmove(queue_name, frozen.slot_key(2), "LEFT", "RIGHT")
+    assert live.reap_expired() == {"frozen": 1}
+    assert r.lrange(queue_name, 0, -1) == items(2)
+    assert r.zscore(live.keys.reaped, "frozen") is not None
+
+
+def test_a_worker_registered_again_is_not_swept(r: redis.Redis, queue_name: str) -> None:
+    frozen, live = registered(r, queue_name, worker_id="frozen"), registered(r, queue_name)
+    _expire(r, frozen)
+    live.reap_expired()
+    assert frozen.heartbeat(60, 4) is False  # it thawed: registered anew
+    r.rpush(queue_name, *items(1))
+    assert frozen.fetch(0, 10, 0) == items(1)
+    assert live.reap_expired() == {}
+    assert r.lrange(frozen.slot_key(0), 0, -1) == items(1)
+    assert r.zscore(live.keys.reaped, "frozen") is None
+
+
+def test_the_sweep_forgets_a_worker_after_the_grace(r: redis.Redis, queue_name: str) -> None:
+    gone, live = registered(r, queue_name, worker_id="gone"), registered(r, queue_name)
+    _expire(r, gone)
+    live.reap_expired()
+    assert r.hexists(live.keys.info, "gone")
+    r.zadd(live.keys.reaped, {"gone": 1})  # reaped long ago
+    live.reap_expired()
+    assert r.zscore(live.keys.reaped, "gone") is None
+    assert not r.hexists(live.keys.info, "gone")
+
+
+def test_a_clean_shutdown_leaves_nothing_to_sweep(r: redis.Redis, queue_name: str) -> None:
+    q = registered(r, queue_name)
+    r.rpush(queue_name, *items(3))
+    q.fetch(0, 10, 0)
+    assert q.release(4) == 3
+    assert r.zcard(q.keys.reaped) == 0 and not r.hexists(q.keys.info, q.worker_id)
