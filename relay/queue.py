@@ -48,7 +48,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: queue, slot list, workers zset. ARGV: batch size, pop side, worker id, push command.
+# KEYS: queue, slot list, workers zset. ARGV: batch size, pop side, worker id.
 # Returns the slot's whole list, or false when this worker has been reaped (see heartbeat):
 # then whatever a blocking pop just moved into the slot goes straight back to the queue, so
 # nothing waits in the list of a worker that nobody will reap again.
@@ -284,7 +284,7 @@ class RedisQueue:
 
     def _top_up(self, key: str, batch: int) -> list[bytes]:
         items = self._fetch(keys=[self.keys.queue, key, self.keys.workers],
-                            args=[batch, self.pop_side, self.worker_id, self.push_cmd])
+                            args=[batch, self.pop_side, self.worker_id])
         if items is None:
             raise WorkerReaped(self.worker_id)
         return list(items)
