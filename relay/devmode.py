@@ -167,7 +167,7 @@ def _serve(stop: threading.Event, worker: subprocess.Popen[bytes], pusher: Local
         if status is not None:
             log.error("the worker exited on its own with status %d", status)
             return status if status >= 0 else 1  # negative: killed by a signal
-        if exit_after_first and pusher.events():
+        if exit_after_first and pusher.count()["events_total"]:
             log.info("the first event arrived (--exit-after-first): stopping")
             return 0
     log.info("stop requested: stopping the worker, the local server and any embedded Redis")

@@ -64,13 +64,15 @@ class RateLimiter:
 
     def __init__(self, client: redis.Redis, key: str, rate: float, burst: int,
                  sleep: Callable[[float], object],
-                 lock: AbstractContextManager[Any] | None = None) -> None:
+                 lock: AbstractContextManager[Any] | None = None,
+                 on_wait: Callable[[], object] = lambda: None) -> None:
+        """on_wait is called each time a greenlet has to wait for budget (a metric)."""
         self.key = key
         self.interval = 1.0 / rate
         self.burst = max(1, int(burst * (1 - HEADROOM)))
         self.sleep = sleep
         self.lock = lock if lock is not None else nullcontext()
-        self.waits = 0
+        self.on_wait = on_wait
         self._take = client.register_script(TAKE)
         self._refund = client.register_script(REFUND)
 
@@ -87,7 +89,7 @@ class RateLimiter:
                 taken, wait_s = self.try_take(want)
                 if taken:
                     return taken
-                self.waits += 1
+                self.on_wait()
                 self.sleep(wait_s)
         return 0
 

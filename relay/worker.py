@@ -41,6 +41,8 @@ BLOCK_S = 1.0
 MAINTENANCE_S = 0.5
 SUMMARY_S = 10.0
 SHUTDOWN_GRACE_S = 1.0
+# Redis away (restarting, unreachable, loading its data): back off and try again.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
 class Worker:
@@ -61,7 +63,8 @@ class Worker:
         if config.rate_limit > 0:
             self.limiter = RateLimiter(queue.client, queue.keys.ratelimit, config.rate_limit,
                                        config.rate_burst, sleep=gevent.sleep,
-                                       lock=gevent.lock.Semaphore())
+                                       lock=gevent.lock.Semaphore(),
+                                       on_wait=metrics.rate_waits.inc)
             self.batch = min(MAX_BATCH, self.limiter.burst)
         self.inflight = 0
         self.backlog_shedding = Episode(
@@ -137,7 +140,7 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 self._step(slot)
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            except REDIS_DOWN as exc:
                 self.metrics.redis_errors.inc()
                 self._eager[slot] = True  # a lost reply may have left items in the slot
                 self.stopping.wait(self.redis_outage.failed(exc))
@@ -183,10 +186,7 @@ class Worker:
         """How many to fetch: a batch, or what the shared rate limit grants (waits for it)."""
         if self.limiter is None:
             return self.batch
-        waits = self.limiter.waits
-        taken = self.limiter.take(self.batch, self.stopping.is_set)
-        self.metrics.rate_waits.inc(self.limiter.waits - waits)
-        return taken
+        return self.limiter.take(self.batch, self.stopping.is_set)
 
     def _reconcile(self, budget: int, cost: int) -> None:
         """Settle the rate budget with what is really sent: one event per channel."""
@@ -315,7 +315,7 @@ class Worker:
                 result = step(*args)
                 self.redis_outage.succeeded()
                 return result
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            except REDIS_DOWN as exc:
                 self.metrics.redis_errors.inc()
                 gevent.sleep(self.redis_outage.failed(exc))
 

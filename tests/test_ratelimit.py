@@ -54,10 +54,12 @@ def test_take_waits_with_the_given_sleep_and_never_spins(r):
         slept.append(seconds)
         time.sleep(seconds)
 
-    lim = RateLimiter(r, "q:ratelimit", 10, 1, sleep=sleep)
+    waits: list[int] = []
+    lim = RateLimiter(r, "q:ratelimit", 10, 1, sleep=sleep, on_wait=lambda: waits.append(1))
     assert lim.take(1) == 1
     assert lim.take(1) == 1  # the next token is 0.1 s away: take must sleep for it
     assert slept and all(s >= 0.005 for s in slept)  # a minimum pause, not a hot loop
+    assert len(waits) == len(slept)  # each wait is reported (relay_rate_limit_waits_total)
     assert len(slept) <= 3 and sum(slept) >= 0.05  # it slept about the interval at once
 
 
