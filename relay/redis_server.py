@@ -5,8 +5,8 @@
    `pip install -r requirements.txt`.
 2. Starts it on a free loopback port in its own temporary directory: it never touches the
    Redis on 6379 and never flushes anything it did not start.
-3. Can be killed and restarted on the same port and directory (with appendonly, the data
-   survives), which is what the fault tests need.
+3. Can be killed (`kill`) and started again (`start`) on the same port and directory
+   (with appendonly, the data survives), which is what the fault tests need.
 """
 
 from __future__ import annotations
@@ -96,10 +96,6 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
