@@ -15,20 +15,13 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
 
-MAX_CHANNELS = 100
-MAX_CHANNEL_LENGTH = 164
-MAX_EVENT_LENGTH = 200
-MAX_DATA_BYTES = 10_240
-ENVELOPE_VERSION = 1
+from relay import rules
 
-_CHANNEL = re.compile(r"\A[-a-zA-Z0-9_=@,.;]+\Z")
-_SERVER_TO_USER = re.compile(r"\A#server-to-user-[-a-zA-Z0-9_=@,.;]+\Z")
-_SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
+ENVELOPE_VERSION = 1
 
 
 class InvalidMessage(ValueError):
@@ -70,15 +63,15 @@ def encode_data(data: Any) -> str:
         raise InvalidMessage("data holds NaN or Infinity, which is not JSON") from None
 
 
+def _check(problem: str | None) -> None:
+    if problem is not None:
+        raise InvalidMessage(problem)
+
+
 def validate_channel(channel: Any) -> str:
-    if not isinstance(channel, str) or not channel:
-        raise InvalidMessage("channel must be a non-empty string")
-    if len(channel) > MAX_CHANNEL_LENGTH:
-        raise InvalidMessage(f"channel name longer than {MAX_CHANNEL_LENGTH} characters")
-    if channel.startswith("private-encrypted-"):
+    _check(rules.channel_problem(channel))
+    if channel.startswith(rules.ENCRYPTED_PREFIX):
         raise InvalidMessage("encrypted channels are not supported")
-    if not (_CHANNEL.match(channel) or _SERVER_TO_USER.match(channel)):
-        raise InvalidMessage(f"invalid channel name {channel[:80]!r}")
     return channel
 
 
@@ -99,26 +92,18 @@ def _encodable(text: str) -> bool:
 
 
 def validate_event(event: Any) -> str:
-    if not isinstance(event, str) or not event:
-        raise InvalidMessage("event must be a non-empty string")
-    if len(event) > MAX_EVENT_LENGTH:
-        raise InvalidMessage(f"event name longer than {MAX_EVENT_LENGTH} characters")
+    _check(rules.event_problem(event))
     _utf8_size(event, "event name")
     return event
 
 
 def validate_data(data: str) -> str:
-    size = _utf8_size(data, "data")
-    if size > MAX_DATA_BYTES:
-        raise InvalidMessage(f"data is {size} bytes, over Pusher's {MAX_DATA_BYTES}")
+    _check(rules.data_size_problem(_utf8_size(data, "data")))
     return data
 
 
 def validate_socket_id(socket_id: Any) -> str | None:
-    if socket_id is None:
-        return None
-    if not isinstance(socket_id, str) or not _SOCKET_ID.match(socket_id):
-        raise InvalidMessage("socket_id must look like 1234.5678")
+    _check(rules.socket_id_problem(socket_id))
     return socket_id
 
 
@@ -151,8 +136,8 @@ def _channels(obj: dict[str, Any]) -> tuple[str, ...]:
         channels = [channels]
     if not isinstance(channels, list) or not channels:
         raise InvalidMessage("envelope needs channels: a non-empty list")
-    if len(channels) > MAX_CHANNELS:
-        raise InvalidMessage(f"envelope has {len(channels)} channels, over {MAX_CHANNELS}")
+    if len(channels) > rules.MAX_CHANNELS:
+        raise InvalidMessage(f"envelope has {len(channels)} channels, over {rules.MAX_CHANNELS}")
     return tuple(validate_channel(c) for c in channels)
 
 

@@ -45,7 +45,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import select
 import signal
 import socket
@@ -65,20 +64,13 @@ from gevent.event import Event
 from gevent.server import StreamServer
 from gevent.socket import wait_read
 
+from relay import rules
+
 log = logging.getLogger(__name__)
 
-MAX_BATCH_EVENTS = 10
-MAX_CHANNELS = 100
-MAX_EVENT_NAME = 200
-MAX_CHANNEL_NAME = 164
-MAX_USER_ID = 200  # the pusher library's limit for the user id after the prefix
-MAX_DATA_BYTES = 10240
 TIMESTAMP_TOLERANCE = 600
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 1024 * 1024
-SERVER_TO_USER_PREFIX = "#server-to-user-"
-CHANNEL_RE = re.compile(r"[-a-zA-Z0-9_=@,.;]+")
-SOCKET_ID_RE = re.compile(r"\d+\.\d+")
 INFO_ATTRIBUTES = ("subscription_count", "user_count")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
@@ -267,33 +259,26 @@ def _reset(sock: socket.socket) -> None:
 
 
 def _check_channel(channel: Any) -> str:
-    if not isinstance(channel, str):
-        raise ApiError(400, "Channel names must be strings")
-    if channel.startswith(SERVER_TO_USER_PREFIX):
-        rest, limit = channel[len(SERVER_TO_USER_PREFIX) :], MAX_USER_ID
-    else:
-        rest, limit = channel, MAX_CHANNEL_NAME
-    if len(rest) > limit or not CHANNEL_RE.fullmatch(rest):
-        raise ApiError(400, f"Invalid channel name: {channel[:200]!r}")
+    problem = rules.channel_problem(channel)
+    if problem is not None:
+        raise ApiError(400, f"Invalid channel: {problem}")
     return channel
 
 
 def _check_event(item: dict[str, Any]) -> dict[str, Any]:
     """Validate the fields shared by single and batch events; return a partial record."""
     name, data, socket_id = item.get("name"), item.get("data"), item.get("socket_id")
-    if not isinstance(name, str) or not name:
-        raise ApiError(400, "Event name is required")
-    if len(name) > MAX_EVENT_NAME:
-        raise ApiError(400, f"Event name too long: over {MAX_EVENT_NAME} characters")
+    problem = rules.event_problem(name)
+    if problem is not None:
+        raise ApiError(400, f"Invalid event name: {problem}")
     if not isinstance(data, str):
         raise ApiError(400, "Event data must be a string")
-    if socket_id is not None and not (
-        isinstance(socket_id, str) and SOCKET_ID_RE.fullmatch(socket_id)
-    ):
-        raise ApiError(400, f"Invalid socket_id: {str(socket_id)[:50]!r}")
-    size = len(data.encode("utf-8"))
-    if size > MAX_DATA_BYTES:
-        raise ApiError(413, f"Event data too large: {size} bytes, limit {MAX_DATA_BYTES}")
+    problem = rules.socket_id_problem(socket_id)
+    if problem is not None:
+        raise ApiError(400, f"Invalid socket_id: {problem}")
+    problem = rules.data_size_problem(len(data.encode("utf-8")))
+    if problem is not None:
+        raise ApiError(413, f"Event data too large: {problem}")
     return {"name": name, "data": data, "socket_id": socket_id}
 
 
@@ -306,8 +291,8 @@ def _channels_of(body: dict[str, Any]) -> list[str]:
         channels = [body["channel"]]
     else:
         raise ApiError(400, "Missing channels or channel")
-    if len(channels) > MAX_CHANNELS:
-        raise ApiError(400, f"Too many channels: {len(channels)}, limit {MAX_CHANNELS}")
+    if len(channels) > rules.MAX_CHANNELS:
+        raise ApiError(400, f"Too many channels: {len(channels)}, limit {rules.MAX_CHANNELS}")
     return [_check_channel(channel) for channel in channels]
 
 
@@ -336,8 +321,8 @@ def parse_batch(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
         raise ApiError(400, "Request body must be an object with a batch list")
     batch = body["batch"]
-    if len(batch) > MAX_BATCH_EVENTS:
-        raise ApiError(400, f"Batch too large: {len(batch)} events, limit {MAX_BATCH_EVENTS}")
+    if len(batch) > rules.MAX_BATCH_EVENTS:
+        raise ApiError(400, f"Batch too large: {len(batch)} events, limit {rules.MAX_BATCH_EVENTS}")
     records = []
     for item in batch:
         if not isinstance(item, dict):

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import redis
 
-from relay.message import MAX_DATA_BYTES, InvalidMessage, parse
+from relay.message import InvalidMessage, parse
 from relay.producer import Producer, notify
 from relay.pusher_server import LocalPusher
+from relay.rules import MAX_DATA_BYTES
 from tests.support import ROOT, WorkerProcess
 
 

@@ -1,0 +1,67 @@
+"""Pusher's limits and name rules: the one source for the worker's parser, the producer
+helper and the local Pusher-compatible server.
+
+Written in syntax that Python 2.7 and 3.6 still read (no annotations, no f-strings): the
+producer helper imports this module inside legacy apps. Each check returns the reason a
+notification would be refused, or None, so each caller raises its own error type.
+"""
+
+import re
+
+MAX_BATCH_EVENTS = 10  # events in one batch_events call
+MAX_CHANNELS = 100  # channels in one trigger call
+MAX_CHANNEL_NAME = 164  # characters in a channel name
+MAX_USER_ID = 200  # characters of the user id after "#server-to-user-" (pusher library)
+MAX_EVENT_NAME = 200  # characters in an event name
+MAX_DATA_BYTES = 10240  # UTF-8 bytes of an event's data (Pusher's; RELAY_MAX_DATA_BYTES)
+
+SERVER_TO_USER_PREFIX = "#server-to-user-"
+ENCRYPTED_PREFIX = "private-encrypted-"
+
+_NAME = re.compile(r"\A[-a-zA-Z0-9_=@,.;]+\Z")
+_SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
+
+try:  # Python 2: JSON text arrives as unicode
+    TEXT_TYPES = (str, unicode)  # noqa: F821
+except NameError:
+    TEXT_TYPES = (str,)
+
+
+def channel_problem(channel):
+    """Why Pusher refuses this channel name, or None (a `#server-to-user-` name included)."""
+    if not isinstance(channel, TEXT_TYPES) or not channel:
+        return "channel must be a non-empty string"
+    if channel.startswith(SERVER_TO_USER_PREFIX):
+        rest, limit, what = channel[len(SERVER_TO_USER_PREFIX):], MAX_USER_ID, "user id"
+    else:
+        rest, limit, what = channel, MAX_CHANNEL_NAME, "channel name"
+    if len(rest) > limit:
+        return f"{what} longer than {limit} characters"
+    if not _NAME.match(rest):
+        return f"invalid channel name {channel[:80]!r}"
+    return None
+
+
+def event_problem(event):
+    """Why Pusher refuses this event name, or None."""
+    if not isinstance(event, TEXT_TYPES) or not event:
+        return "event must be a non-empty string"
+    if len(event) > MAX_EVENT_NAME:
+        return f"event name longer than {MAX_EVENT_NAME} characters"
+    return None
+
+
+def data_size_problem(size, limit=MAX_DATA_BYTES):
+    """Why data of `size` UTF-8 bytes is refused, or None."""
+    if size > limit:
+        return f"data is {size} bytes, over the limit of {limit}"
+    return None
+
+
+def socket_id_problem(socket_id):
+    """Why this socket_id (None allowed) is refused, or None."""
+    if socket_id is None:
+        return None
+    if not isinstance(socket_id, TEXT_TYPES) or not _SOCKET_ID.match(socket_id):
+        return "socket_id must look like 1234.5678"
+    return None
