@@ -18,10 +18,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from relay.errors import RelayError
+
 PUSHER_DEFAULT_HOST = "api-{cluster}.pusher.com"
 
 
-class ConfigError(ValueError):
+class ConfigError(RelayError, ValueError):
     """A setting is missing or malformed; the message names it and never holds a secret."""
 
     def __init__(self, setting: str, problem: str) -> None:

@@ -3,7 +3,7 @@
 1. The only module that imports `pusher`: the official library signs and validates, and a
    small backend (its `backend=` hook) sends through one keep-alive connection pool as large
    as the greenlet pool: urllib3 directly by default, or a requests.Session
-   (RELAY_HTTP_CLIENT=requests); see Urllib3Backend for why.
+   (PUSHER_HTTP_CLIENT=requests); see Urllib3Backend for why.
 2. `classify(status, body, retry_after)` maps an answer to a `Failure` kind by status code,
    never by message text: PERMANENT (this notification can never go: 400, 413),
    TRANSIENT (network, timeout, 5xx: retry it later), SYSTEMIC (401, 403, 404: our account or
@@ -11,7 +11,9 @@
    A 200 whose JSON body carries an error (soketi answers some errors that way) is that error.
 3. `Delivery.send(notes)` sends one notification with `trigger`, several single-channel ones
    with one `trigger_batch`, and splits a refused batch to find the culprit, so one bad event
-   never dead-letters its neighbours.
+   never dead-letters its neighbours. A retried notification (it failed before, perhaps in
+   a batch with a bad neighbour) always goes alone, so it is never chained to that
+   neighbour again.
 """
 
 from __future__ import annotations
@@ -191,11 +193,10 @@ class Delivery:
             app_id=target.app_id, key=target.key, secret=target.secret, host=target.host,
             port=target.port, ssl=target.ssl, timeout=target.timeout,
             backend=BACKENDS[http_client], pool_size=pool_size)
-        self.calls = 0
 
     def send(self, notes: Sequence[Notification]) -> list[Failure | None]:
         """Deliver; one result per notification, in order (None = Pusher accepted it)."""
-        batchable = [n for n in notes if len(n.channels) == 1]
+        batchable = [n for n in notes if len(n.channels) == 1 and not n.attempts]
         results: dict[int, Failure | None] = {}
         if len(batchable) > 1:
             for note, result in zip(batchable, self._batch(batchable), strict=True):
@@ -223,7 +224,6 @@ class Delivery:
         return results
 
     def _call(self, method: Any, *args: Any) -> Failure | None:
-        self.calls += 1
         started = time.monotonic()
         try:
             answer = method(*args)

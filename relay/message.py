@@ -20,11 +20,12 @@ from secrets import token_hex
 from typing import Any
 
 from relay import rules
+from relay.errors import RelayError
 
 ENVELOPE_VERSION = 1
 
 
-class InvalidMessage(ValueError):
+class InvalidMessage(RelayError, ValueError):
     """The notification can never be delivered; the text is the dead-letter reason."""
 
 
@@ -208,13 +209,18 @@ def retry_wrapper(payload: str, attempts: int, first_failed_at: float, last_erro
 
 
 def payload_of(raw: bytes) -> str:
-    """What the producer pushed, even for an element that does not parse (for dead letters)."""
+    """What the producer pushed, even for an element that does not parse (for dead letters).
+
+    A retry wrapper is recognised by its shape once parsed (`"relay": 1` with a string
+    `payload`), never by how its text begins, so key order and spacing do not matter.
+    """
     text = raw.decode("utf-8", errors="replace")
-    if text.startswith('{"relay":1,"payload":'):
-        try:
-            inner = json.loads(text).get("payload")
-        except (ValueError, RecursionError):
-            return text
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    if isinstance(obj, dict) and "channel" not in obj and obj.get("relay") == ENVELOPE_VERSION:
+        inner = obj.get("payload")
         if isinstance(inner, str) and _encodable(inner):
             return inner
     return text

@@ -127,6 +127,9 @@ class Modes:
     hang: bool = False
     soketi_errors: bool = False
     fail_next: int = 0
+    # With status: answer it only to requests that name one of these channels (in a
+    # trigger's channels or a batch's events); every other request is served normally.
+    status_channels: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Any) -> "Modes":
@@ -145,6 +148,7 @@ class Modes:
             hang=bool(data.get("hang")),
             soketi_errors=bool(data.get("soketi_errors")),
             fail_next=int(data.get("fail_next") or 0),
+            status_channels=tuple(str(c) for c in data.get("status_channels") or ()),
         )
         if modes.delay < 0 or modes.fail_next < 0:
             raise ValueError("delay and fail_next must not be negative")
@@ -156,6 +160,21 @@ class Modes:
     def active(self) -> bool:
         """True when a request would be treated differently from a healthy server."""
         return bool(self.delay or self.status or self.reset or self.hang or self.soketi_errors)
+
+
+def _names_any(request: "Request", channels: tuple[str, ...]) -> bool:
+    """True without a channel filter, or when the request names one of the channels."""
+    if not channels:
+        return True
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        return False
+    named = set(body.get("channels") or []) if isinstance(body, dict) else set()
+    for event in (body.get("batch") or []) if isinstance(body, dict) else []:
+        if isinstance(event, dict):
+            named.add(event.get("channel"))
+    return bool(named.intersection(channels))
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -491,7 +510,8 @@ class PusherServer:
         if modes.reset or modes.hang:
             self._drop(entry, modes, release, sock)
             return None
-        response = self._fault_response(modes) or self._pusher(request, received_at)
+        response = (self._fault_response(modes) if _names_any(request, modes.status_channels)
+                    else None) or self._pusher(request, received_at)
         if modes.soketi_errors:
             response = _soketi_style(response)
         entry["status"] = response.status

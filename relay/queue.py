@@ -40,13 +40,13 @@ from typing import Any
 
 import redis
 
+from relay.errors import RelayError
+from relay.redis_shared import NOW_LUA
+
 log = logging.getLogger(__name__)
 
 # Redis time, inside scripts, so that hosts with skewed clocks agree on deadlines.
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-"""
+_NOW = NOW_LUA
 
 # KEYS: queue, slot list, workers zset. ARGV: batch size, pop side, worker id.
 # Returns the slot's whole list, or false when this worker has been reaped (see heartbeat):
@@ -167,6 +167,17 @@ end
 return n
 """
 
+# KEYS: queue, retry zset, this worker's slot lists... Returns 1 when nothing is left for
+# a burst: the queue is empty, no retry is due, and no slot holds anything; all read at once.
+IDLE = _NOW + """
+if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
+if redis.call('ZCOUNT', KEYS[2], '-inf', now) > 0 then return 0 end
+for i = 3, #KEYS do
+  if redis.call('LLEN', KEYS[i]) > 0 then return 0 end
+end
+return 1
+"""
+
 # KEYS: queue, stats hash. ARGV: the longest the queue may be. Drops the oldest excess.
 TRIM = """
 local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[1])
@@ -231,12 +242,16 @@ def new_worker_id() -> str:
 REAPED_GRACE_S = 3600.0
 
 
-class WorkerReaped(RuntimeError):
+class WorkerReaped(RelayError):
     """Another worker declared this one dead (it missed heartbeats); re-register first."""
 
 
 class RedisQueue:
-    """The queue's Redis side for one worker process; every call is one round trip."""
+    """The queue's Redis side for one worker process.
+
+    Every settle step is one script, so one round trip; `fetch` makes one to three (see
+    there), and the housekeeping and admin calls a few.
+    """
 
     def __init__(self, client: redis.Redis, name: str, order: str = "fifo",
                  worker_id: str | None = None) -> None:
@@ -259,6 +274,7 @@ class RedisQueue:
         self._sweep = client.register_script(SWEEP)
         self._trim = client.register_script(TRIM)
         self._undead = client.register_script(UNDEAD)
+        self._idle = client.register_script(IDLE)
 
     # -- fetch and settle, per greenlet slot -------------------------------------------------
 
@@ -270,7 +286,10 @@ class RedisQueue:
 
         eager (there is a backlog, or the slot must adopt what a lost reply left in it):
         the non-blocking script first, one round trip a batch. Otherwise straight to the
-        blocking pop, and a lone item goes out without a second round trip.
+        blocking pop, and a lone item goes out without a second round trip. When the pop
+        wakes up empty-handed, the script runs once anyway: it adopts an item that a
+        command with a lost reply moved into the slot, even on a quiet queue (one cheap
+        call per slot per block_s while idle).
         """
         key = self.slot_key(slot)
         if eager:
@@ -279,7 +298,7 @@ class RedisQueue:
                 return items
         moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side, "RIGHT")
         if moved is None:
-            return []
+            return self._top_up(key, batch)
         return self._top_up(key, batch) if eager else [moved]
 
     def _top_up(self, key: str, batch: int) -> list[bytes]:
@@ -364,6 +383,12 @@ class RedisQueue:
     def trim(self, max_backlog: int) -> int:
         """Drop the oldest items beyond max_backlog; returns how many were dropped."""
         return int(self._trim(keys=[self.keys.queue, self.keys.stats], args=[max_backlog]))
+
+    def idle(self, slots: int) -> bool:
+        """Nothing queued, nothing due for a retry, nothing in this worker's slots."""
+        keys = [self.keys.queue, self.keys.retry]
+        keys += [self.keys.inflight(self.worker_id, n) for n in range(slots)]
+        return bool(self._idle(keys=keys))
 
     def length(self) -> int:
         return int(self.client.llen(self.keys.queue))

@@ -60,10 +60,6 @@ class Outage:
         self.announced = False
         self.recovered_at = float("-inf")
 
-    @property
-    def down(self) -> bool:
-        return self.since is not None
-
     def failed(self, error: BaseException) -> float:
         """Record a failed call; return how long the caller should wait before the next."""
         now = self.clock()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from relay.worker import Episode
+from relay.housekeeping import Episode
 from tests.support import wait_for
 
 
@@ -77,7 +77,7 @@ def test_envelope_channels_count_against_the_rate_limit(r, pusher, start_worker,
 def test_episode_logs_once_at_start_and_once_after_a_quiet_spell(caplog):
     now = [0.0]
     ep = Episode("dropping things", clock=lambda: now[0])
-    with caplog.at_level("INFO", logger="relay.worker"):
+    with caplog.at_level("INFO", logger="relay.housekeeping"):
         ep.dropped(3)
         now[0] = 5
         ep.dropped(2)
