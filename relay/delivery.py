@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import certifi
@@ -55,6 +55,7 @@ class Failure:
     reason: str
     status: int | None = None
     retry_after_s: float | None = None
+    shared: int = 1  # how many notifications the failed call carried (a batch: several)
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,8 @@ class Delivery:
                 # One bad event refuses the whole batch: find it by sending each alone.
                 results.extend(self._single(n) for n in chunk)
             else:
-                results.extend([failure] * len(chunk))
+                shared = None if failure is None else replace(failure, shared=len(chunk))
+                results.extend([shared] * len(chunk))
         return results
 
     def _call(self, method: Any, *args: Any) -> Failure | None:

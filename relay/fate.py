@@ -6,8 +6,10 @@
 2. `verdict(notes, answers, last_success_at)` -> what one send tells the circuit.
 3. A *suspect* is a notification that failed before, after which another one went through
    (`first_failed_at` < the last success): its failure says something about itself, not
-   about Pusher, so it neither opens the circuit nor counts toward opening it. That is how
-   a few notifications a server refuses cannot stall all the others.
+   about Pusher, so it neither opens the circuit nor counts toward opening it. Likewise a
+   failed batch while others went through lately (RECENT_SUCCESS_S): any one of its
+   notifications may be the cause, so each is retried alone and those answers decide. That
+   is how a few notifications a server refuses cannot stall all the others.
 
 No I/O and no clock of its own: the table test in tests/test_fate.py covers every case.
 """
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from relay.delivery import Failure, Kind
 from relay.message import InvalidMessage, Notification
 from relay.retry import compute_backoff, should_give_up
+
+RECENT_SUCCESS_S = 10.0
 
 
 class Step(enum.Enum):
@@ -136,9 +140,10 @@ class Verdict:
 
 
 def verdict(notes: Sequence[Notification], answers: Sequence[Failure | None],
-            last_success_at: float | None) -> Verdict:
-    """Read one send's answers for the circuit, leaving suspects' failures out."""
+            last_success_at: float | None, now: float) -> Verdict:
+    """Read one send's answers for the circuit, leaving out what is not Pusher's doing."""
     delivered = any(a is None for a in answers)
+    recent = last_success_at is not None and now - last_success_at < RECENT_SUCCESS_S
     pause_s = systemic = transient = None
     for note, answer in zip(notes, answers, strict=True):
         if answer is None:
@@ -146,7 +151,8 @@ def verdict(notes: Sequence[Notification], answers: Sequence[Failure | None],
         if answer.kind is Kind.RATE_LIMITED:
             ra = answer.retry_after_s
             pause_s = max(pause_s or 0.0, ra if ra is not None else 1.0)
-        elif is_suspect(note, last_success_at) or answer.kind is Kind.PERMANENT:
+        elif (answer.kind is Kind.PERMANENT or is_suspect(note, last_success_at)
+              or (answer.shared > 1 and recent)):
             continue
         elif answer.kind is Kind.SYSTEMIC:
             systemic = systemic or answer.reason

@@ -240,8 +240,8 @@ class Worker:
         self._reconcile(budget, sum(n.cost for n in to_send))
         if to_send:
             answers = self.delivery.send(to_send)
-            self._tell_circuit(verdict(to_send, answers, self.last_success_at))
             now = self.clock()
+            self._tell_circuit(verdict(to_send, answers, self.last_success_at, now))
             for note, answer in zip(to_send, answers, strict=True):
                 fate = decide(note, DELIVERED if answer is None else answer, gate, now,
                               self.policy)
