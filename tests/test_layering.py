@@ -51,3 +51,25 @@ def test_only_the_top_knows_the_worker() -> None:
     assert users == {"launcher"}
     assert graph()["cli"] <= {"admin", "config", "launcher", "logs"}
 
+
+
+def test_relays_own_errors_share_one_root() -> None:
+    from relay.config import ConfigError
+    from relay.errors import RelayError
+    from relay.message import InvalidMessage
+    from relay.queue import WorkerReaped
+
+    for error in (ConfigError, InvalidMessage, WorkerReaped):
+        assert issubclass(error, RelayError)
+    assert issubclass(InvalidMessage, ValueError)  # callers that caught ValueError still do
+
+
+def test_errors_module_stays_readable_by_python_2() -> None:
+    """relay.rules and relay.producer must import on 2.7, so their base may not use 3-only
+    syntax: no imports, annotations, f-strings or walrus."""
+    tree = ast.parse((PACKAGE / "errors.py").read_text())
+    for node in ast.walk(tree):
+        assert not isinstance(node, (ast.Import, ast.ImportFrom, ast.JoinedStr, ast.AnnAssign,
+                                     ast.NamedExpr)), ast.dump(node)
+        if isinstance(node, ast.FunctionDef):
+            assert node.returns is None and all(a.annotation is None for a in node.args.args)

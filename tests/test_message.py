@@ -196,6 +196,17 @@ def test_payload_of() -> None:
     assert payload_of(b'{"relay":1,"payload":5}') == '{"relay":1,"payload":5}'
 
 
+def test_payload_of_knows_a_wrapper_by_its_shape_not_its_text() -> None:
+    inner = '{"channel":"c"}'
+    reordered = json.dumps({"retry": {"attempts": 1}, "payload": inner, "relay": 1}, indent=1)
+    assert payload_of(reordered.encode()) == inner
+    # a classic message is never a wrapper, whatever else it carries
+    classic = json.dumps({"channel": "c", "relay": 1, "payload": "x"}).encode()
+    assert payload_of(classic) == classic.decode()
+    other_version = json.dumps({"relay": 2, "payload": inner}).encode()
+    assert payload_of(other_version) == other_version.decode()
+
+
 def test_payload_of_never_raises_on_hostile_input() -> None:
     deep = b'{"relay":1,"payload":' + b"[" * 100_000
     assert payload_of(deep) == deep.decode()
