@@ -192,7 +192,8 @@ class Worker:
             self.stopping.wait(min(wait, BLOCK_S))
             return
         probing = self.circuit.is_open
-        budget = self._budget()
+        # A probe takes one notification: if Pusher still refuses, one attempt is spent.
+        budget = self._budget(1 if probing else self.batch)
         items = lease.fetch(budget, BLOCK_S, self.housekeeper.backlog > 0) if budget else []
         self.redis_outage.succeeded()
         self.inflight += len(items)
@@ -208,11 +209,11 @@ class Worker:
                 # The probe ended without a verdict (nothing sent, a suspect, a 429, an error).
                 self.circuit.abandon_probe()
 
-    def _budget(self) -> int:
-        """How many to fetch: a batch, or what the shared rate limit grants (waits for it)."""
+    def _budget(self, want: int) -> int:
+        """How many to fetch: `want`, or what the shared rate limit grants (waits for it)."""
         if self.limiter is None:
-            return self.batch
-        return self.limiter.take(self.batch, self.stopping.is_set)
+            return want
+        return self.limiter.take(want, self.stopping.is_set)
 
     def _reconcile(self, budget: int, cost: int) -> None:
         """Settle the rate budget with what is really sent: one event per channel."""
