@@ -25,28 +25,24 @@ import gevent.lock
 import gevent.pool
 import redis
 
+from relay.carrier import Carrier, Item
 from relay.circuit import Circuit
 from relay.config import Config
 from relay.delivery import MAX_BATCH, Delivery
 from relay.fate import (
     DELIVERED,
     UNSENT,
-    Ack,
-    DeadLetter,
     Fate,
     Gate,
     Policy,
-    PutBack,
-    RetryLater,
     Send,
-    Shed,
     Verdict,
     decide,
     verdict,
 )
 from relay.housekeeping import MAINTENANCE_S, Housekeeper
 from relay.lease import Lease
-from relay.message import InvalidMessage, Notification, parse, payload_of, retry_wrapper
+from relay.message import InvalidMessage, Notification, parse
 from relay.metrics import Metrics
 from relay.queue import RedisQueue, WorkerReaped
 from relay.ratelimit import RateLimiter
@@ -56,9 +52,6 @@ from relay.retry import Outage
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 1.0
-
-Item = Notification | InvalidMessage
-
 
 class Worker:
     def __init__(self, config: Config, queue: RedisQueue, delivery: Delivery,
@@ -89,6 +82,8 @@ class Worker:
         self.housekeeper = Housekeeper(config, queue, metrics, self.redis_outage,
                                        circuit_open=lambda: self.circuit.is_open,
                                        inflight=lambda: self.inflight)
+        self.carrier = Carrier(config, queue.worker_id, metrics,
+                               self.housekeeper.stale_shedding, clock)
         metrics.pool_size.set(config.pool_size)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -247,7 +242,7 @@ class Worker:
                 fate = decide(note, DELIVERED if answer is None else answer, gate, now,
                               self.policy)
                 fates.append((note.raw, note, fate))
-        self._carry_out(lease, fates)
+        self.carrier.carry_out(lease, fates)
 
     def _parse(self, raw: bytes) -> Item:
         try:
@@ -265,52 +260,3 @@ class Worker:
             self.circuit.succeeded()
         elif news.transient is not None:
             self.circuit.transient(news.transient)
-
-    def _carry_out(self, lease: Lease, fates: Sequence[tuple[bytes, Item, Fate]]) -> None:
-        """Acks, shedding and put-backs go in one script each; the rest one by one."""
-        acked = [(raw, item) for raw, item, f in fates if isinstance(f, Ack)]
-        if acked:
-            lease.ack([raw for raw, _ in acked])
-            self._count_delivered([i for _, i in acked if isinstance(i, Notification)])
-        shed = [raw for raw, _, f in fates if isinstance(f, Shed)]
-        if shed:
-            lease.ack(shed, "shed_max_age")
-            self.metrics.shed.labels("max_age").inc(len(shed))
-            self.housekeeper.stale_shedding.dropped(len(shed))
-        back = [raw for raw, _, f in fates if isinstance(f, PutBack)]
-        if back:
-            self.metrics.requeued.inc(lease.requeue(back))
-        for raw, item, fate in fates:
-            if isinstance(fate, RetryLater) and isinstance(item, Notification):
-                self._retry(lease, item, fate)
-            elif isinstance(fate, DeadLetter):
-                self._dead(lease, raw, item, fate)
-
-    def _count_delivered(self, delivered: Sequence[Notification]) -> None:
-        self.metrics.delivered.inc(len(delivered))
-        now = self.clock()
-        for note in delivered:
-            if note.enqueued_at is not None:
-                self.metrics.age_seconds.observe(max(0.0, now - note.enqueued_at))
-
-    def _retry(self, lease: Lease, note: Notification, fate: RetryLater) -> None:
-        wrapper = retry_wrapper(note.payload, fate.attempts, fate.first_failed_at, fate.reason)
-        if lease.retry(note.raw, wrapper, fate.delay_s):
-            self.metrics.retried.inc()
-            log.debug("retry %d of a notification in %.1f s: %s", fate.attempts, fate.delay_s,
-                      fate.reason)
-
-    def _dead(self, lease: Lease, raw: bytes, item: Item, fate: DeadLetter) -> None:
-        payload = payload_of(raw)
-        entry = {"payload": payload, "error": fate.reason, "error_class": fate.error_class,
-                 "failed_at": self.clock(), "attempts": fate.attempts,
-                 "queue": self.config.queue, "worker": self.queue.worker_id}
-        if lease.dead(raw, entry):
-            self.metrics.dead.labels(fate.error_class).inc()
-            fields: dict[str, Any] = {"error_class": fate.error_class,
-                                      "attempts": fate.attempts}
-            if isinstance(item, Notification) and item.id is not None:
-                fields["notification_id"] = item.id
-            log.warning("dead-lettered (%s): %s; payload starts %r", fate.error_class,
-                        fate.reason, payload[:120], extra=fields)
-
