@@ -28,6 +28,7 @@ import redis
 
 from relay import producer
 from relay.config import Config
+from relay.deadletters import DeadLetters
 from relay.message import InvalidMessage
 from relay.queue import RedisQueue
 
@@ -147,28 +148,30 @@ def format_stats(s: dict[str, Any]) -> str:
 def _dead(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
     if args.verb == "list":
         return _dead_list(queue, args.limit, out)
-    entries = queue.dead_entries()
+    dead = DeadLetters(queue.client, queue.keys)
+    entries = dead.entries()
     if args.verb == "requeue":
         chosen = [e for e in entries if args.all or _matches(e, args.match)]
-        n = queue.requeue_dead(chosen)
+        n = dead.requeue(chosen)
         out.write(f"requeued {n} dead letter(s) to {cfg.queue}\n")
         return EXIT_OK if n or not chosen else EXIT_UNHEALTHY
     cutoff = time.time() - args.older_than if args.older_than is not None else None
     chosen = [e for e in entries if cutoff is None or _failed_at(e) < cutoff]
-    out.write(f"purged {queue.purge_dead(chosen)} dead letter(s)\n")
+    out.write(f"purged {dead.purge(chosen)} dead letter(s)\n")
     return EXIT_OK
 
 
 def _dead_list(queue: RedisQueue, limit: int, out: TextIO) -> int:
     now = time.time()
-    entries = queue.dead_entries(limit)
+    dead = DeadLetters(queue.client, queue.keys)
+    entries = dead.entries(limit)
     for raw in entries:
         entry = _entry(raw)
         age = now - float(entry.get("failed_at") or now)
         out.write(f"{age:8.0f}s ago  attempts={entry.get('attempts', '?')}  "
                   f"{entry.get('error', '?')}\n          payload: "
                   f"{str(entry.get('payload', raw))[:100]}\n")
-    total = queue.client.llen(queue.keys.dead)
+    total = dead.count()
     out.write(f"{len(entries)} of {total} dead letter(s) shown\n")
     return EXIT_OK
 

@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
@@ -187,15 +187,6 @@ redis.call('HINCRBY', KEYS[2], 'shed_backlog', excess)
 return excess
 """
 
-# KEYS: dead list, queue. ARGV: the exact dead-letter entry, payload to requeue.
-# Removing the exact entry first makes two operators requeueing at once harmless.
-UNDEAD = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-return 1
-"""
-
-
 @dataclass(frozen=True)
 class Keys:
     """Every key of one queue, derived from its name."""
@@ -273,7 +264,6 @@ class RedisQueue:
         self._reap = client.register_script(REAP)
         self._sweep = client.register_script(SWEEP)
         self._trim = client.register_script(TRIM)
-        self._undead = client.register_script(UNDEAD)
         self._idle = client.register_script(IDLE)
 
     # -- fetch and settle, per greenlet slot -------------------------------------------------
@@ -425,28 +415,3 @@ class RedisQueue:
 
     def totals(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(self.keys.stats).items()}
-
-    def dead_entries(self, limit: int = -1) -> list[bytes]:
-        return list(self.client.lrange(self.keys.dead, 0, limit - 1 if limit > 0 else -1))
-
-    def requeue_dead(self, entries: Iterable[bytes]) -> int:
-        """Move dead letters back to the queue's tail as the producer pushed them.
-
-        Each entry is removed by its exact bytes before its payload is pushed, in one script:
-        two operators requeueing at once requeue each entry once.
-        """
-        n = 0
-        for entry in entries:
-            try:
-                payload = json.loads(entry)["payload"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("skipping a dead letter that is not relay's JSON")
-                continue
-            n += int(self._undead(keys=[self.keys.dead, self.keys.queue], args=[entry, payload]))
-        return n
-
-    def purge_dead(self, entries: Iterable[bytes]) -> int:
-        pipe = self.client.pipeline(transaction=False)
-        for entry in entries:
-            pipe.lrem(self.keys.dead, 1, entry)
-        return sum(pipe.execute())

@@ -10,8 +10,9 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from relay.deadletters import DeadLetters
 from relay.message import retry_wrapper
-from relay.queue import RedisQueue, WorkerReaped
+from relay.queue import Keys, RedisQueue, WorkerReaped
 from relay.redis_server import RedisServer
 from tests.support import wait_for
 
@@ -344,13 +345,13 @@ def test_requeue_dead_moves_each_back_exactly_once(r: redis.Redis, redis_server:
     entries = r.lrange(f"{queue_name}:dead", 0, -1)
 
     clients = [redis.Redis.from_url(redis_server.url) for _ in range(2)]
-    admins = [RedisQueue(c, queue_name) for c in clients]
-    jobs = [gevent.spawn(a.requeue_dead, entries) for a in admins]
+    admins = [DeadLetters(c, Keys(queue_name)) for c in clients]
+    jobs = [gevent.spawn(a.requeue, entries) for a in admins]
     gevent.joinall(jobs, timeout=10, raise_error=True)
     assert sum(j.value for j in jobs) == 3
     assert r.lrange(queue_name, 0, -1) == payloads  # as pushed, in order, once each
     assert r.lrange(f"{queue_name}:dead", 0, -1) == [b"not relay's"]
-    assert admins[0].requeue_dead(entries) == 0
+    assert admins[0].requeue(entries) == 0
     for c in clients:
         c.close()
 
@@ -367,7 +368,7 @@ def exercise_every_key(r: redis.Redis, name: str) -> RedisQueue:
     for n, raw in enumerate((b, c)):
         q.dead_letter(0, raw, {"payload": raw.decode(), "error": "e", "failed_at": n,
                                "attempts": 1})
-    q.requeue_dead(r.lrange(f"{name}:dead", 0, 0))  # one of the two goes back
+    DeadLetters(r, q.keys).requeue(r.lrange(f"{name}:dead", 0, 0))  # one of two goes back
     q.retry_later(0, d, retry_wrapper(d.decode(), 1, 1.0, "e"), 60)
     r.zadd(f"{name}:retry", {"due": 0})
     q.promote_due()
