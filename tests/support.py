@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -100,16 +102,38 @@ def wait_settled(r: redis.Redis, queue: str, gone: Sequence[WorkerProcess] = (),
         raise AssertionError(f"{exc}; still pending: {last}") from None
 
 
+def metrics(port: int) -> dict[str, float]:
+    """A worker's /metrics as {'name{label="v"}': value} (labels as Prometheus prints them)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def healthz(port: int) -> tuple[int, dict[str, Any]]:
+    """A worker's /healthz: (HTTP status, JSON body), 503 included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 class WorkerProcess:
     """`python worker.py` with the given settings, its log captured in a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None):
+    def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None,
+                 script: Path = ROOT / "worker.py"):
         self.log_path = log_path
         full_env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("RELAY_", "PUSHER_", "REDIS_"))}
         full_env.update(env)
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "worker.py"), *(args or [])],
+        self.proc = subprocess.Popen([sys.executable, str(script), *(args or [])],
                                      cwd=ROOT, env=full_env, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
