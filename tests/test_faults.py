@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from relay.redis_server import RedisServer
+from tests.support import dead as _dead
 from tests.support import delivered as _delivered
 from tests.support import inflight as _inflight
 from tests.support import pending, wait_for, wait_settled
@@ -160,3 +161,48 @@ def test_413_is_dead_lettered_once_and_not_retried(r, pusher, start_worker, queu
     pusher.wait_for_events(3)
     assert pusher.stats()["by_status"].get("413") == 1
     assert r.zcard(f"{queue_name}:retry") == 0
+
+
+def test_a_notification_failing_every_time_is_dead_lettered_as_exhausted(r, pusher,
+                                                                         start_worker,
+                                                                         queue_name):
+    # Every call answers 500: the notification is retried with backoff until
+    # RELAY_MAX_ATTEMPTS, then dead-lettered as exhausted (three failures do not open the
+    # circuit, so each one counts as an attempt).
+    pusher.set_mode(status=500)
+    w = start_worker(RELAY_MAX_ATTEMPTS="3")
+    r.rpush(queue_name, json.dumps({"channel": "c", "n": 0}))
+    [entry] = wait_for(lambda: _dead(r, queue_name), 30, "the dead letter")
+    assert entry["error_class"] == "exhausted", entry
+    assert entry["attempts"] == 3 and "500" in entry["error"], entry
+    assert json.loads(entry["payload"]) == {"channel": "c", "n": 0}  # the original, unwrapped
+    assert pusher.stats()["by_status"] == {"500": 3}  # one call per attempt, no more
+    assert pending(r, queue_name) == {"queue": 0, "retry": 0, "inflight": 0}
+    assert "circuit open" not in w.log()
+
+
+def test_sigterm_while_redis_is_down_exits_in_time_and_loses_nothing(durable_redis, pusher,
+                                                                     start_worker,
+                                                                     queue_name):
+    total = 100
+    client = redis.Redis.from_url(durable_redis.url)
+    pusher.set_mode(delay=1.0)  # calls are in flight when Redis goes
+    _push(client, queue_name, total)
+    w = start_worker(REDIS_URL=durable_redis.url, RELAY_POOL_SIZE="5", PUSHER_TIMEOUT="2")
+    wait_for(lambda: _inflight(client, queue_name) > 0, what="calls in flight")
+    client.close()
+    durable_redis.kill()
+    wait_for(lambda: "Redis unreachable" in w.log(), what="the worker to notice the outage")
+    w.signal(signal.SIGTERM)
+    # PUSHER_TIMEOUT + a few seconds, with a loaded machine's margin: settle steps that keep
+    # retrying through the outage must not hold the exit forever.
+    assert w.wait(timeout=30) == 0, w.log()
+    pusher.clear_mode()
+    durable_redis.start()
+    client = redis.Redis.from_url(durable_redis.url)
+    # What it held stays in its lists until another worker recovers them: nothing is lost.
+    start_worker(REDIS_URL=durable_redis.url)
+    wait_for(lambda: set(_delivered(pusher)) == set(range(total)), 60, "everything delivered")
+    wait_settled(client, queue_name, gone=[w])
+    assert client.llen(f"{queue_name}:dead") == 0
+    client.close()
