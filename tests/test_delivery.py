@@ -223,7 +223,9 @@ def test_hang_times_out_as_transient(pusher: LocalPusher, calls: list[int | None
     elapsed = time.monotonic() - started
     assert failure is not None
     assert failure.kind is Kind.TRANSIENT and "Timeout" in failure.reason
-    assert 0.4 <= elapsed < 3.0
+    # At least the timeout; the server would hang forever, so returning at all is the timeout
+    # working (no upper bound: a loaded machine stretches it).
+    assert elapsed >= 0.4
     assert calls == [None]
 
 
