@@ -164,7 +164,8 @@ class LocalPusher:
             raise ValueError(f"{method} {path}: {error.code} {error.read().decode()}") from None
 
     def set_mode(self, **modes: Any) -> dict[str, Any]:
-        """Replace all fault modes (see ``Modes``); unknown names raise ValueError."""
+        """Replace all fault modes and the dialect (see ``modes.Modes``); unknown names raise
+        ValueError."""
         return self._call("POST", "/_control/mode", modes)
 
     def clear_mode(self) -> None:
@@ -176,6 +177,10 @@ class LocalPusher:
     def count(self) -> dict[str, int]:
         """``{"events_total": N, "requests_total": M}``: cheap, whatever the record count."""
         return self._call("GET", "/_control/count")
+
+    def order(self) -> dict[str, list[str]]:
+        """Each channel's event data (plaintext when decrypted) in the order accepted."""
+        return self._call("GET", "/_control/order")
 
     def stats(self, requests: bool = True) -> dict[str, Any]:
         """Counters and modes; ``requests=False`` leaves out the per-request list."""

@@ -9,7 +9,8 @@
 4. Exposes an unauthenticated control API on the same port under ``/_control/``:
    ``POST mode``, ``POST reset``, ``GET events``, ``GET stats`` (``?requests=0`` leaves
    out the per-request list) and ``GET count`` (just ``events_total`` and
-   ``requests_total``: cheap to poll however many records are kept).
+   ``requests_total``: cheap to poll however many records are kept), ``GET order`` (each
+   channel's event data in the order the events were accepted, for ordering tests).
 """
 
 import json
@@ -17,7 +18,9 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
@@ -25,9 +28,11 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
+from relay import rules
 from relay.pusher_server.auth import authenticate
-from relay.pusher_server.modes import Modes, soketi_style
-from relay.pusher_server.validate import parse_batch, parse_trigger
+from relay.pusher_server.e2e import DecryptError, decrypt, master_key
+from relay.pusher_server.modes import STYLES, Modes
+from relay.pusher_server.validate import channels_in, parse_batch, parse_trigger
 from relay.pusher_server.wire import (
     ApiError,
     Connection,
@@ -166,14 +171,18 @@ class PusherServer:
         }
         self.requests.append(entry)
         self.requests_total += 1
-        if modes.delay:
-            gevent.sleep(modes.delay)
+        delay = modes.random_delay()
+        if delay:
+            gevent.sleep(delay)
         if modes.reset or modes.hang:
             self._drop(entry, modes, release, sock)
             return None
-        response = self._fault_response(modes) or self._pusher(request, received_at)
-        if modes.soketi_errors:
-            response = soketi_style(response)
+        now = time.time() + modes.skew_s
+        response = self._fault_response(modes, request) or self._pusher(request, modes, now)
+        style = STYLES.get(modes.dialect)
+        if style is not None:
+            response = style(response)
+        response.headers.append(("Date", formatdate(now, usegmt=True)))
         entry["status"] = response.status
         key = str(response.status)
         self.by_status[key] = self.by_status.get(key, 0) + 1
@@ -192,15 +201,18 @@ class PusherServer:
         else:
             sock.close()
 
-    def _fault_response(self, modes: Modes) -> Response | None:
-        if not modes.status:
+    def _fault_response(self, modes: Modes, request: Request) -> Response | None:
+        if modes.max_request_bytes and len(request.body) > modes.max_request_bytes:
+            return Response.text(413, "Payload too large.")  # Reverb's words
+        status = modes.status_for(channels_in(request.body) if modes.status_channels else [])
+        if not status:
             return None
-        response = Response.text(modes.status, HTTPStatus(modes.status).phrase)
+        response = Response.text(status, HTTPStatus(status).phrase)
         if modes.retry_after is not None:
             response.headers.append(("Retry-After", modes.retry_after))
         return response
 
-    def _pusher(self, request: Request, now: float) -> Response:
+    def _pusher(self, request: Request, modes: Modes, now: float) -> Response:
         parse = self.routes.get(request.path)
         if parse is None:
             return Response.text(404, "Not found")
@@ -214,22 +226,24 @@ class PusherServer:
                 body = json.loads(request.body)
             except ValueError:
                 raise ApiError(400, "Request body is not valid JSON") from None
-            records, reply = parse(body)
+            records, reply = parse(body, modes.max_data_bytes or rules.MAX_DATA_BYTES)
         except ApiError as error:
             return Response.text(error.status, error.message)
-        self._record(records, request.path, now)
+        if modes.encryption_master_key_base64:
+            _decrypt_records(records, master_key(modes.encryption_master_key_base64))
+        self._record(records, request.path, time.time())
         return Response.json(200, reply)
 
     def _record(self, records: list[dict[str, Any]], path: str, now: float) -> None:
         for record in records:
-            record.update(received_at=now, path=path)
+            record.update(received_at=now, path=path, seq=self.events_total)
+            self.events_total += 1
             self.events.append(record)
             if self.print_events:
                 log.info(
                     "event %s on %s (socket_id=%s): %s",
                     record["name"], record["channel"], record["socket_id"], record["data"][:500],
                 )
-        self.events_total += len(records)
 
     # -- control
 
@@ -240,6 +254,8 @@ class PusherServer:
             ("GET", "/_control/events"): lambda _r: Response.json(200, list(self.events)),
             ("GET", "/_control/stats"): self._control_stats,
             ("GET", "/_control/count"): lambda _r: Response.json(200, self.count()),
+            ("GET", "/_control/order"):
+                lambda _r: Response.json(200, arrival_order(self.events)),
             ("POST", "/_control/reset"): self._control_reset,
         }
         handler = handlers.get((request.method, request.path))
@@ -253,7 +269,7 @@ class PusherServer:
         except (ValueError, TypeError) as error:
             return Response.text(400, str(error))
         self._set_modes(modes)
-        log.info("modes set: %s", {k: v for k, v in asdict(modes).items() if v})
+        log.info("modes set: %s", modes.shown())
         return Response.json(200, asdict(modes))
 
     def _control_stats(self, request: Request) -> Response:
@@ -268,3 +284,21 @@ class PusherServer:
         return Response.json(200, {})
 
 
+
+
+def _decrypt_records(records: list[dict[str, Any]], key: bytes) -> None:
+    """Add what a subscriber would read: ``plaintext``, or ``decrypt_error`` saying why not."""
+    for record in records:
+        if record["channel"].startswith(rules.ENCRYPTED_PREFIX):
+            try:
+                record["plaintext"] = decrypt(record["channel"], record["data"], key)
+            except DecryptError as exc:
+                record["decrypt_error"] = str(exc)
+
+
+def arrival_order(events: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """Each channel's event data (plaintext when decrypted) in the order it was accepted."""
+    order: dict[str, list[str]] = {}
+    for event in events:
+        order.setdefault(event["channel"], []).append(event.get("plaintext", event["data"]))
+    return order

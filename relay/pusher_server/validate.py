@@ -7,6 +7,7 @@
    and producer, so the two sides can never disagree.
 """
 
+import json
 from typing import Any
 
 from relay import rules
@@ -22,7 +23,7 @@ def _check_channel(channel: Any) -> str:
     return channel
 
 
-def _check_event(item: dict[str, Any]) -> dict[str, Any]:
+def _check_event(item: dict[str, Any], max_data_bytes: int) -> dict[str, Any]:
     """Validate the fields shared by single and batch events; return a partial record."""
     name, data, socket_id = item.get("name"), item.get("data"), item.get("socket_id")
     problem = rules.event_problem(name)
@@ -33,7 +34,7 @@ def _check_event(item: dict[str, Any]) -> dict[str, Any]:
     problem = rules.socket_id_problem(socket_id)
     if problem is not None:
         raise ApiError(400, f"Invalid socket_id: {problem}")
-    problem = rules.data_size_problem(len(data.encode("utf-8")))
+    problem = rules.data_size_problem(len(data.encode("utf-8")), max_data_bytes)
     if problem is not None:
         raise ApiError(413, f"Event data too large: {problem}")
     return {"name": name, "data": data, "socket_id": socket_id}
@@ -60,12 +61,13 @@ def _info_attributes(info: Any) -> dict[str, int]:
     return {name: 0 for name in info.split(",") if name in INFO_ATTRIBUTES}
 
 
-def parse_trigger(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def parse_trigger(body: Any, max_data_bytes: int = rules.MAX_DATA_BYTES
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Validate a POST /events body; return one record per channel and the reply."""
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object")
     channels = _channels_of(body)
-    event = _check_event(body)
+    event = _check_event(body, max_data_bytes)
     reply: dict[str, Any] = {}
     if body.get("info"):
         attributes = _info_attributes(body["info"])
@@ -73,7 +75,8 @@ def parse_trigger(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return [dict(event, channel=channel) for channel in channels], reply
 
 
-def parse_batch(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def parse_batch(body: Any, max_data_bytes: int = rules.MAX_DATA_BYTES
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Validate a POST /batch_events body as a whole: Pusher accepts all or nothing."""
     if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
         raise ApiError(400, "Request body must be an object with a batch list")
@@ -85,8 +88,25 @@ def parse_batch(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if not isinstance(item, dict):
             raise ApiError(400, "Batch items must be objects")
         channel = _check_channel(item.get("channel"))
-        records.append(dict(_check_event(item), channel=channel))
+        records.append(dict(_check_event(item, max_data_bytes), channel=channel))
     if any(isinstance(item, dict) and item.get("info") for item in batch):
         return records, {"batch": [_info_attributes(item.get("info")) for item in batch]}
     return records, {}
 
+
+
+def channels_in(body: bytes) -> list[str]:
+    """The channels a request names, read leniently (for per-channel faults); [] if none."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(obj, dict):
+        return []
+    items = obj["batch"] if isinstance(obj.get("batch"), list) else [obj]
+    found = []
+    for item in items:
+        if isinstance(item, dict):
+            channels = item.get("channels", [item.get("channel")])
+            found.extend(c for c in channels if isinstance(c, str))
+    return found
