@@ -215,7 +215,7 @@ class Worker:
         now = self.clock()
         for raw in items:
             try:
-                note = parse(raw, self.config.event)
+                note = parse(raw, self.config.event, self.config.limits)
             except InvalidMessage as exc:
                 self._dead(slot, raw, str(exc), "invalid", 0)
                 continue
@@ -261,8 +261,8 @@ class Worker:
 
     def _tell_circuit(self, any_delivered: bool, results: Sequence[Failure | None]) -> None:
         failures = {f.kind: f for f in results if f is not None}
-        if Kind.RATE_LIMITED in failures:
-            self.circuit.pause(failures[Kind.RATE_LIMITED].retry_after_s or 1.0)
+        if Kind.RATE_LIMITED in failures and failures[Kind.RATE_LIMITED].retry_after_s:
+            self.circuit.pause(failures[Kind.RATE_LIMITED].retry_after_s)  # Retry-After: 0: none
         if Kind.SYSTEMIC in failures:
             self.circuit.systemic(failures[Kind.SYSTEMIC].reason)
         elif any_delivered:
