@@ -6,6 +6,8 @@ producer helper imports this module inside legacy apps. Each check returns the r
 notification would be refused, or None, so each caller raises its own error type.
 """
 
+# ruff: noqa: UP030, UP031, UP032  (f-strings and "{}" are not Python 2.7 syntax)
+
 import re
 
 MAX_BATCH_EVENTS = 10  # events in one batch_events call
