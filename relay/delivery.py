@@ -3,7 +3,7 @@
 1. The only module that imports `pusher`: the official library signs and validates, and a
    small backend (its `backend=` hook) sends through one keep-alive connection pool as large
    as the greenlet pool: urllib3 directly by default, or a requests.Session
-   (RELAY_HTTP_CLIENT=requests); see Urllib3Backend for why.
+   (PUSHER_HTTP_CLIENT=requests); see Urllib3Backend for why.
 2. `classify(answer)` maps an answer to a `Failure` kind, the one place for every server's
    dialect, by status code, never by message text (except Pusher's clock-skew 401):
    PERMANENT (this notification can never go: 400, 413, and 422, Laravel Reverb's

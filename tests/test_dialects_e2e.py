@@ -70,3 +70,19 @@ def test_reverb_422_is_dead_at_once_and_neighbours_are_delivered(r, pusher, star
     assert dead["error"].startswith("HTTP 422")
     assert dead["attempts"] <= 1  # never retried
     assert json.loads(dead["payload"]) == {"channel": "refused"}
+
+
+def test_sockudo_503_with_retry_after_pauses_and_0_does_not(r, pusher, start_worker,
+                                                            queue_name):
+    pusher.set_mode(dialect="sockudo", status=503, retry_after="0", fail_next=1)
+    w = start_worker(RELAY_POOL_SIZE="1")
+    r.rpush(queue_name, json.dumps({"channel": "a", "n": 1}))
+    pusher.wait_for_events(1)
+    assert "slow down" not in w.log()  # Retry-After: 0 is no pause
+    pusher.set_mode(dialect="sockudo", status=503, retry_after="2", fail_next=1)
+    r.rpush(queue_name, json.dumps({"channel": "a", "n": 2}))
+    pusher.wait_for_events(2)
+    assert "every greenlet waits 2.0 s" in w.log()
+    statuses = [q["status"] for q in pusher.stats()["requests"]]
+    assert statuses == [503, 200, 503, 200]
+    assert _dead(r, queue_name) == []
