@@ -11,14 +11,17 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from relay.errors import RelayError
+from relay.message import Limits
 
 PUSHER_DEFAULT_HOST = "api-{cluster}.pusher.com"
 
@@ -82,6 +85,27 @@ def _text(text: str) -> str:
     return text
 
 
+MAX_DATA_BYTES_CEILING = 1024 * 1024  # above this no known server takes an event
+
+
+def _data_limit(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_DATA_BYTES_CEILING:
+        raise ValueError(f"must be 1 to {MAX_DATA_BYTES_CEILING} bytes")
+    return value
+
+
+def _master_key(text: str) -> str:
+    """The pusher library's rule: base64 that decodes to 32 bytes. Checked here, at start."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be base64") from None
+    if len(key) != 32:
+        raise ValueError("must be base64 of 32 bytes (openssl rand -base64 32)")
+    return text.strip()
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 < value < 65536:
@@ -138,6 +162,11 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds per HTTP call (connect and read)"),
     Setting("PUSHER_HTTP_CLIENT", "http_client", "urllib3", _choice("urllib3", "requests"),
             "transport under the pusher library: urllib3 (less CPU) or requests"),
+    Setting("PUSHER_ENCRYPTION_MASTER_KEY_BASE64", "pusher_encryption_master_key", None,
+            _master_key, "32 random bytes, base64: enables end-to-end encrypted channels "
+            "(private-encrypted-*)", secret=True),
+    Setting("RELAY_MAX_DATA_BYTES", "max_data_bytes", "10240", _data_limit,
+            "largest event data in bytes (Pusher's limit; self-hosted servers may allow more)"),
     Setting("RELAY_EVENT", "event", "hit", _text, "event name for classic messages"),
     Setting("RELAY_POOL_SIZE", "pool_size", "50", _positive_int,
             "greenlets: the cap on concurrent Pusher calls"),
@@ -177,6 +206,7 @@ class PusherTarget:
     port: int
     ssl: bool
     timeout: float
+    encryption_master_key_base64: str | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -205,6 +235,14 @@ class Config:
     log_level: str
     log_format: str
     heartbeat_ttl: float
+    max_data_bytes: int = 10240
+
+    @property
+    def limits(self) -> Limits:
+        """What the parser refuses before sending: the data limit, and encrypted channels
+        unless a master key is set."""
+        encryption = self.pusher is not None and self.pusher.encryption_master_key_base64
+        return Limits(self.max_data_bytes, encryption=bool(encryption))
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
@@ -264,7 +302,8 @@ def parse_pusher_url(url: str, timeout: float) -> PusherTarget:
 def _pusher_target(raw: Mapping[str, Any]) -> PusherTarget:
     timeout = raw["pusher_timeout"]
     if raw["pusher_url"]:
-        return parse_pusher_url(raw["pusher_url"], timeout)
+        target = parse_pusher_url(raw["pusher_url"], timeout)
+        return replace(target, encryption_master_key_base64=raw["pusher_encryption_master_key"])
     for attr, env in (("pusher_app_id", "PUSHER_APP_ID"), ("pusher_key", "PUSHER_KEY"),
                       ("pusher_secret", "PUSHER_SECRET")):
         if not raw[attr]:
@@ -282,6 +321,7 @@ def _pusher_target(raw: Mapping[str, Any]) -> PusherTarget:
         port=raw["pusher_port"] or (443 if ssl else 80),
         ssl=ssl,
         timeout=timeout,
+        encryption_master_key_base64=raw["pusher_encryption_master_key"],
     )
 
 

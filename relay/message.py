@@ -9,7 +9,13 @@
    a notification waits for another attempt: it carries the original text and the attempt
    history, so dead letters always show what the producer pushed.
 4. Everything Pusher would refuse (names, sizes) is refused here first, with a reason, so a
-   bad notification is dead-lettered instead of failing a whole batch.
+   bad notification is dead-lettered instead of failing a whole batch. `Limits` carries
+   what depends on the deployment: the data limit (RELAY_MAX_DATA_BYTES) and whether
+   `private-encrypted-` channels can be sent (a master key is set).
+5. An encrypted channel's data limit applies to what is sent: the ciphertext's JSON, whose
+   size follows from the plaintext's (NaCl secretbox adds 16 bytes, base64 4/3, the
+   `{"nonce": ..., "ciphertext": ...}` wrapper a fixed amount). The pusher library sends one
+   encrypted channel per call, so an encrypted channel must be a notification's only one.
 """
 
 from __future__ import annotations
@@ -27,6 +33,29 @@ ENVELOPE_VERSION = 1
 
 class InvalidMessage(RelayError, ValueError):
     """The notification can never be delivered; the text is the dead-letter reason."""
+
+
+ENCRYPTION_SETTING = "PUSHER_ENCRYPTION_MASTER_KEY_BASE64"
+_NONCE_B64 = 32  # base64 of NaCl's 24-byte nonce
+_SECRETBOX_MAC = 16
+_ENCRYPTED_WRAPPER = len('{"nonce": "", "ciphertext": ""}')  # pusher.crypto's json.dumps
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a deployment accepts. encryption: True (a key is set), False (refuse encrypted
+    channels, naming the setting) or None (unknown, as in the producer: accept them)."""
+
+    max_data_bytes: int = rules.MAX_DATA_BYTES
+    encryption: bool | None = None
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def encrypted_size(plain_bytes: int) -> int:
+    """Bytes of the data the pusher library sends for `plain_bytes` of plaintext."""
+    return _ENCRYPTED_WRAPPER + _NONCE_B64 + 4 * -(-(plain_bytes + _SECRETBOX_MAC) // 3)
 
 
 @dataclass(frozen=True)
@@ -69,11 +98,20 @@ def _check(problem: str | None) -> None:
         raise InvalidMessage(problem)
 
 
-def validate_channel(channel: Any) -> str:
+def validate_channel(channel: Any, limits: Limits = DEFAULT_LIMITS) -> str:
     _check(rules.channel_problem(channel))
-    if channel.startswith(rules.ENCRYPTED_PREFIX):
-        raise InvalidMessage("encrypted channels are not supported")
+    if channel.startswith(rules.ENCRYPTED_PREFIX) and limits.encryption is False:
+        raise InvalidMessage(f"{rules.ENCRYPTED_PREFIX}* channels need {ENCRYPTION_SETTING}")
     return channel
+
+
+def _check_encrypted(channels: tuple[str, ...]) -> bool:
+    """True when the notification goes to an encrypted channel (then its only one)."""
+    encrypted = any(c.startswith(rules.ENCRYPTED_PREFIX) for c in channels)
+    if encrypted and len(channels) > 1:
+        raise InvalidMessage(f"a {rules.ENCRYPTED_PREFIX} channel must be the notification's "
+                             "only channel (the pusher library sends one per call)")
+    return encrypted
 
 
 def _utf8_size(text: str, what: str) -> int:
@@ -98,8 +136,14 @@ def validate_event(event: Any) -> str:
     return event
 
 
-def validate_data(data: str) -> str:
-    _check(rules.data_size_problem(_utf8_size(data, "data")))
+def validate_data(data: str, limits: Limits = DEFAULT_LIMITS, encrypted: bool = False) -> str:
+    size = _utf8_size(data, "data")
+    if encrypted:
+        sent = encrypted_size(size)
+        if sent > limits.max_data_bytes:
+            raise InvalidMessage(f"data is {size} bytes, {sent} once encrypted, over the limit "
+                                 f"of {limits.max_data_bytes}")
+    _check(rules.data_size_problem(size, limits.max_data_bytes))
     return data
 
 
@@ -124,14 +168,16 @@ def _decode(raw: bytes | str) -> tuple[str, dict[str, Any]]:
     return text, obj
 
 
-def _classic(raw: bytes, text: str, obj: dict[str, Any], event: str) -> Notification:
-    channel = validate_channel(obj["channel"])
+def _classic(raw: bytes, text: str, obj: dict[str, Any], event: str, limits: Limits
+             ) -> Notification:
+    channel = validate_channel(obj["channel"], limits)
     rest = {k: v for k, v in obj.items() if k != "channel"}
+    data = validate_data(encode_data(rest), limits, _check_encrypted((channel,)))
     return Notification(raw=raw, payload=text, channels=(channel,), event=validate_event(event),
-                        data=validate_data(encode_data(rest)))
+                        data=data)
 
 
-def _channels(obj: dict[str, Any]) -> tuple[str, ...]:
+def _channels(obj: dict[str, Any], limits: Limits) -> tuple[str, ...]:
     channels = obj.get("channels")
     if isinstance(channels, str):
         channels = [channels]
@@ -139,7 +185,7 @@ def _channels(obj: dict[str, Any]) -> tuple[str, ...]:
         raise InvalidMessage("envelope needs channels: a non-empty list")
     if len(channels) > rules.MAX_CHANNELS:
         raise InvalidMessage(f"envelope has {len(channels)} channels, over {rules.MAX_CHANNELS}")
-    return tuple(validate_channel(c) for c in channels)
+    return tuple(validate_channel(c, limits) for c in channels)
 
 
 def _number(value: Any, name: str) -> float | None:
@@ -150,42 +196,44 @@ def _number(value: Any, name: str) -> float | None:
     return float(value)
 
 
-def _envelope(raw: bytes, text: str, obj: dict[str, Any]) -> Notification:
+def _envelope(raw: bytes, text: str, obj: dict[str, Any], limits: Limits) -> Notification:
     if "data" not in obj:
         raise InvalidMessage("envelope needs data")
     ident = obj.get("id")
+    channels = _channels(obj, limits)
     return Notification(
         raw=raw,
         payload=text,
-        channels=_channels(obj),
+        channels=channels,
         event=validate_event(obj.get("event")),
-        data=validate_data(encode_data(obj["data"])),
+        data=validate_data(encode_data(obj["data"]), limits, _check_encrypted(channels)),
         socket_id=validate_socket_id(obj.get("socket_id")),
         enqueued_at=_number(obj.get("enqueued_at"), "enqueued_at"),
         id=str(ident) if ident is not None else None,
     )
 
 
-def parse(raw: bytes, default_event: str) -> Notification:
+def parse(raw: bytes, default_event: str, limits: Limits = DEFAULT_LIMITS) -> Notification:
     """Turn one queue element into a Notification, or raise InvalidMessage with the reason."""
     text, obj = _decode(raw)
     if "channel" in obj:
-        return _classic(raw, text, obj, default_event)
+        return _classic(raw, text, obj, default_event, limits)
     if obj.get("relay") != ENVELOPE_VERSION:
         raise InvalidMessage("no channel (neither a classic message nor a relay envelope)")
     if "payload" in obj:
-        return _unwrap_retry(raw, obj, default_event)
-    return _envelope(raw, text, obj)
+        return _unwrap_retry(raw, obj, default_event, limits)
+    return _envelope(raw, text, obj, limits)
 
 
-def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str) -> Notification:
+def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str, limits: Limits
+                  ) -> Notification:
     payload = obj["payload"]
     history = obj.get("retry") or {}
     attempts = history.get("attempts", 0) if isinstance(history, dict) else None
     if not isinstance(payload, str) or not isinstance(attempts, int) or attempts < 0:
         raise InvalidMessage("malformed retry wrapper")
     _utf8_size(payload, "retry payload")
-    inner = parse(payload.encode("utf-8"), default_event)
+    inner = parse(payload.encode("utf-8"), default_event, limits)
     if inner.payload != payload or inner.attempts:
         raise InvalidMessage("nested retry wrapper")
     return Notification(

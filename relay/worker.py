@@ -246,7 +246,7 @@ class Worker:
 
     def _parse(self, raw: bytes) -> Item:
         try:
-            return parse(raw, self.config.event)
+            return parse(raw, self.config.event, self.config.limits)
         except InvalidMessage as exc:
             return exc
 
