@@ -1,15 +1,14 @@
-"""Parse and validate what producers push: pure functions, no I/O.
+"""Parse and validate what the worker pops: pure functions, no I/O.
 
-1. A *classic* message is a JSON object with a `channel` key: the event is RELAY_EVENT and
-   the data is the object without `channel`. Any object that has `channel` is classic, so
-   a classic message can never be misread as an envelope, whatever else it carries.
-2. An *envelope* has no `channel` key and carries `"relay": 1`, with `channels` (1 to 100),
-   `event`, `data`, and optionally `socket_id`, `enqueued_at` (Unix seconds) and `id`.
+1. Classic messages and envelopes are read by relay.wire, the one parser the producer helper
+   uses too (in syntax Python 2.7 reads), so an app refuses exactly what the worker would
+   dead-letter. Everything Pusher would refuse (names, sizes) is refused there first, with a
+   reason, so a bad notification is dead-lettered instead of failing a whole batch.
+2. On top of that the worker applies the policies that depend on its own settings (here:
+   encrypted channels) and builds a typed Notification.
 3. A *retry wrapper* (`"relay": 1` with `payload`) is what the worker itself writes back when
    a notification waits for another attempt: it carries the original text and the attempt
    history, so dead letters always show what the producer pushed.
-4. Everything Pusher would refuse (names, sizes) is refused here first, with a reason, so a
-   bad notification is dead-lettered instead of failing a whole batch.
 """
 
 from __future__ import annotations
@@ -19,13 +18,19 @@ from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
 
-from relay import rules
+from relay import rules, wire
+from relay.wire import ENVELOPE_VERSION, InvalidMessage, envelope
 
-ENVELOPE_VERSION = 1
+__all__ = ["ENVELOPE_VERSION", "InvalidMessage", "Notification", "envelope", "parse",
+           "payload_of", "retry_wrapper"]
 
 
-class InvalidMessage(ValueError):
-    """The notification can never be delivered; the text is the dead-letter reason."""
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -53,128 +58,25 @@ class Notification:
         return len(self.channels)
 
 
-def encode_data(data: Any) -> str:
-    """Pusher wants data as a string: strings pass through, anything else becomes JSON."""
-    if isinstance(data, str):
-        return data
-    try:
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except ValueError:  # NaN or Infinity: Python reads them, browsers' JSON.parse does not
-        raise InvalidMessage("data holds NaN or Infinity, which is not JSON") from None
+def _policy(channels: tuple[str, ...]) -> tuple[str, ...]:
+    """The worker's refusals beyond Pusher's format rules (relay.wire checks those)."""
+    for channel in channels:
+        if channel.startswith(rules.ENCRYPTED_PREFIX):
+            raise InvalidMessage("encrypted channels are not supported")
+    return channels
 
 
-def _check(problem: str | None) -> None:
-    if problem is not None:
-        raise InvalidMessage(problem)
-
-
-def validate_channel(channel: Any) -> str:
-    _check(rules.channel_problem(channel))
-    if channel.startswith(rules.ENCRYPTED_PREFIX):
-        raise InvalidMessage("encrypted channels are not supported")
-    return channel
-
-
-def _utf8_size(text: str, what: str) -> int:
-    # JSON may carry a lone surrogate ("\ud800"): valid JSON, but no UTF-8 text can hold it.
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidMessage(f"{what} holds a lone surrogate, not valid Unicode") from None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def validate_event(event: Any) -> str:
-    _check(rules.event_problem(event))
-    _utf8_size(event, "event name")
-    return event
-
-
-def validate_data(data: str) -> str:
-    _check(rules.data_size_problem(_utf8_size(data, "data")))
-    return data
-
-
-def validate_socket_id(socket_id: Any) -> str | None:
-    _check(rules.socket_id_problem(socket_id))
-    return socket_id
-
-
-def _decode(raw: bytes | str) -> tuple[str, dict[str, Any]]:
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-    except UnicodeDecodeError:
-        raise InvalidMessage("not UTF-8 text") from None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        raise InvalidMessage("not JSON") from None
-    except RecursionError:  # the decoder recurses per nesting level
-        raise InvalidMessage("JSON nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise InvalidMessage(f"not a JSON object (got {type(obj).__name__})")
-    return text, obj
-
-
-def _classic(raw: bytes, text: str, obj: dict[str, Any], event: str) -> Notification:
-    channel = validate_channel(obj["channel"])
-    rest = {k: v for k, v in obj.items() if k != "channel"}
-    return Notification(raw=raw, payload=text, channels=(channel,), event=validate_event(event),
-                        data=validate_data(encode_data(rest)))
-
-
-def _channels(obj: dict[str, Any]) -> tuple[str, ...]:
-    channels = obj.get("channels")
-    if isinstance(channels, str):
-        channels = [channels]
-    if not isinstance(channels, list) or not channels:
-        raise InvalidMessage("envelope needs channels: a non-empty list")
-    if len(channels) > rules.MAX_CHANNELS:
-        raise InvalidMessage(f"envelope has {len(channels)} channels, over {rules.MAX_CHANNELS}")
-    return tuple(validate_channel(c) for c in channels)
-
-
-def _number(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidMessage(f"{name} must be a number of Unix seconds")
-    return float(value)
-
-
-def _envelope(raw: bytes, text: str, obj: dict[str, Any]) -> Notification:
-    if "data" not in obj:
-        raise InvalidMessage("envelope needs data")
-    ident = obj.get("id")
-    return Notification(
-        raw=raw,
-        payload=text,
-        channels=_channels(obj),
-        event=validate_event(obj.get("event")),
-        data=validate_data(encode_data(obj["data"])),
-        socket_id=validate_socket_id(obj.get("socket_id")),
-        enqueued_at=_number(obj.get("enqueued_at"), "enqueued_at"),
-        id=str(ident) if ident is not None else None,
-    )
+def _notification(raw: bytes, text: str, found: dict[str, Any]) -> Notification:
+    _policy(found["channels"])
+    return Notification(raw=raw, payload=text, **found)
 
 
 def parse(raw: bytes, default_event: str) -> Notification:
     """Turn one queue element into a Notification, or raise InvalidMessage with the reason."""
-    text, obj = _decode(raw)
-    if "channel" in obj:
-        return _classic(raw, text, obj, default_event)
-    if obj.get("relay") != ENVELOPE_VERSION:
-        raise InvalidMessage("no channel (neither a classic message nor a relay envelope)")
-    if "payload" in obj:
+    text, obj = wire.decode(raw)
+    if wire.is_retry_wrapper(obj):
         return _unwrap_retry(raw, obj, default_event)
-    return _envelope(raw, text, obj)
+    return _notification(raw, text, wire.fields(obj, default_event))
 
 
 def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str) -> Notification:
@@ -183,7 +85,7 @@ def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str) -> Notifi
     attempts = history.get("attempts", 0) if isinstance(history, dict) else None
     if not isinstance(payload, str) or not isinstance(attempts, int) or attempts < 0:
         raise InvalidMessage("malformed retry wrapper")
-    _utf8_size(payload, "retry payload")
+    wire.utf8_size(payload, "retry payload")
     inner = parse(payload.encode("utf-8"), default_event)
     if inner.payload != payload or inner.attempts:
         raise InvalidMessage("nested retry wrapper")
@@ -191,7 +93,7 @@ def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str) -> Notifi
         raw=raw, payload=payload, channels=inner.channels, event=inner.event, data=inner.data,
         socket_id=inner.socket_id, enqueued_at=inner.enqueued_at, id=inner.id,
         attempts=attempts,
-        first_failed_at=_number(history.get("first_failed_at"), "first_failed_at"),
+        first_failed_at=wire.unix_seconds(history.get("first_failed_at"), "first_failed_at"),
     )
 
 
@@ -217,23 +119,4 @@ def payload_of(raw: bytes) -> str:
             return text
         if isinstance(inner, str) and _encodable(inner):
             return inner
-    return text
-
-
-def envelope(channels: list[str], event: str, data: Any, socket_id: str | None = None,
-             enqueued_at: float | None = None, ident: str | None = None) -> str:
-    """Encode an envelope (the producer's format), validated so bad input fails at the source."""
-    obj: dict[str, Any] = {"relay": ENVELOPE_VERSION, "channels": channels, "event": event,
-                           "data": data}
-    if socket_id is not None:
-        obj["socket_id"] = socket_id
-    if enqueued_at is not None:
-        obj["enqueued_at"] = enqueued_at
-    if ident is not None:
-        obj["id"] = ident
-    try:
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except ValueError:
-        raise InvalidMessage("data holds NaN or Infinity, which is not JSON") from None
-    parse(text.encode("utf-8"), event)
     return text

@@ -36,9 +36,9 @@ def channel_problem(channel):
     else:
         rest, limit, what = channel, MAX_CHANNEL_NAME, "channel name"
     if len(rest) > limit:
-        return f"{what} longer than {limit} characters"
+        return "%s longer than %d characters" % (what, limit)
     if not _NAME.match(rest):
-        return f"invalid channel name {channel[:80]!r}"
+        return "invalid channel name %r" % (channel[:80],)
     return None
 
 
@@ -47,14 +47,14 @@ def event_problem(event):
     if not isinstance(event, TEXT_TYPES) or not event:
         return "event must be a non-empty string"
     if len(event) > MAX_EVENT_NAME:
-        return f"event name longer than {MAX_EVENT_NAME} characters"
+        return "event name longer than %d characters" % MAX_EVENT_NAME
     return None
 
 
 def data_size_problem(size, limit=MAX_DATA_BYTES):
     """Why data of `size` UTF-8 bytes is refused, or None."""
     if size > limit:
-        return f"data is {size} bytes, over the limit of {limit}"
+        return "data is %d bytes, over the limit of %d" % (size, limit)
     return None
 
 
