@@ -1,6 +1,7 @@
 """Run by tests/test_producer_matrix.py under each old interpreter (2.7, 3.6 ... 3.13).
 
-Usage: python legacy_producer.py DEPS_DIR TAG, with REDIS_URL and RELAY_QUEUE set.
+Usage: python legacy_producer.py APP_DIR DEPS_DIR TAG, with REDIS_URL and RELAY_QUEUE set;
+APP_DIR holds only the files the README says to copy into an app (relay/...).
 Pushes one classic message, one envelope and one through the one-off notify(), checks that
 bad input raises InvalidMessage and pushes nothing, and prints one JSON line: the
 interpreter, the redis-py version and the texts pushed. Syntax Python 2.7 reads, as the
@@ -11,12 +12,12 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the repository: relay/
-sys.path.insert(0, sys.argv[1])  # redis-py for this interpreter, nothing else
+sys.path.insert(0, sys.argv[1])  # the app: the producer's files, copied as the README says
+sys.path.insert(0, sys.argv[2])  # redis-py for this interpreter, nothing else
 
 import redis  # noqa: E402
 
+import relay  # noqa: E402
 from relay.producer import InvalidMessage, Producer, client_from_env, notify  # noqa: E402
 
 BAD = [  # (channels, data, event, socket_id): each must raise and push nothing
@@ -34,9 +35,10 @@ BAD = [  # (channels, data, event, socket_id): each must raise and push nothing
 
 def main():
     # type: () -> int
-    tag = sys.argv[2]
+    tag = sys.argv[3]
     assert "gevent" not in sys.modules, "relay.producer loaded gevent"
     assert "pusher" not in sys.modules, "relay.producer loaded pusher"
+    assert os.path.dirname(os.path.dirname(relay.__file__)) == sys.argv[1], relay.__file__
     queue = os.environ["RELAY_QUEUE"]
     client = client_from_env()
     producer = Producer(client)

@@ -32,6 +32,8 @@ VERSIONS = ["2.7", "3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
 BOOTSTRAP_PIP = {"3.6": "pip<22"}
 CACHE = ROOT / ".cache" / "producer-envs"
 QUEUE = "legacy-matrix"
+# What a legacy app copies (README, "In legacy apps"): nothing else may be imported.
+PRODUCER_FILES = ["__init__.py", "rules.py", "wire.py", "producer.py"]
 INSTALL_TIMEOUT_S = 600
 
 
@@ -120,11 +122,16 @@ def matrix_worker(redis_server: RedisServer, pusher_server: LocalPusher,
     proc.kill()
 
 
-def _run_producer(python: Path, deps: Path, tag: str, redis_url: str) -> dict[str, Any]:
+def _run_producer(python: Path, deps: Path, tag: str, redis_url: str, app: Path
+                  ) -> dict[str, Any]:
+    """Copy the producer's files into `app` as the README says, then run the script there."""
+    (app / "relay").mkdir(parents=True)
+    for name in PRODUCER_FILES:
+        shutil.copyfile(ROOT / "relay" / name, app / "relay" / name)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RELAY_", "PUSHER_", "REDIS_", "PYTHON"))}
     env.update({"REDIS_URL": redis_url, "RELAY_QUEUE": QUEUE})
-    done = subprocess.run([str(python), str(ROOT / "tests" / "legacy_producer.py"),
+    done = subprocess.run([str(python), str(ROOT / "tests" / "legacy_producer.py"), str(app),
                            str(deps), tag], capture_output=True, text=True, env=env,
                           cwd=deps, timeout=120)
     assert done.returncode == 0, f"{python} failed:\n{done.stdout}\n{done.stderr}"
@@ -144,7 +151,7 @@ def _canon(data: str) -> str:
 def test_legacy_producer_then_worker_delivers(
         version: str, interpreters: dict[str, tuple[Path, Path] | str],
         matrix_worker: WorkerProcess, redis_server: RedisServer,
-        pusher_server: LocalPusher, record_property: Any) -> None:
+        pusher_server: LocalPusher, record_property: Any, tmp_path: Path) -> None:
     found = interpreters[version]
     if isinstance(found, str):
         if found.startswith("FAIL "):
@@ -152,7 +159,7 @@ def test_legacy_producer_then_worker_delivers(
         pytest.skip(found)
     python, deps = found
     tag = "legacy-py" + version.replace(".", "")
-    report = _run_producer(python, deps, tag, redis_server.url)
+    report = _run_producer(python, deps, tag, redis_server.url, tmp_path / "app")
     assert report["python"].startswith(version + ".")
     record_property("redis-py", report["redis"])
 
