@@ -21,6 +21,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+import redis
 
 import relay
 from relay.pusher_server import LocalPusher
@@ -130,8 +131,6 @@ def test_installed_relay_delivers_and_administers(
         installed: Path, tmp_path: Path, relay_env: dict[str, str],
         pusher_server: LocalPusher, redis_server: RedisServer) -> None:
     """From a directory outside the checkout, so only the installed copy can be imported."""
-    import redis
-
     client = redis.Redis.from_url(redis_server.url)
     client.delete("package-test")
     client.rpush("package-test", json.dumps({"channel": "installed", "n": 1}))
