@@ -36,7 +36,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="worker.py",
+        # argv[0]'s name: `worker.py` or `relay` (the console script), whichever was run
         description="relay: move notifications from a Redis list to the Pusher HTTP API.\n"
                     "Without a subcommand it runs the worker.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
