@@ -13,34 +13,20 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-import redis
 from gevent import monkey
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from relay import __version__, admin, config, logs
+from relay.connect import redis_client
 from relay.delivery import Delivery
 from relay.health import HealthServer, Watchdog
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
-from relay.worker import BLOCK_S, Worker
+from relay.worker import Worker
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
-# Above the blocking pop's wake-up (BLOCK_S), so an idle pop is never a socket timeout.
-REDIS_SOCKET_TIMEOUT_S = BLOCK_S + 4.0
-REDIS_CONNECT_TIMEOUT_S = 3.0
 SPARE_CONNECTIONS = 8  # housekeeping greenlets and the metrics endpoint
-
-
-def redis_client(url: str, max_connections: int) -> redis.Redis:
-    """One pool for the process; redis-py's own retries are off because ours know more."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=None,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0), health_check_interval=30)
-    return redis.Redis(connection_pool=pool)
 
 
 class Parser(argparse.ArgumentParser):

@@ -25,6 +25,7 @@ from typing import Any
 
 import redis
 
+from relay import redis_url
 from relay.message import InvalidMessage, envelope, parse
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -38,10 +39,12 @@ Channels = str | Sequence[str]
 
 
 def client_from_env() -> redis.Redis:
-    """A Redis client for REDIS_URL (default redis://localhost:6379/0)."""
+    """A Redis client for REDIS_URL (default redis://localhost:6379/0), in any of its forms
+    (standalone, TLS, unix socket, Sentinel, Cluster: see relay.redis_url). A malformed URL
+    raises redis_url.RedisUrlError, whose text never shows the password."""
     url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-    return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
-                                socket_connect_timeout=CONNECT_TIMEOUT_S)
+    return redis_url.plain_client(url, socket_timeout=SOCKET_TIMEOUT_S,
+                                  socket_connect_timeout=CONNECT_TIMEOUT_S)
 
 
 def _is_classic(channels: Channels, data: Any, event: str | None,
