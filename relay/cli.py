@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from gevent import monkey
+from redis.exceptions import NoPermissionError
 
 from relay import __version__, admin, config, logs
 from relay.connect import redis_client
@@ -21,6 +22,7 @@ from relay.delivery import Delivery
 from relay.health import HealthServer, Watchdog
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
+from relay.retry import describe
 from relay.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,11 @@ def run(cfg: config.Config) -> int:
             watchdog.start()
             server = start_health_server(cfg.metrics_addr, worker, watchdog)
         return worker.run()
+    except NoPermissionError as exc:
+        log.error("Redis refused a command the worker needs (%s); grant it to the REDIS_URL "
+                  "user (README, \"Redis deployments\"); nothing was taken from the queue",
+                  describe(exc))
+        return EXIT_CONFIG
     finally:
         for part in (server, watchdog):
             if part is not None:

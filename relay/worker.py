@@ -23,7 +23,16 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 import redis
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    NoPermissionError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
 
+from relay import redis_url
 from relay.circuit import Circuit
 from relay.config import Config
 from relay.delivery import MAX_BATCH, Delivery, Failure, Kind
@@ -41,8 +50,11 @@ BLOCK_S = 1.0
 MAINTENANCE_S = 0.5
 SUMMARY_S = 10.0
 SHUTDOWN_GRACE_S = 1.0
-# Redis away (restarting, unreachable, loading its data): back off and try again.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# Redis away (restarting, unreachable, loading its data): back off and try again. So are a
+# demoted Sentinel master (READONLY) and a cluster between topologies (CLUSTERDOWN, TRYAGAIN,
+# redirects left after the cluster client's own retries, a slot no node serves yet).
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+              ReadOnlyError, ClusterError, TryAgainError, AskError, RedisClusterException)
 
 
 class Worker:
@@ -54,7 +66,8 @@ class Worker:
         self.metrics = metrics
         self.clock = clock
         self.circuit = Circuit()
-        self.redis_outage = Outage("Redis")
+        self.redis_outage = Outage("Redis",
+                                   where=f" at REDIS_URL={redis_url.mask(config.redis_url)}")
         self.stopping = gevent.event.Event()
         self.pool = gevent.pool.Pool(config.pool_size)
         self.services: list[gevent.Greenlet] = []
@@ -127,10 +140,13 @@ class Worker:
         """Wait (with backoff, quietly) until Redis answers: start order must not matter."""
         while not self.stopping.is_set():
             try:
+                self.queue.probe()  # an ACL user missing a right is refused here, at start
                 self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size)
                 self.redis_outage.succeeded()
                 return True
-            except redis.RedisError as exc:
+            except NoPermissionError:
+                raise  # no backoff cures it: the launcher reports it and exits 2
+            except (redis.RedisError, RedisClusterException) as exc:
                 self.stopping.wait(self.redis_outage.failed(exc))
         return False
 
@@ -201,7 +217,7 @@ class Worker:
         while not self.stopping.wait(interval_s):
             try:
                 action()
-            except redis.RedisError as exc:
+            except (redis.RedisError, RedisClusterException) as exc:
                 self.metrics.redis_errors.inc()
                 self.redis_outage.failed(exc)
             except Exception:
