@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import redis
 from gevent import monkey
 from redis.exceptions import NoPermissionError
 
@@ -124,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(cfg.log_level, cfg.log_format)
     if command == "run":
         return run(cfg)
-    client = redis_client(cfg.redis_url, SPARE_CONNECTIONS)
+    try:
+        client = redis_client(cfg.redis_url, SPARE_CONNECTIONS, wait=False)
+    except redis.RedisError as exc:
+        sys.stdout.write(f"redis error: {describe(exc)}\n")
+        return admin.EXIT_UNHEALTHY
     try:
         return admin.run(command, args, cfg, client)
     finally:

@@ -14,6 +14,8 @@ cluster client's redirect handling) because the worker's backoff knows more.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import redis
@@ -22,6 +24,9 @@ from redis.retry import Retry
 from redis.sentinel import SentinelConnectionPool
 
 from relay import redis_url
+from relay.retry import Outage, describe
+
+log = logging.getLogger(__name__)
 
 # Above the worker's blocking-pop wake-up (worker.BLOCK_S, 1 s), so an idle pop is never
 # a socket timeout; redis-py 8.1 would otherwise default it to 5 s anyway.
@@ -48,16 +53,19 @@ def _timeouts() -> dict[str, Any]:
             "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S}
 
 
-def redis_client(url: str, max_connections: int) -> Client:
+def redis_client(url: str, max_connections: int, wait: bool = True) -> Client:
     """One client for the process with at most max_connections to each Redis node.
 
     Raises redis_url.RedisUrlError for a malformed URL (config.load has checked it already).
+    Only the cluster client talks to Redis when it is built (it reads the slot map): with
+    wait, it waits for a node to answer, as the worker does for any Redis at start; without
+    (admin commands), a cluster nobody answers for is a redis.ConnectionError.
     """
     spec = redis_url.parse(url)
     if spec.kind == redis_url.SENTINEL:
         return _sentinel_client(spec, max_connections)
     if spec.kind == redis_url.CLUSTER:
-        return _cluster_client(spec, max_connections)
+        return _cluster_until_up(spec, max_connections, wait)
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=None, retry=Retry(NoBackoff(), 0),
         health_check_interval=HEALTH_CHECK_S, **_timeouts())
@@ -71,6 +79,22 @@ def _sentinel_client(spec: redis_url.RedisSpec, max_connections: int) -> redis.R
         spec.service, connection_pool_class=BlockingSentinelPool, db=spec.db,
         max_connections=max_connections, timeout=None, retry=Retry(NoBackoff(), 0),
         health_check_interval=HEALTH_CHECK_S, **_timeouts(), **spec.connection_kwargs())
+
+
+def _cluster_until_up(spec: redis_url.RedisSpec, max_connections: int, wait: bool) -> Client:
+    from redis.exceptions import RedisClusterException  # noqa: PLC0415
+
+    outage = Outage("Redis", where=f" at REDIS_URL={redis_url.mask(spec.url)}")
+    while True:
+        try:
+            client = _cluster_client(spec, max_connections)
+            outage.succeeded()
+            return client
+        except (RedisClusterException, redis.RedisError) as exc:
+            if not wait:
+                raise redis.ConnectionError(f"no cluster node answers ({describe(exc)})"
+                                            ) from None
+            time.sleep(outage.failed(exc))
 
 
 def _cluster_client(spec: redis_url.RedisSpec, max_connections: int) -> Client:
