@@ -299,6 +299,12 @@ def new_worker_id() -> str:
 REAPED_GRACE_S = 3600.0
 
 
+class RedisDemoted(redis.ConnectionError):
+    """A blocking pop was cut short because the server turned replica (a Sentinel failover
+    demoting it): Redis is away, as far as this worker is concerned, until it finds the
+    new master."""
+
+
 class WorkerReaped(RuntimeError):
     """Another worker declared this one dead (it missed heartbeats); re-register first."""
 
@@ -348,7 +354,12 @@ class RedisQueue:
             items = self._top_up(key, batch)
             if items or block_s <= 0:
                 return items
-        moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side, "RIGHT")
+        try:
+            moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side, "RIGHT")
+        except redis.ResponseError as exc:
+            if str(exc).startswith("UNBLOCKED"):  # "... instance state changed (master ->
+                raise RedisDemoted(str(exc)) from None  # replica?)": not the item's fault
+            raise
         if moved is None:
             return []
         return self._top_up(key, batch) if eager else [moved]

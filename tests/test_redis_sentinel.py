@@ -116,3 +116,24 @@ def test_master_killed_mid_drain_worker_follows_the_promoted_replica(
     assert lost_during <= 5, (lost_during, len(acked))
     # What was in flight (each slot's batch) plus acks the replica had not seen yet.
     assert duplicates <= POOL_SIZE * MAX_BATCH, duplicates
+
+
+def test_a_demoted_master_answering_readonly_is_redis_away(redis_server, r, pusher,
+                                                            start_worker, queue_name) -> None:
+    """What a client still talking to a demoted master sees: READONLY. Made here without
+    sentinels by turning the worker's own server into a replica, then back."""
+    require()
+    from relay.redis_server import RedisServer
+
+    worker = start_worker()
+    with RedisServer() as other:
+        r.replicaof("127.0.0.1", other.port)
+        wait_for(lambda: "Redis unreachable" in worker.log(), timeout=30,
+                 what="READONLY noticed as an outage")
+        r.replicaof("NO", "ONE")
+    r.rpush(queue_name, json.dumps({"channel": "c", "n": 1}))
+    wait_for(lambda: len(pusher.events()) == 1, timeout=30, what="delivery once a master again")
+    wait_for(lambda: "Redis reachable again" in worker.log(), timeout=30, what="recovery line")
+    log = worker.log()
+    assert worker.alive and log.count("Redis unreachable") == 1, log
+    assert ("ReadOnlyError" in log or "RedisDemoted" in log) and "unexpected error" not in log, log
