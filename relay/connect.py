@@ -14,7 +14,6 @@ cluster client's redirect handling) because the worker's backoff knows more.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -25,8 +24,6 @@ from redis.sentinel import SentinelConnectionPool
 
 from relay import redis_url
 from relay.retry import Outage, describe
-
-log = logging.getLogger(__name__)
 
 # Above the worker's blocking-pop wake-up (worker.BLOCK_S, 1 s), so an idle pop is never
 # a socket timeout; redis-py 8.1 would otherwise default it to 5 s anyway.
@@ -111,6 +108,16 @@ def _cluster_client(spec: redis_url.RedisSpec, max_connections: int) -> Client:
         startup_nodes=[ClusterNode(h, p) for h, p in others],
         connection_pool_class=redis.BlockingConnectionPool, max_connections=max_connections,
         timeout=None, **_timeouts(), **kwargs)
+
+
+def disconnect_all(client: Client) -> None:
+    """Close every pooled connection (a greenlet killed mid-command leaves one half-read).
+    A cluster client has a pool per node and no `connection_pool` of its own."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        pool.disconnect()
+    else:
+        client.disconnect_connection_pools()
 
 
 def _host(host: str) -> str:

@@ -35,6 +35,7 @@ from redis.exceptions import (
 from relay import redis_url
 from relay.circuit import Circuit
 from relay.config import Config
+from relay.connect import disconnect_all
 from relay.delivery import MAX_BATCH, Delivery, Failure, Kind
 from relay.message import InvalidMessage, Notification, parse, payload_of, retry_wrapper
 from relay.metrics import Metrics
@@ -123,7 +124,7 @@ class Worker:
             self.pool.kill(timeout=SHUTDOWN_GRACE_S)
         gevent.killall(self.services, timeout=SHUTDOWN_GRACE_S)
         # A greenlet killed mid-command leaves its connection half-read: start afresh.
-        self.queue.client.connection_pool.disconnect()
+        disconnect_all(self.queue.client)
         try:
             returned = self.queue.release(self.config.pool_size)
         except redis.RedisError as exc:

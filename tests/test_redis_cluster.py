@@ -4,6 +4,7 @@ the producer helper, `stats`, `enqueue` and `check` against the cluster."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -92,9 +93,20 @@ def test_two_workers_one_killed_mid_drain_nothing_lost(cluster, rc, pusher, star
     report = json.loads(stats.stdout)
     assert report["length"] == 0 and report["totals"]["delivered"] >= total
     assert [w["id"] for w in report["workers"]] == [RedisQueue(rc, queue_name).workers()[0]["id"]]
+    rc.rpush("{" + queue_name + "}:dead", json.dumps({"payload": '{"channel":"c","n":-2}',
+                                                      "error": "test", "failed_at": 0}))
+    for args in (["dead", "list"], ["dead", "requeue", "--all"]):
+        done = _admin(cluster.url, queue_name, *args)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+    wait_for(lambda: any(json.loads(e["data"])["n"] == -2 for e in pusher.events()),
+             what="the requeued dead letter delivered")
     check = _admin(cluster.url, queue_name, "check")
     assert check.returncode == 0 and "1 live worker" in check.stdout, check.stdout
     enq = _admin(cluster.url, queue_name, "enqueue", "c", '{"n": -1}')
     assert enq.returncode == 0, enq.stdout + enq.stderr
     wait_for(lambda: any(json.loads(e["data"])["n"] == -1 for e in pusher.events()),
              what="the enqueued notification delivered")
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0, second.log()
+    assert "stopped;" in second.log() and _inflight(rc, queue_name) == 0
+    assert rc.zcard("{" + queue_name + "}:workers") == 0
