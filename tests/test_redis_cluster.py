@@ -22,7 +22,7 @@ from tests.topology import ClusterSet, require
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ClusterSet]:
-    require("redis-cli")
+    require("redis-cli", version=(7, 0))  # --cluster-port
     nodes = ClusterSet().start()
     yield nodes
     nodes.stop()

@@ -29,15 +29,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 @pytest.fixture(scope="module")
 def tls(certs: Certs) -> Iterator[RedisServer]:
     """Clients need not show a certificate."""
-    with tls_server(certs, auth_clients=False) as server:
-        yield server
+    server = tls_server(certs, auth_clients=False)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
 def mtls(certs: Certs) -> Iterator[RedisServer]:
     """Clients must show a certificate signed by the CA."""
-    with tls_server(certs, auth_clients=True) as server:
-        yield server
+    server = tls_server(certs, auth_clients=True)
+    yield server
+    server.stop()
 
 
 def _deliver_through(url: str, pusher, start_worker, queue_name: str, monkeypatch) -> None:

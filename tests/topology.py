@@ -14,6 +14,7 @@ when the machine lacks one.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -29,15 +30,24 @@ from relay.redis_server import RedisServer, find_binary, free_port
 from tests.support import wait_for
 
 
-def require(*tools: str) -> None:
-    """Skip the calling test, saying why, when a tool is missing here."""
+def require(*tools: str, version: tuple[int, int] = (6, 2)) -> None:
+    """Skip the calling test, saying why, when a tool is missing here or too old."""
     try:
-        find_binary()
+        binary = find_binary()
     except FileNotFoundError as exc:
         pytest.skip(f"no redis-server: {exc}")
     for tool in tools:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed on this machine")
+    found = server_version(binary)
+    if found < version:
+        pytest.skip(f"{binary} is Redis {found}; this test needs {version} or newer")
+
+
+def server_version(binary: str) -> tuple[int, int]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"v=(\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 # -- TLS ---------------------------------------------------------------------------------------
@@ -98,12 +108,25 @@ def _tls_answers(port: int, certs: Certs) -> bool:
 
 
 def tls_server(certs: Certs, auth_clients: bool) -> RedisServer:
+    """Started; skips the test when this redis-server was built without TLS."""
     port = free_port()
     extra = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", certs.server_cert,
              "--tls-key-file", certs.server_key, "--tls-ca-cert-file", certs.ca,
              "--tls-auth-clients", "yes" if auth_clients else "no"]
-    return RedisServer(port=port, extra=extra, plain_port=False,
-                       ready=lambda: _tls_answers(port, certs))
+    binary = find_binary()
+    if not tls_supported(binary):
+        pytest.skip(f"{binary} has no TLS support (built without BUILD_TLS)")
+    server = RedisServer(port=port, extra=extra, plain_port=False,
+                         ready=lambda: _tls_answers(port, certs))
+    return server.start()
+
+
+def tls_supported(binary: str) -> bool:
+    """A build without TLS refuses `tls-port` as an unknown directive; one with TLS gets as
+    far as the next (deliberately unknown) directive and refuses that instead."""
+    out = subprocess.run([binary, "--tls-port", "1", "--relay-no-such-directive", "x"],
+                         capture_output=True, text=True, timeout=10)
+    return "tls-port" not in out.stdout + out.stderr
 
 
 # -- Sentinel ----------------------------------------------------------------------------------
