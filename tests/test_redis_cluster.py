@@ -10,7 +10,9 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
+import gevent
 import pytest
+import redis
 from redis.cluster import RedisCluster
 
 from relay import producer
@@ -110,3 +112,15 @@ def test_two_workers_one_killed_mid_drain_nothing_lost(cluster, rc, pusher, star
     assert second.wait() == 0, second.log()
     assert "stopped;" in second.log() and _inflight(rc, queue_name) == 0
     assert rc.zcard("{" + queue_name + "}:workers") == 0
+
+
+def test_the_connection_cap_holds_on_each_cluster_node(cluster, rc) -> None:
+    """Eight blocking pops on three connections: five wait, none fails, no fourth."""
+    client = redis_client(cluster.url, 3)
+    pops = [gevent.spawn(client.blpop, ["nothing-here"], 0.3) for _ in range(8)]
+    gevent.joinall(pops, timeout=30, raise_error=True)
+    assert all(p.successful() and p.value is None for p in pops)
+    pool = client.get_node_from_key("nothing-here").redis_connection.connection_pool
+    assert isinstance(pool, redis.BlockingConnectionPool) and pool.max_connections == 3
+    assert len(pool._connections) <= 3
+    client.close()
