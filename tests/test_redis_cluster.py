@@ -124,3 +124,46 @@ def test_the_connection_cap_holds_on_each_cluster_node(cluster, rc) -> None:
     assert isinstance(pool, redis.BlockingConnectionPool) and pool.max_connections == 3
     assert len(pool._connections) <= 3
     client.close()
+
+
+def _node_id(port: int) -> str:
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        return str(client.execute_command("CLUSTER", "MYID"))
+    finally:
+        client.close()
+
+
+def _migrate_slot(slot: int, source: int, target: int) -> None:
+    """Move one slot, its keys and all, the way redis-cli --cluster reshard does."""
+    src, dst = redis.Redis(port=source), redis.Redis(port=target)
+    src_id, dst_id = _node_id(source), _node_id(target)
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+    for client in (dst, src):
+        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    src.close()
+    dst.close()
+
+
+def test_the_queue_slot_migrating_mid_drain_loses_nothing(cluster, rc, pusher, start_worker,
+                                                          queue_name) -> None:
+    total = 2000
+    rc.rpush(queue_name, *[json.dumps({"channel": "c", "n": i}) for i in range(total)])
+    pusher.set_mode(delay=0.2)
+    worker = start_worker(REDIS_URL=cluster.url)
+    wait_for(lambda: len(pusher.events()) >= 300, timeout=30, what="the drain under way")
+    slot = rc.keyslot(queue_name)
+    source = rc.get_node_from_key(queue_name).port
+    target = next(n.port for n in cluster.nodes if n.port != source)
+    _migrate_slot(slot, source, target)
+    wait_for(lambda: len({json.loads(e["data"])["n"] for e in pusher.events()}) == total,
+             timeout=60, what="every notification delivered after the migration")
+    wait_for(lambda: _inflight(rc, queue_name) == 0, what="in-flight lists empty")
+    moved_to = redis.Redis(port=target)
+    assert moved_to.zcard("{" + queue_name + "}:workers") == 1  # the worker followed
+    moved_to.close()
+    assert rc.llen(queue_name) == 0 and rc.llen("{" + queue_name + "}:dead") == 0
+    assert worker.alive and "unexpected error" not in worker.log(), worker.log()
