@@ -78,7 +78,8 @@ def run(command: str, args: argparse.Namespace, cfg: Config, client: redis.Redis
     try:
         return handlers[command](args, cfg, queue, out)
     except redis.RedisError as exc:
-        out.write(f"redis error: {type(exc).__name__}\n")
+        detail = f": {exc}" if isinstance(exc, redis.exceptions.NoPermissionError) else ""
+        out.write(f"redis error: {type(exc).__name__}{detail}\n")
         return EXIT_UNHEALTHY
 
 
@@ -87,9 +88,9 @@ def run(command: str, args: argparse.Namespace, cfg: Config, client: redis.Redis
 
 def collect_stats(cfg: Config, queue: RedisQueue) -> dict[str, Any]:
     lengths = queue.lengths()
-    seconds, micros = queue.client.time()
+    now = queue.now()
     tat = queue.client.get(queue.keys.ratelimit)
-    ahead = max(0.0, float(tat) - (seconds + micros / 1e6)) if tat else 0.0
+    ahead = max(0.0, float(tat) - now) if tat else 0.0
     workers = queue.workers()
     return {
         "queue": cfg.queue,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from relay import redis_url
 from relay.errors import RelayError
 from relay.message import Limits
 
@@ -143,7 +144,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_URL", "redis_url", "redis://localhost:6379/0", _text,
-            "redis://, rediss:// (TLS) or unix:// URL of the Redis server", secret=True),
+            "redis://, rediss:// (TLS), unix://, redis+sentinel:// or redis+cluster:// "
+            "URL", secret=True),
     Setting("RELAY_QUEUE", "queue", "notifications", _text,
             "the list to consume; every other key the worker keeps starts with it"),
     Setting("PUSHER_URL", "pusher_url", None, _text,
@@ -246,7 +248,7 @@ class Config:
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
-        parts = [f"redis={mask_url(self.redis_url)}"]
+        parts = [f"redis={redis_url.mask(self.redis_url)}"]
         if self.pusher is not None:
             parts.append(f"pusher={self.pusher.base_url}/apps/{self.pusher.app_id}")
             parts.append(f"key={self.pusher.key} secret=*** timeout={self.pusher.timeout}")
@@ -327,18 +329,9 @@ def _pusher_target(raw: Mapping[str, Any]) -> PusherTarget:
 
 def _check_redis_url(url: str) -> None:
     try:
-        scheme = urlsplit(url).scheme
-    except ValueError:
-        scheme = ""
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
-    from redis.connection import parse_url  # the parser the client will use, checked now
-
-    try:
-        parse_url(url)
-    except ValueError:  # its text may quote parts of the URL: keep it out of the message
-        raise ConfigError("REDIS_URL", "is not a valid Redis URL (check the port and the "
-                                       "query options)") from None
+        redis_url.parse(url)
+    except redis_url.RedisUrlError as exc:  # its text never quotes the URL
+        raise ConfigError("REDIS_URL", str(exc)) from None
 
 
 def _parse_one(setting: Setting, text: str | None) -> Any:

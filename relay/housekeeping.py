@@ -18,11 +18,11 @@ from typing import Any
 
 import gevent
 import gevent.event
-import redis
 
 from relay.config import Config
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
+from relay.redis_shared import REDIS_ERRORS
 from relay.retry import Outage
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Housekeeper:
         while not stopping.wait(interval_s):
             try:
                 action()
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self.metrics.redis_errors.inc()
                 self.outage.failed(exc)
             except Exception:

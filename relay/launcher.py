@@ -8,33 +8,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import redis
 from gevent import monkey
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.exceptions import NoPermissionError
 
 from relay import admin
 from relay.config import Config
+from relay.connect import redis_client
 from relay.delivery import Delivery
 from relay.health import HealthServer, Report, Watchdog
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
-from relay.redis_shared import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
+from relay.retry import describe
 from relay.worker import Worker
 
 log = logging.getLogger(__name__)
 
 SPARE_CONNECTIONS = 8  # housekeeping greenlets and the metrics endpoint
-
-
-def redis_client(url: str, max_connections: int) -> redis.Redis:
-    """One pool for the process; redis-py's own retries are off because ours know more."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=None,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0), health_check_interval=30)
-    return redis.Redis(connection_pool=pool)
+EXIT_CONFIG = 2  # bad configuration, or a Redis user missing a right the worker needs
 
 
 def run(cfg: Config, burst: bool = False) -> int:
@@ -56,6 +49,11 @@ def run(cfg: Config, burst: bool = False) -> int:
             watchdog.start()
             server = start_health_server(cfg.metrics_addr, metrics, worker.health, watchdog)
         return worker.run()
+    except NoPermissionError as exc:
+        log.error("Redis refused a command the worker needs (%s); grant it to the REDIS_URL "
+                  "user (README, \"Redis deployments\"); nothing was taken from the queue",
+                  describe(exc))
+        return EXIT_CONFIG
     finally:
         for part in (server, watchdog):
             if part is not None:
@@ -80,7 +78,11 @@ def start_health_server(addr: str, metrics: Metrics, report: Report,
 
 def run_admin(command: str, args: argparse.Namespace, cfg: Config) -> int:
     """A subcommand (stats, dead, enqueue, check) with a small client of its own."""
-    client = redis_client(cfg.redis_url, SPARE_CONNECTIONS)
+    try:
+        client = redis_client(cfg.redis_url, SPARE_CONNECTIONS, wait=False)
+    except redis.RedisError as exc:
+        sys.stdout.write(f"redis error: {describe(exc)}\n")
+        return admin.EXIT_UNHEALTHY
     try:
         return admin.run(command, args, cfg, client)
     finally:

@@ -22,9 +22,7 @@ import json
 import os
 import time
 
-import redis
-
-from relay import rules, wire
+from relay import redis_url, rules, wire
 from relay.wire import InvalidMessage
 
 __all__ = ["InvalidMessage", "Producer", "client_from_env", "encode", "notify"]
@@ -39,10 +37,12 @@ CONNECT_TIMEOUT_S = 3.0
 
 def client_from_env():
     # type: () -> redis.Redis
-    """A Redis client for REDIS_URL (default redis://localhost:6379/0)."""
+    """A Redis client for REDIS_URL (default redis://localhost:6379/0), in any of its forms
+    (standalone, TLS, unix socket, Sentinel, Cluster: see relay.redis_url). A malformed URL
+    raises redis_url.RedisUrlError, whose text never shows the password."""
     url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-    return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
-                                socket_connect_timeout=CONNECT_TIMEOUT_S)
+    return redis_url.plain_client(url, socket_timeout=SOCKET_TIMEOUT_S,
+                                  socket_connect_timeout=CONNECT_TIMEOUT_S)
 
 
 def _is_classic(channels, data, event, socket_id):

@@ -17,7 +17,14 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     # After a Sentinel failover the old master answers writes with READONLY until the
     # client follows the new one: a passing state, not a bug.
     redis.exceptions.ReadOnlyError,
+    # A cluster between topologies: CLUSTERDOWN, TRYAGAIN, redirects left after the cluster
+    # client's own retries, a slot no node serves yet.
+    redis.exceptions.ClusterError, redis.exceptions.TryAgainError, redis.exceptions.AskError,
+    redis.exceptions.RedisClusterException,
 )
+# Any failure of a Redis call: the cluster client's own errors do not derive from RedisError.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisError,
+                                              redis.exceptions.RedisClusterException)
 
 NOW_LUA = """
 local t = redis.call('TIME')

@@ -24,10 +24,13 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 import redis
+from redis.exceptions import NoPermissionError
 
+from relay import redis_url
 from relay.carrier import Carrier, Item
 from relay.circuit import Circuit
 from relay.config import Config
+from relay.connect import disconnect_all
 from relay.delivery import MAX_BATCH, Delivery
 from relay.fate import (
     DELIVERED,
@@ -46,7 +49,7 @@ from relay.message import InvalidMessage, Notification, parse
 from relay.metrics import Metrics
 from relay.queue import RedisQueue, WorkerReaped
 from relay.ratelimit import RateLimiter
-from relay.redis_shared import BLOCK_S, REDIS_DOWN
+from relay.redis_shared import BLOCK_S, REDIS_DOWN, REDIS_ERRORS
 from relay.retry import Outage
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,8 @@ class Worker:
         self.clock = clock
         self.burst = burst
         self.circuit = Circuit()
-        self.redis_outage = Outage("Redis")
+        self.redis_outage = Outage("Redis",
+                                   where=f" at REDIS_URL={redis_url.mask(config.redis_url)}")
         self.stopping = gevent.event.Event()
         self.pool = gevent.pool.Pool(config.pool_size)
         self.services: list[gevent.Greenlet] = []
@@ -123,7 +127,7 @@ class Worker:
             self.pool.kill(timeout=SHUTDOWN_GRACE_S)
         gevent.killall(self.services, timeout=SHUTDOWN_GRACE_S)
         # A greenlet killed mid-command leaves its connection half-read: start afresh.
-        self.queue.client.connection_pool.disconnect()
+        disconnect_all(self.queue.client)
         try:
             returned = self.queue.release(self.config.pool_size)
         except redis.RedisError as exc:
@@ -140,10 +144,13 @@ class Worker:
         """Wait (with backoff, quietly) until Redis answers: start order must not matter."""
         while not self.stopping.is_set():
             try:
+                self.queue.probe()  # an ACL user missing a right is refused here, at start
                 self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size)
                 self.redis_outage.succeeded()
                 return True
-            except redis.RedisError as exc:
+            except NoPermissionError:
+                raise  # no backoff cures it: the launcher reports it and exits 2
+            except REDIS_ERRORS as exc:
                 self.stopping.wait(self.redis_outage.failed(exc))
         return False
 

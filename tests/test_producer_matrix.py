@@ -33,7 +33,7 @@ BOOTSTRAP_PIP = {"3.6": "pip<22"}
 CACHE = ROOT / ".cache" / "producer-envs"
 QUEUE = "legacy-matrix"
 # What a legacy app copies (README, "In legacy apps"): nothing else may be imported.
-PRODUCER_FILES = ["__init__.py", "errors.py", "rules.py", "wire.py", "producer.py"]
+PRODUCER_FILES = ["__init__.py", "errors.py", "rules.py", "wire.py", "redis_url.py", "producer.py"]
 INSTALL_TIMEOUT_S = 600
 
 
