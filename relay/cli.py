@@ -21,6 +21,7 @@ from redis.retry import Retry
 from relay import __version__, admin, config, logs
 from relay.delivery import Delivery
 from relay.health import HealthServer, Watchdog
+from relay.history import Tally
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
 from relay.worker import BLOCK_S, Worker
@@ -91,9 +92,14 @@ def run(cfg: config.Config) -> int:
     metrics = Metrics()
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order)
-    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=metrics.observe_call,
-                        http_client=cfg.http_client)
-    worker = Worker(cfg, queue, delivery, metrics)
+    tally = Tally()  # the dashboard's call figures (history.py)
+
+    def on_call(status: int | None, seconds: float) -> None:
+        metrics.observe_call(status, seconds)
+        tally.call(status, seconds)
+
+    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=on_call, http_client=cfg.http_client)
+    worker = Worker(cfg, queue, delivery, metrics, tally=tally)
     watchdog = server = None
     try:
         if cfg.metrics_addr != "off":

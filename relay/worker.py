@@ -27,6 +27,7 @@ import redis
 from relay.circuit import Circuit
 from relay.config import Config
 from relay.delivery import MAX_BATCH, Delivery, Failure, Kind
+from relay.history import Tally
 from relay.message import InvalidMessage, Notification, parse, payload_of, retry_wrapper
 from relay.metrics import Metrics
 from relay.queue import RedisQueue, WorkerReaped
@@ -47,8 +48,12 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 class Worker:
     def __init__(self, config: Config, queue: RedisQueue, delivery: Delivery,
-                 metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+                 metrics: Metrics, clock: Callable[[], float] = time.time,
+                 tally: Tally | None = None) -> None:
         self.config = config
+        # The dashboard's figures without a settle step of their own (Pusher calls, latency);
+        # they ride on the next settle script (see history.py). cli feeds it Delivery's calls.
+        self.tally = tally or Tally()
         self.queue = queue
         self.delivery = delivery
         self.metrics = metrics
@@ -67,6 +72,7 @@ class Worker:
                                        on_wait=metrics.rate_waits.inc)
             self.batch = min(MAX_BATCH, self.limiter.burst)
         self.inflight = 0
+        self.busy = 0  # greenlets handling a batch now
         self.backlog_shedding = Episode(
             f"backlog over RELAY_MAX_BACKLOG={config.max_backlog}: dropping the oldest")
         self.stale_shedding = Episode(
@@ -127,7 +133,8 @@ class Worker:
         """Wait (with backoff, quietly) until Redis answers: start order must not matter."""
         while not self.stopping.is_set():
             try:
-                self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size)
+                self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size,
+                                     self.report())
                 self.redis_outage.succeeded()
                 return True
             except redis.RedisError as exc:
@@ -172,11 +179,13 @@ class Worker:
             self._reconcile(budget, 0)
             return
         self.inflight += len(items)
+        self.busy += 1
         self.metrics.inflight.inc(len(items))
         try:
             self._handle(slot, items, budget)
         finally:
             self.inflight -= len(items)
+            self.busy -= 1
             self.metrics.inflight.dec(len(items))
             if probing and self.circuit.probing:
                 # The probe ended without a verdict (all invalid or stale, a 429, an error).
@@ -224,7 +233,7 @@ class Worker:
             else:
                 notes.append(note)
         if stale:
-            self._persist(self.queue.ack, slot, stale, "shed_max_age")
+            self._persist(self.queue.ack, slot, stale, "shed_max_age", self.tally.take())
             self.metrics.shed.labels("max_age").inc(len(stale))
             self.stale_shedding.dropped(len(stale))
         self._reconcile(budget, sum(n.cost for n in notes))
@@ -239,8 +248,9 @@ class Worker:
                 results: Sequence[Failure | None]) -> None:
         delivered = [n for n, r in zip(notes, results, strict=True) if r is None]
         if delivered:
-            self._persist(self.queue.ack, slot, [n.raw for n in delivered])
             self._count_delivered(delivered)
+            self._persist(self.queue.ack, slot, [n.raw for n in delivered], "delivered",
+                          self.tally.take())
         self._tell_circuit(bool(delivered), results)
         # With the circuit open the failure is Pusher's, not the notification's: no attempt
         # is counted, so a long outage dead-letters nothing.
@@ -257,7 +267,8 @@ class Worker:
             else:
                 putback.append(note.raw)
         if putback:
-            self.metrics.requeued.inc(self._persist(self.queue.requeue, slot, putback))
+            self.metrics.requeued.inc(self._persist(self.queue.requeue, slot, putback,
+                                                    self.tally.take()))
 
     def _tell_circuit(self, any_delivered: bool, results: Sequence[Failure | None]) -> None:
         failures = {f.kind: f for f in results if f is not None}
@@ -276,6 +287,7 @@ class Worker:
         for note in delivered:
             if note.enqueued_at is not None:
                 self.metrics.age_seconds.observe(max(0.0, now - note.enqueued_at))
+                self.tally.age(now - note.enqueued_at)
 
     def _retry(self, slot: int, note: Notification, failure: Failure) -> None:
         attempts = note.attempts + 1
@@ -287,7 +299,8 @@ class Worker:
             return
         wrapper = retry_wrapper(note.payload, attempts, first, failure.reason)
         delay = compute_backoff(attempts)
-        if self._persist(self.queue.retry_later, slot, note.raw, wrapper, delay):
+        if self._persist(self.queue.retry_later, slot, note.raw, wrapper, delay,
+                         self.tally.take()):
             self.metrics.retried.inc()
             log.debug("retry %d of a notification in %.1f s: %s", attempts, delay, failure.reason)
 
@@ -297,7 +310,7 @@ class Worker:
         entry = {"payload": payload, "error": reason, "error_class": error_class,
                  "failed_at": self.clock(), "attempts": attempts, "queue": self.config.queue,
                  "worker": self.queue.worker_id}
-        if self._persist(self.queue.dead_letter, slot, raw, entry):
+        if self._persist(self.queue.dead_letter, slot, raw, entry, self.tally.take()):
             self.metrics.dead.labels(error_class).inc()
             fields = {"error_class": error_class, "attempts": attempts}
             if ident is not None:
@@ -321,8 +334,21 @@ class Worker:
 
     # -- housekeeping ------------------------------------------------------------------------
 
+    def report(self) -> dict[str, Any]:
+        """What the dashboard shows of this process; rides in the heartbeat's info JSON."""
+        c, now = self.circuit, self.circuit.clock()
+        return {"busy": self.busy, "inflight": self.inflight,
+                "circuit": {"open": c.is_open, "reason": c.reason,
+                            "next_probe_in_s": round(max(0.0, c.next_probe_at - now), 1)
+                            if c.is_open else None},
+                "paused_for_s": round(max(0.0, c.paused_until - now), 1),
+                "rate_limit": {"per_s": self.config.rate_limit, "burst": self.config.rate_burst},
+                "shedding": {"backlog": self.backlog_shedding.state(),
+                             "max_age": self.stale_shedding.state()}}
+
     def _heartbeat(self) -> None:
-        if not self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size):
+        if not self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size,
+                                    self.report()):
             # Frozen past the TTL (a paused VM, a stopped process): others recovered what it
             # held, so what it still sends may be sent twice, never lost.
             log.warning("this worker had been declared dead (missed heartbeats); "
@@ -368,6 +394,9 @@ class Episode:
             self.total = 0
         self.total += n
         self.last_at = self.clock()
+
+    def state(self) -> dict[str, Any]:
+        return {"active": self.last_at is not None, "dropped": self.total}
 
     def maybe_end(self) -> None:
         if self.last_at is not None and self.clock() - self.last_at > self.QUIET_S:
