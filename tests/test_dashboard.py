@@ -6,8 +6,6 @@ import base64
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +20,8 @@ from relay.dashboard.app import DashboardApp, DashboardServer
 from relay.dashboard.security import Guard, is_loopback
 from relay.queue import RedisQueue
 from relay.redis_server import RedisServer
-from tests.support import ROOT, wait_for
+from tests.dashboard_support import dashboard_cmd, listening_port
+from tests.support import wait_for
 
 XSS = '<script>alert("owned")</script>'
 
@@ -277,24 +276,6 @@ def test_loopback_addresses() -> None:
 
 
 # -- the command -------------------------------------------------------------------------------
-
-
-def dashboard_cmd(redis_server: RedisServer, queue_name: str, log_path: Path,
-                  **env: str) -> subprocess.Popen:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "PUSHER_",
-                                                                      "REDIS_"))}
-    full.update(REDIS_URL=redis_server.url, RELAY_QUEUE=queue_name, **env)
-    return subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "dashboard"], cwd=ROOT,
-                            env=full, stdout=subprocess.DEVNULL,
-                            stderr=log_path.open("wb"))  # noqa: SIM115 - the child owns it
-
-
-def listening_port(proc: subprocess.Popen, log_path: Path) -> int | None:
-    """The port the OS gave the dashboard, from its start line."""
-    if proc.poll() is not None:
-        raise AssertionError(f"dashboard exited: {log_path.read_text()}")
-    found = re.search(r"on http://[^ ]+:(\d+)/", log_path.read_text())
-    return int(found.group(1)) if found else None
 
 
 def test_exposed_without_auth_exits_2_with_one_line(redis_server: RedisServer,
