@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 
+from relay.producer import encode
 from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer
 from tests.dashboard_support import dashboard_cmd, listening_port
@@ -125,8 +127,7 @@ def test_page_with_a_worker_draining(browser: Any, start_dashboard: Callable[...
     response = page.goto(url)
     assert response.status == 200
     worker = start_worker()
-    notes = [json.dumps({"relay": 1, "channel": f"site-{i % 7}", "event": "hit",
-                         "data": {"n": i}, "enqueued_at": _redis_now(r)}) for i in range(300)]
+    notes = [encode([f"site-{i % 7}"], {"n": i}, "hit") for i in range(300)]
     r.rpush(queue_name, *notes)
     r.rpush(queue_name, f"not json {XSS}")
     wait_for(lambda: int(r.hget(f"{queue_name}:stats", "delivered") or 0) == 300, 60,
@@ -142,6 +143,8 @@ def test_page_with_a_worker_draining(browser: Any, start_dashboard: Callable[...
     assert str(worker.proc.pid) in text(page, "#workers")
     points = page.get_attribute('#chart-rate path[data-series="delivered"]', "data-points")
     assert int(points) >= 1
+    assert re.fullmatch(r"\d+ (ms|s)", text(page, '[data-t="age_p50"]'))  # envelopes' age
+    assert re.fullmatch(r"\d+ (ms|s)", text(page, '[data-t="call_p99"]'))
     assert page.get_attribute('#chart-rate path[data-series="delivered"]', "d").count("L") > 10
 
     # The dead letter's payload is text, not markup.
@@ -211,8 +214,3 @@ def test_with_auth_on_no_credentials_get_401(browser: Any,
     assert "pa55word" not in page.content()
     assert console.errors == []
     known.close()
-
-
-def _redis_now(r: redis.Redis) -> float:
-    seconds, micros = r.time()
-    return seconds + micros / 1e6

@@ -116,7 +116,7 @@ class Board:
                    self._lengths[0])
         change = (length - old[1]) / (now - old[0]) if now > old[0] else 0.0
         if length == 0:
-            state, eta = "empty", 0.0
+            state, eta = "empty", None
         elif change < 0:
             state, eta = "draining", length / -change
         elif change > 0:
