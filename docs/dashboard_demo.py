@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import gevent  # noqa: E402
 import redis  # noqa: E402
 
 from relay.producer import encode  # noqa: E402
@@ -37,7 +38,9 @@ def spawn(env: dict[str, str], *args: str, log: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))
 
 
-def push(r: redis.Redis, queue: str, seconds: float, pusher: LocalPusher) -> None:
+def push(r: redis.Redis, queue: str, seconds: float, pusher: LocalPusher,
+         outage: bool = True) -> None:
+    """Envelopes at 30 to 270 a second; Pusher answers 503 through the middle tenth."""
     started = time.time()
     n = 0
     was_failing = True
@@ -49,7 +52,7 @@ def push(r: redis.Redis, queue: str, seconds: float, pusher: LocalPusher) -> Non
         n += len(batch)
         if n % 400 < len(batch):
             r.rpush(queue, '{"channel": "bad channel!", "title": "<script>alert(1)</script>"}')
-        failing = 0.45 < elapsed / seconds < 0.55
+        failing = outage and 0.45 < elapsed / seconds < 0.55
         if failing != was_failing:
             pusher.set_mode(status=503, delay=0.02) if failing else pusher.set_mode(delay=0.02)
             was_failing = failing
@@ -71,16 +74,21 @@ def main() -> int:
             while not (found := re.search(r"on (http://\S+/)", (logs / "dashboard.log")
                                           .read_text())):
                 time.sleep(0.1)
-            push(redis.Redis.from_url(rs.url), "notifications", seconds, pusher)
+            r = redis.Redis.from_url(rs.url)
+            push(r, "notifications", seconds, pusher)
+            # Traffic goes on while the picture is taken, so the page shows it flowing.
+            more = gevent.spawn(push, r, "notifications", 60, pusher, False)
             from playwright.sync_api import sync_playwright
 
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page = browser.new_page(viewport={"width": 1280, "height": 1200})
                 page.goto(found.group(1))
                 page.wait_for_selector("body[data-refreshed]")
-                page.screenshot(path=png, full_page=True)
+                gevent.sleep(5)  # a few refreshes: the trend needs two samples
+                page.screenshot(path=png)
                 browser.close()
+            more.kill()
         finally:
             for proc in (*procs, board):
                 proc.send_signal(signal.SIGTERM)

@@ -140,7 +140,8 @@ def test_page_with_a_worker_draining(browser: Any, start_dashboard: Callable[...
     assert text(page, '[data-k="length"]') == str(r.llen(queue_name)) == "0"
     assert text(page, '[data-k="retry.scheduled"]') == str(r.zcard(f"{queue_name}:retry"))
     assert text(page, '[data-k="workers_alive"]') == "1"
-    assert str(worker.proc.pid) in text(page, "#workers")
+    workers = text(page, "#workers")
+    assert str(worker.proc.pid) in workers and "/ 10" in workers  # greenlets busy / the pool
     points = page.get_attribute('#chart-rate path[data-series="delivered"]', "data-points")
     assert int(points) >= 1
     assert re.fullmatch(r"\d+ (ms|s)", text(page, '[data-t="age_p50"]'))  # envelopes' age
