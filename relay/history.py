@@ -7,8 +7,9 @@
 2. `Tally` holds, per worker process, the figures that have no settle step of their own:
    Pusher calls, failed calls, and latency histogram buckets (call time, enqueue-to-delivery
    age). The next settle script carries them along as one "name=count ..." argument.
-3. `read_series` reads a window back in one pipelined round trip (plus one for Redis's clock)
-   and turns the histogram buckets into p50/p99.
+3. `SeriesReader` reads a window back in one pipelined round trip (plus one for Redis's
+   clock), turns the histogram buckets into p50/p99, and keeps the buckets Redis's clock has
+   left behind (they cannot change), so a refresh asks for the newest few only.
 
 Each bucket hash holds a few dozen small integers; seconds live 16 minutes, minutes 25 hours.
 """
@@ -119,22 +120,55 @@ def _decode(raw: Mapping[bytes, bytes]) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
-def read_series(client: redis.Redis, keys: Keys, name: str) -> dict[str, Any]:
-    """The window `name` ("15m" or "24h"): one point a bucket, oldest first, and totals.
+class SeriesReader:
+    """Reads windows back, keeping the buckets that can no longer change.
 
-    The bucket in progress is left out of the seconds (it is still filling) and shown
-    pro rata among the minutes."""
-    window = WINDOWS[name]
-    seconds, micros = client.time()
-    now = seconds + micros / 1e6
-    last = int(now) // window.step_s
-    if window.step_s == 1:
-        last -= 1
-    first = last - window.points + 1
-    pipe = client.pipeline(transaction=False)
-    for index in range(first, last + 1):
-        pipe.hgetall(bucket_key(keys, window, index))
-    buckets = [_decode(raw) for raw in pipe.execute()]
+    A settle script counts into the bucket of the Redis time at which it runs, and scripts
+    run one at a time: once Redis's clock has left a bucket, nothing adds to it again. So a
+    page refreshing every 2 s asks Redis for the last few buckets, not for 900 or 1,440.
+    (The two latest are always read again, in case Redis's clock was stepped.)
+    """
+
+    REREAD = 2
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._final: dict[str, dict[int, dict[str, int]]] = {name: {} for name in WINDOWS}
+
+    def read(self, name: str) -> dict[str, Any]:
+        """The window `name` ("15m" or "24h"): one point a bucket, oldest first, and totals.
+
+        The bucket in progress is left out of the seconds (it is still filling) and shown
+        pro rata among the minutes."""
+        window = WINDOWS[name]
+        seconds, micros = self.client.time()
+        now = seconds + micros / 1e6
+        last = int(now) // window.step_s
+        if window.step_s == 1:
+            last -= 1
+        first = last - window.points + 1
+        final = self._final[name]
+        for index in [i for i in final if i < first]:
+            del final[index]
+        wanted = [i for i in range(first, last + 1)
+                  if i not in final or i > last - self.REREAD]
+        pipe = self.client.pipeline(transaction=False)
+        for index in wanted:
+            pipe.hgetall(bucket_key(self.keys, window, index))
+        for index, raw in zip(wanted, pipe.execute(), strict=True):
+            final[index] = _decode(raw)
+        buckets = [final[i] for i in range(first, last + 1)]
+        return _series(name, window, now, first, buckets)
+
+
+def read_series(client: redis.Redis, keys: Keys, name: str) -> dict[str, Any]:
+    """One window read afresh (see SeriesReader)."""
+    return SeriesReader(client, keys).read(name)
+
+
+def _series(name: str, window: Window, now: float, first: int,
+            buckets: list[dict[str, int]]) -> dict[str, Any]:
     points, total = [], Counter[str]()
     for offset, raw in enumerate(buckets):
         start = (first + offset) * window.step_s

@@ -7,8 +7,11 @@ import redis
 from relay.history import (
     MINUTE_TTL_S,
     SECOND_TTL_S,
+    WINDOWS,
+    SeriesReader,
     Tally,
     bucket_index,
+    bucket_key,
     percentile,
     read_series,
 )
@@ -153,3 +156,20 @@ def test_read_series_gives_rates_per_second_and_percentiles(r: redis.Redis,
     assert series["totals"]["delivered"] == 3 and series["totals"]["calls"] == 1
     idle = [p for p in series["points"] if not p["delivered"]]
     assert all(p["age_p50"] is None for p in idle)
+
+
+def test_the_reader_keeps_past_buckets_and_rereads_the_newest(r: redis.Redis,
+                                                              queue_name: str) -> None:
+    q = registered(r, queue_name, "w1")
+    reader = SeriesReader(r, q.keys)
+    first = reader.read("15m")
+    assert first["totals"]["delivered"] == 0
+    # A past second cannot change (scripts count into Redis's present): it is not read again.
+    past = first["points"][-10]["t"]
+    r.hset(bucket_key(q.keys, WINDOWS["15m"], past), "delivered", 5)
+    q.ack(0, fetch_n(q, 2, "a"))
+    settled = redis_now(r)
+    wait_for(lambda: redis_now(r) >= int(settled) + 1, 5, "the next second on Redis's clock")
+    again = reader.read("15m")
+    assert again["totals"]["delivered"] == 2
+    assert read_series(r, q.keys, "15m")["totals"]["delivered"] == 7  # afresh: all of it

@@ -29,7 +29,7 @@ from relay.admin import parse_duration
 from relay.dashboard import page
 from relay.dashboard.data import ERROR_CLASSES, Board, DeadFilter
 from relay.dashboard.security import SECURITY_HEADERS, Guard
-from relay.history import WINDOWS, read_series
+from relay.history import WINDOWS, SeriesReader
 from relay.queue import RedisQueue
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class DashboardApp:
         self.board = Board(queue)
         self.queue = queue
         self.guard = guard
+        self.series = SeriesReader(queue.client, queue.keys)
         self.gets: dict[str, Callable[[dict[str, Any], str], tuple[str, bytes, str]]] = {
             "/": self._page, "/api/overview": self._overview, "/api/series": self._series,
             "/api/dead": self._dead, "/api/dead/entry": self._dead_entry}
@@ -117,8 +118,7 @@ class DashboardApp:
     # -- GET --------------------------------------------------------------------------------------
 
     def _page(self, environ: dict[str, Any], user: str) -> tuple[str, bytes, str]:
-        html = page.render(self.board.overview(), read_series(self.queue.client,
-                                                              self.queue.keys, "15m"),
+        html = page.render(self.board.overview(), self.series.read("15m"),
                            self.board.dead_page(DeadFilter(), 0, 20),
                            self.guard.csrf_token(user))
         return "200 OK", html, "text/html; charset=utf-8"
@@ -130,7 +130,7 @@ class DashboardApp:
         window = _query(environ).get("window", "15m")
         if window not in WINDOWS:
             raise HttpError("400 Bad Request", "window must be one of " + ", ".join(WINDOWS))
-        data = read_series(self.queue.client, self.queue.keys, window)
+        data = self.series.read(window)
         return "200 OK", _json(data), "application/json"
 
     def _dead(self, environ: dict[str, Any], user: str) -> tuple[str, bytes, str]:
