@@ -168,31 +168,35 @@ class Board:
 
     # -- dead letters ---------------------------------------------------------------------------
 
-    def _dead_scan(self) -> tuple[list[bytes], int]:
+    def _dead_scan(self, start: int = 0, stop: int = DEAD_SCAN_MAX - 1
+                   ) -> tuple[list[bytes], int]:
         pipe = self.queue.client.pipeline(transaction=False)
-        pipe.lrange(self.keys.dead, 0, DEAD_SCAN_MAX - 1)
+        pipe.lrange(self.keys.dead, start, stop)
         pipe.llen(self.keys.dead)
         raws, total = pipe.execute()
         return list(raws), int(total)
 
     def dead_page(self, wanted: DeadFilter, offset: int, limit: int) -> dict[str, Any]:
-        raws, total = self._dead_scan()
+        if not wanted.text and not wanted.error_class:  # unfiltered: read just the page
+            raws, total = self._dead_scan(offset, offset + limit - 1)
+            rows = [(raw, parse_entry(raw)) for raw in raws]
+            matched, scanned = total, total
+        else:
+            raws, total = self._dead_scan()
+            rows = [(raw, entry) for raw in raws if wanted.matches(entry := parse_entry(raw))]
+            matched, scanned = len(rows), len(raws)
+            rows = rows[offset:offset + limit]
         now = time.time()
-        rows = []
-        for raw in raws:
-            entry = parse_entry(raw)
-            if wanted.matches(entry):
-                rows.append((raw, entry))
         page = []
-        for raw, entry in rows[offset:offset + limit]:
+        for raw, entry in rows:
             payload = str(entry.get("payload", ""))
             failed_at = _num(entry.get("failed_at"), now)
             page.append({"id": entry_id(raw), "error_class": entry.get("error_class"),
                          "error": str(entry.get("error", "")), "attempts": entry.get("attempts"),
                          "failed_at": failed_at, "age_s": round(now - failed_at, 1),
                          "head": payload[:HEAD_CHARS], "size": len(payload)})
-        return {"total": total, "matched": len(rows), "offset": offset, "limit": limit,
-                "scanned": len(raws), "entries": page}
+        return {"total": total, "matched": matched, "offset": offset, "limit": limit,
+                "scanned": scanned, "entries": page}
 
     def dead_entry(self, ident: str) -> dict[str, Any] | None:
         for raw in self._dead_scan()[0]:
