@@ -6,7 +6,8 @@
    `dead purge [--older-than DURATION]`: each entry is moved or removed by its exact bytes
    in one Redis step, so two operators at once never lose or double one.
 3. `enqueue CHANNEL JSON [--event NAME]`: a test notification through the producer helper.
-4. `check`: one-shot health for scripts and container health checks: the worker's /healthz
+4. `dashboard`: the operator's page (relay/dashboard/), until SIGTERM or SIGINT.
+5. `check`: one-shot health for scripts and container health checks: the worker's /healthz
    when RELAY_METRICS_ADDR is on, otherwise Redis answers and a live worker is registered.
 
 Exit codes: 0 done or healthy, 1 unhealthy or nothing matched, 2 bad configuration or usage.
@@ -62,6 +63,8 @@ def add_subcommands(sub: Any, parents: list[argparse.ArgumentParser],
     enq.add_argument("data", help="JSON object or value")
     enq.add_argument("--event", help="event name (default: a classic message, RELAY_EVENT)")
     sub.add_parser("check", parents=parents, help="health probe: exit 0 healthy, 1 not")
+    sub.add_parser("dashboard", parents=parents,
+                   help="serve the operator's page at RELAY_DASHBOARD_ADDR")
 
 
 def parse_duration(text: str) -> float:
@@ -74,7 +77,8 @@ def parse_duration(text: str) -> float:
 def run(command: str, args: argparse.Namespace, cfg: Config, client: redis.Redis,
         out: TextIO = sys.stdout) -> int:
     queue = RedisQueue(client, cfg.queue, cfg.order, worker_id="admin")
-    handlers = {"stats": _stats, "dead": _dead, "enqueue": _enqueue, "check": _check}
+    handlers = {"stats": _stats, "dead": _dead, "enqueue": _enqueue, "check": _check,
+                "dashboard": _dashboard}
     try:
         return handlers[command](args, cfg, queue, out)
     except redis.RedisError as exc:
@@ -233,3 +237,9 @@ def _check(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO
     alive = [w for w in queue.workers() if not w["expired"]]
     out.write(f"redis ok; {len(alive)} live worker(s) on {cfg.queue}\n")
     return EXIT_OK if alive else EXIT_UNHEALTHY
+
+
+def _dashboard(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
+    from relay import dashboard  # its app imports parse_duration from here
+
+    return dashboard.serve(cfg, queue)

@@ -125,6 +125,22 @@ def _metrics_addr(text: str) -> str:
     return text
 
 
+def _dashboard_addr(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT")
+    if not 0 <= int(port) <= 65535:  # 0: the OS picks a free port (tests use it)
+        raise ValueError("port must be 0 to 65535")
+    return text
+
+
+def _user_password(text: str) -> str:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("must be user:password")
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     """One user-facing setting: environment variable, flag, default, parser, meaning."""
@@ -194,6 +210,11 @@ SETTINGS: tuple[Setting, ...] = (
             "text, or json for one JSON object per line"),
     Setting("RELAY_HEARTBEAT_TTL", "heartbeat_ttl", "10", _positive_float,
             "seconds without a heartbeat after which a worker's in-flight items are recovered"),
+    Setting("RELAY_DASHBOARD_ADDR", "dashboard_addr", "127.0.0.1:9400", _dashboard_addr,
+            "HOST:PORT where `dashboard` serves the operator's page"),
+    Setting("RELAY_DASHBOARD_AUTH", "dashboard_auth", None, _user_password,
+            "user:password for HTTP basic auth on the page; required when the address is "
+            "not loopback", secret=True),
 )
 
 
@@ -245,6 +266,8 @@ class Config:
         unless a master key is set."""
         encryption = self.pusher is not None and self.pusher.encryption_master_key_base64
         return Limits(self.max_data_bytes, encryption=bool(encryption))
+    dashboard_addr: str = "127.0.0.1:9400"
+    dashboard_auth: str | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
@@ -253,7 +276,9 @@ class Config:
             parts.append(f"pusher={self.pusher.base_url}/apps/{self.pusher.app_id}")
             parts.append(f"key={self.pusher.key} secret=*** timeout={self.pusher.timeout}")
         for f in fields(self):
-            if f.name not in ("redis_url", "pusher"):
+            if f.name == "dashboard_auth":
+                parts.append(f"dashboard_auth={'***' if self.dashboard_auth else None}")
+            elif f.name not in ("redis_url", "pusher"):
                 parts.append(f"{f.name}={getattr(self, f.name)}")
         return " ".join(parts)
 

@@ -19,6 +19,7 @@ from relay.config import Config
 from relay.connect import redis_client
 from relay.delivery import Delivery
 from relay.health import HealthServer, Report, Watchdog
+from relay.history import Tally
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
 from relay.retry import describe
@@ -39,9 +40,14 @@ def run(cfg: Config, burst: bool = False) -> int:
     metrics = Metrics()
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order)
-    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=metrics.observe_call,
-                        http_client=cfg.http_client)
-    worker = Worker(cfg, queue, delivery, metrics, burst=burst)
+    tally = Tally()  # the dashboard's call figures, riding on settle steps (history.py)
+
+    def on_call(status: int | None, seconds: float) -> None:
+        metrics.observe_call(status, seconds)
+        tally.call(status, seconds)
+
+    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=on_call, http_client=cfg.http_client)
+    worker = Worker(cfg, queue, delivery, metrics, burst=burst, tally=tally)
     watchdog = server = None
     try:
         if cfg.metrics_addr != "off":

@@ -121,6 +121,10 @@ CASES: list[tuple[str, str, str, str, Getter, Any, Any]] = [
     ("RELAY_LOG_LEVEL", "--log-level", "debug", "ERROR", lambda c: c.log_level, "debug", "error"),
     ("RELAY_LOG_FORMAT", "--log-format", "json", "text", lambda c: c.log_format, "json", "text"),
     ("RELAY_HEARTBEAT_TTL", "--heartbeat-ttl", "2", "30", lambda c: c.heartbeat_ttl, 2.0, 30.0),
+    ("RELAY_DASHBOARD_ADDR", "--dashboard-addr", "0.0.0.0:8080", "[::1]:9400",
+     lambda c: c.dashboard_addr, "0.0.0.0:8080", "[::1]:9400"),
+    ("RELAY_DASHBOARD_AUTH", "--dashboard-auth", "ops:pw", "a:b:c",
+     lambda c: c.dashboard_auth, "ops:pw", "a:b:c"),
 ]
 
 
@@ -217,6 +221,9 @@ BAD: list[tuple[dict[str, str], str]] = [
     ({**CREDS, "RELAY_MAX_BACKLOG": "-1"}, "RELAY_MAX_BACKLOG"),
     ({**CREDS, "RELAY_MAX_AGE": "soon"}, "RELAY_MAX_AGE"),
     ({**CREDS, "RELAY_HEARTBEAT_TTL": "0"}, "RELAY_HEARTBEAT_TTL"),
+    ({**CREDS, "RELAY_DASHBOARD_ADDR": "9400"}, "RELAY_DASHBOARD_ADDR"),
+    ({**CREDS, "RELAY_DASHBOARD_AUTH": "nocolon"}, "RELAY_DASHBOARD_AUTH"),
+    ({**CREDS, "RELAY_DASHBOARD_AUTH": ":pw"}, "RELAY_DASHBOARD_AUTH"),
     ({**CREDS, "RELAY_QUEUE": "two words"}, "RELAY_QUEUE"),
     ({**CREDS, "RELAY_MAX_DATA_BYTES": "0"}, "RELAY_MAX_DATA_BYTES"),
     ({**CREDS, "RELAY_MAX_DATA_BYTES": "1048577"}, "RELAY_MAX_DATA_BYTES"),
