@@ -15,6 +15,7 @@ send to an arbitrary node.
 - `Q:dead`                 list: dead letters, JSON {payload, error, failed_at, attempts, ...}
 - `Q:stats`                hash: running totals (delivered, dead, retried, shed_*) for `stats`
 - `Q:ratelimit`            string: the shared rate limiter's state (see ratelimit.py)
+- `Q:probe`                any: used for an instant at start by `probe` (ACL rights check)
 
 How nothing is lost:
 1. Fetch moves items atomically into the greenlet's own in-flight list (BLMOVE, then a
