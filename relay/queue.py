@@ -17,6 +17,7 @@ send to an arbitrary node.
 - `Q:ratelimit`            string: the shared rate limiter's state (see ratelimit.py)
 - `Q:history:s:<sec>`      hash: counts settled in that second (Redis clock), 16 min TTL
 - `Q:history:m:<min>`      hash: the same per minute, 25 h TTL (see history.py, _TALLY)
+- `Q:probe`                any: used for an instant at start by `probe` (ACL rights check)
 
 How nothing is lost:
 1. Fetch moves items atomically into the greenlet's own in-flight list (BLMOVE, then a
@@ -259,9 +260,11 @@ redis.call('LREM', k, 0, 'p')
 redis.call('ZADD', k, now, 'p')
 redis.call('ZSCORE', k, 'p')
 redis.call('ZRANGEBYSCORE', k, '-inf', now, 'LIMIT', 0, 1)
+redis.call('ZCOUNT', k, '-inf', now)
 redis.call('ZREM', k, 'p')
 redis.call('HSET', k, 'p', '1')
 redis.call('HINCRBY', k, 'p', 1)
+redis.call('EXPIRE', k, 60)
 redis.call('HDEL', k, 'p')
 redis.call('SET', k, 'p', 'PX', 1000)
 redis.call('GET', k)
