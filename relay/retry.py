@@ -15,6 +15,8 @@ import random
 import time
 from collections.abc import Callable
 
+from relay import explain
+
 log = logging.getLogger(__name__)
 
 BASE_DELAY_S = 1.0
@@ -75,7 +77,7 @@ class Outage:
                                    or now - self.since > self.FLAP_S):
             self.announced = True
             log.error("%s unreachable (%s); backing off and retrying", self.name,
-                      type(error).__name__)
+                      explain.reason(error))
         self.failures += 1
         return min(self.cap_s, self.base_s * (2 ** min(self.failures - 1, 16)))
 
