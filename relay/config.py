@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from relay import redis_url
 from relay.errors import RelayError
@@ -298,6 +298,7 @@ def mask_url(url: str) -> str:
 
 
 _URL_PATH = re.compile(r"\A/apps/([0-9]+)/?\Z")
+_URL_APP = re.compile(r"\A/apps/([^/]+)/?\Z")
 
 
 def parse_pusher_url(url: str, timeout: float) -> PusherTarget:
@@ -311,12 +312,29 @@ def parse_pusher_url(url: str, timeout: float) -> PusherTarget:
         raise ConfigError("PUSHER_URL", "must start with https:// or http://")
     if not parts.username or not parts.password:
         raise ConfigError("PUSHER_URL", "must carry KEY:SECRET@ before the host")
-    match = _URL_PATH.match(parts.path)
-    if not parts.hostname or not match:
-        raise ConfigError("PUSHER_URL", "must look like https://KEY:SECRET@HOST[:PORT]/apps/APP_ID")
+    if not parts.hostname:
+        raise ConfigError("PUSHER_URL", "has no host after KEY:SECRET@")
+    return _with_app_id(parts, port, timeout)
+
+
+def _app_id_of(path: str) -> str:
+    """The numeric id in `/apps/ID`; one trailing slash is accepted, as browsers add one."""
+    match = _URL_PATH.match(path)
+    if match:
+        return match.group(1)
+    app = _URL_APP.match(path)
+    if app:
+        raise ConfigError("PUSHER_URL", f"has app id {app.group(1)[:40]!r} after /apps/, but "
+                                        "Pusher app ids are numeric (e.g. /apps/123456)")
+    raise ConfigError("PUSHER_URL", "must end with /apps/APP_ID, the numeric app id "
+                                    f"(its path is {path[:60]!r})")
+
+
+def _with_app_id(parts: SplitResult, port: int | None, timeout: float) -> PusherTarget:
+    app_id = _app_id_of(parts.path)
     ssl = parts.scheme == "https"
     return PusherTarget(
-        app_id=match.group(1),
+        app_id=app_id,
         key=unquote(parts.username),
         secret=unquote(parts.password),
         host=parts.hostname,

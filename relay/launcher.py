@@ -14,7 +14,7 @@ import redis
 from gevent import monkey
 from redis.exceptions import NoPermissionError
 
-from relay import admin
+from relay import admin, explain, redis_url
 from relay.config import Config
 from relay.connect import redis_client
 from relay.delivery import Delivery
@@ -22,7 +22,6 @@ from relay.health import HealthServer, Report, Watchdog
 from relay.history import Tally
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
-from relay.retry import describe
 from relay.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ def run(cfg: Config, burst: bool = False) -> int:
     except NoPermissionError as exc:
         log.error("Redis refused a command the worker needs (%s); grant it to the REDIS_URL "
                   "user (README, \"Redis deployments\"); nothing was taken from the queue",
-                  describe(exc))
+                  explain.reason(exc))
         return EXIT_CONFIG
     finally:
         for part in (server, watchdog):
@@ -87,7 +86,8 @@ def run_admin(command: str, args: argparse.Namespace, cfg: Config) -> int:
     try:
         client = redis_client(cfg.redis_url, SPARE_CONNECTIONS, wait=False)
     except redis.RedisError as exc:
-        sys.stdout.write(f"redis error: {describe(exc)}\n")
+        where = redis_url.mask(cfg.redis_url)
+        sys.stdout.write(f"{command} failed: {explain.redis_error(exc, where)}\n")
         return admin.EXIT_UNHEALTHY
     try:
         return admin.run(command, args, cfg, client)

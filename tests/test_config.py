@@ -181,6 +181,25 @@ def test_pusher_url_default_ports() -> None:
     assert (plain.port, plain.ssl, plain.app_id) == (80, False, "123")
 
 
+@pytest.mark.parametrize("path,says", [
+    ("/apps/abc", "has app id 'abc' after /apps/, but Pusher app ids are numeric"),
+    ("/apps/abc/", "has app id 'abc' after /apps/, but Pusher app ids are numeric"),
+    ("/1", "must end with /apps/APP_ID, the numeric app id (its path is '/1')"),
+    ("", "must end with /apps/APP_ID, the numeric app id (its path is '')"),
+    ("/apps/1/extra", "must end with /apps/APP_ID"),
+    ("/apps/1//", "must end with /apps/APP_ID"),
+])
+def test_pusher_url_path_problems_say_what_is_wrong(path: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_pusher_url(f"https://k:{SECRET}@h.example{path}", 5)
+    assert says in str(caught.value)
+    assert_no_secret(str(caught.value))
+
+
+def test_pusher_url_one_trailing_slash_is_accepted_on_purpose() -> None:
+    assert parse_pusher_url("https://k:s@h.example/apps/7/", 5).app_id == "7"
+
+
 def test_pusher_url_percent_encoded_key_and_secret() -> None:
     p = parse_pusher_url("https://my%20key:s%2Fe%40c%3Ar%25et@h.example:8443/apps/77", 5)
     assert p.key == "my key"
