@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Iterator
 
+import certifi
 import pytest
 
 from relay.config import PusherTarget, parse_pusher_url
-from relay.delivery import DEFAULT_RETRY_AFTER_S, MAX_BATCH, Answer, Delivery, Kind, classify
+from relay.delivery import (
+    BACKENDS,
+    DEFAULT_RETRY_AFTER_S,
+    MAX_BATCH,
+    Answer,
+    Delivery,
+    GeventHttpBackend,
+    Kind,
+    Urllib3Backend,
+    classify,
+)
 from relay.message import Notification, parse
 from relay.pusher_server import LocalPusher
 
@@ -83,9 +95,9 @@ def note(text: str) -> Notification:
     return parse(text.encode(), "hit")
 
 
-@pytest.fixture(params=["urllib3", "requests"])
+@pytest.fixture(params=sorted(BACKENDS))
 def http_client(request: pytest.FixtureRequest) -> str:
-    """Every delivery test runs over both transports."""
+    """Every delivery test runs over every transport."""
     return request.param
 
 
@@ -320,3 +332,50 @@ def test_results_keep_the_order_of_the_input(pusher: LocalPusher, delivery: Deli
     results = delivery.send(notes)
     assert [r.kind if r else None for r in results] == [None, None, Kind.PERMANENT, None]
     assert delivery.calls == len(pusher.stats()["requests"])
+
+
+# -- geventhttpclient: settings read once, like the other transports ---------------------------
+
+
+def https_target() -> PusherTarget:
+    return parse_pusher_url("https://k:s@api-eu.pusher.com/apps/1", 5.0)
+
+
+def test_geventhttpclient_reads_proxy_and_ca_bundle_and_verifies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:p%40ss@127.0.0.1:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    d = Delivery(https_target(), pool_size=7, http_client="geventhttpclient")
+    try:
+        backend = d.client.http
+        assert isinstance(backend, GeventHttpBackend)
+        pool = backend.http._connection_pool
+        assert (pool._connection_host, pool._connection_port) == ("127.0.0.1", 3128)
+        assert (pool._request_host, pool._request_port) == ("api-eu.pusher.com", 443)
+        assert pool.size == 7  # one keep-alive connection per greenlet
+        assert pool.ssl_options["ca_certs"] == certifi.where()
+        assert pool.ssl_context.verify_mode == ssl.CERT_REQUIRED
+        assert pool.ssl_context.check_hostname
+    finally:
+        d.close()
+
+
+def test_geventhttpclient_ignores_the_proxy_for_no_proxy_hosts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", "pusher.com")
+    d = Delivery(https_target(), pool_size=2, http_client="geventhttpclient")
+    try:
+        assert d.client.http.http._connection_pool._connection_host == "api-eu.pusher.com"
+    finally:
+        d.close()
+
+
+def test_geventhttpclient_falls_back_to_urllib3_for_an_https_proxy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "https://proxy.example:3128")
+    d = Delivery(https_target(), pool_size=2, http_client="geventhttpclient")
+    try:
+        assert isinstance(d.client.http, Urllib3Backend)
+    finally:
+        d.close()

@@ -15,8 +15,15 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from relay.delivery import BACKENDS
 from relay.redis_server import RedisServer
 from tests.support import wait_for
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def worker_env(worker_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str, str]:
+    """Every fault test runs over every transport (PUSHER_HTTP_CLIENT)."""
+    return {**worker_env, "PUSHER_HTTP_CLIENT": request.param}
 
 
 def _push(r, queue_name, count):
