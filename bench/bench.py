@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -474,6 +475,8 @@ def run_all(plan: Plan) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C, so every child and server is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = make_plan(parse_args(argv))
     began = time.time()
     results = run_all(plan)

@@ -76,6 +76,8 @@ VARIANTS = {v.name: v for v in (
             about="urllib3 with hiredis"),
     Variant("relay-ghc", "relay", {"PUSHER_HTTP_CLIENT": "geventhttpclient"}, hiredis=False,
             about="geventhttpclient, redis-py's Python parser"),
+    Variant("relay-ghc-hiredis", "relay", {"PUSHER_HTTP_CLIENT": "geventhttpclient"},
+            about="geventhttpclient with hiredis"),
     Variant("relay", "relay", about="relay's defaults with requirements.txt installed"),
 )}
 DEFAULT_VARIANTS = ("seed", "relay-baseline", "relay")
