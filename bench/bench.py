@@ -69,7 +69,7 @@ PRELOAD_CHUNK = 1_000
 QUEUE_POLL_S = 0.05  # LLEN is cheap: poll it while the backlog lasts
 COUNT_POLL_S = 0.05  # so is the server's count endpoint, for the events still in flight
 FIRST_EVENT_TIMEOUT_S = 30.0
-TRANSPORTS = ("urllib3", "requests")  # PUSHER_HTTP_CLIENT; the transport scenario's pair
+TRANSPORTS = report.TRANSPORTS  # PUSHER_HTTP_CLIENT values the transport scenario compares
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 SERVER_LOG = RESULTS.parent / "pusher_server.log"
 
