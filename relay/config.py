@@ -134,9 +134,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PUSHER_SSL", "pusher_ssl", "true", _bool, "use HTTPS"),
     Setting("PUSHER_TIMEOUT", "pusher_timeout", "5", _positive_float,
             "seconds per HTTP call (connect and read)"),
-    Setting("PUSHER_HTTP_CLIENT", "http_client", "urllib3",
-            _choice("urllib3", "requests", "geventhttpclient"),
-            "transport under the pusher library: urllib3, requests or geventhttpclient"),
+    Setting("PUSHER_HTTP_CLIENT", "http_client", "geventhttpclient",
+            _choice("geventhttpclient", "urllib3", "requests"),
+            "transport under the pusher library: geventhttpclient (least CPU), urllib3 or "
+            "requests"),
     Setting("RELAY_EVENT", "event", "hit", _text, "event name for classic messages"),
     Setting("RELAY_POOL_SIZE", "pool_size", "50", _positive_int,
             "greenlets: the cap on concurrent Pusher calls"),

@@ -2,8 +2,8 @@
 
 1. The only module that imports `pusher`: the official library signs and validates, and a
    small backend (its `backend=` hook) sends through one keep-alive connection pool as large
-   as the greenlet pool: urllib3 directly by default, or a requests.Session
-   (RELAY_HTTP_CLIENT=requests); see Urllib3Backend for why.
+   as the greenlet pool: geventhttpclient by default, urllib3 directly, or a requests.Session
+   (PUSHER_HTTP_CLIENT); see GeventHttpBackend and Urllib3Backend for why.
 2. `classify(status, body, retry_after)` maps an answer to a `Failure` kind by status code,
    never by message text: PERMANENT (this notification can never go: 400, 413),
    TRANSIENT (network, timeout, 5xx: retry it later), SYSTEMIC (401, 403, 404: our account or
@@ -255,7 +255,7 @@ class Delivery:
 
     def __init__(self, target: PusherTarget, pool_size: int,
                  on_call: Callable[[int | None, float], None] | None = None,
-                 http_client: str = "urllib3") -> None:
+                 http_client: str = "geventhttpclient") -> None:
         """on_call(status or None for a network error, seconds) observes every HTTP call."""
         self.on_call = on_call
         # PusherClient is the part of pusher.Pusher that triggers (Pusher would also build
