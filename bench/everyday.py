@@ -237,6 +237,7 @@ class Everyday:
         return {"pushed": total, "delivered": len(events),
                 "cpu_ms_per_note": used / len(events) * 1000,
                 "core_share": used / (end - start),
+                "others_cores": cpu.others(start, end) / (end - start),
                 "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
                 "window": (start, end + 0.001), "units": len(events)}
 
@@ -247,6 +248,7 @@ class Everyday:
         child.check_alive()
         end = time.time()
         return {"core_share_pct": cpu.used("child", start, end) / (end - start) * 100,
+                "others_cores": cpu.others(start, end) / (end - start),
                 "window": (start, end), "units": end - start}
 
     def quiet(self, child: Child) -> dict[str, Any]:
@@ -276,6 +278,9 @@ ROWS: Sequence[tuple[str, str, str]] = (
     ("idle: Redis round trips per second", "idle.round_trips_per_unit", "{:.1f}"),
     ("idle: share of one core (%)", "idle.core_share_pct", "{:.2f}"),
     ("first notification after 2 s quiet, p50 (ms)", "quiet.p50_ms", "{:.1f}"),
+    # CPU the rest of the machine used meanwhile (2 cores: above ~0.3 the figures are noisy)
+    ("others on the machine at 500/s / idle (cores)",
+     "steady.500.others_cores|idle.others_cores", "{:.2f}"),
 )
 
 
