@@ -278,7 +278,8 @@ ROWS: Sequence[tuple[str, str, str]] = (
     ("idle: Redis round trips per second", "idle.round_trips_per_unit", "{:.1f}"),
     ("idle: share of one core (%)", "idle.core_share_pct", "{:.2f}"),
     ("first notification after 2 s quiet, p50 (ms)", "quiet.p50_ms", "{:.1f}"),
-    # CPU the rest of the machine used meanwhile (2 cores: above ~0.3 the figures are noisy)
+    # CPU the rest of the machine used meanwhile, the bench's Redis and server included
+    # (2 cores: much above 0.3 and the figures are noisy)
     ("others on the machine at 500/s / idle (cores)",
      "steady.500.others_cores|idle.others_cores", "{:.2f}"),
 )
