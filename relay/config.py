@@ -178,8 +178,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PUSHER_SSL", "pusher_ssl", "true", _bool, "use HTTPS"),
     Setting("PUSHER_TIMEOUT", "pusher_timeout", "5", _positive_float,
             "seconds per HTTP call (connect and read)"),
-    Setting("PUSHER_HTTP_CLIENT", "http_client", "urllib3", _choice("urllib3", "requests"),
-            "transport under the pusher library: urllib3 (less CPU) or requests"),
+    Setting("PUSHER_HTTP_CLIENT", "http_client", "geventhttpclient",
+            _choice("geventhttpclient", "urllib3", "requests"),
+            "transport under the pusher library: geventhttpclient (least CPU), urllib3 or "
+            "requests"),
     Setting("PUSHER_ENCRYPTION_MASTER_KEY_BASE64", "pusher_encryption_master_key", None,
             _master_key, "32 random bytes, base64: enables end-to-end encrypted channels "
             "(private-encrypted-*)", secret=True),
