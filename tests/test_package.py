@@ -56,6 +56,11 @@ def test_lock_pins_every_listed_requirement_with_hashes(lock: str) -> None:
     assert text.count("--hash=sha256:") >= len(pins)
 
 
+# What the Python 2.7-readable modules (relay/redis_url.py...) import when Python 3's name
+# is missing: the standard library there, not a package to declare.
+PYTHON2_STDLIB = frozenset({"urlparse", "urllib2", "httplib", "Queue"})
+
+
 def _third_party_imports() -> set[str]:
     """Top-level modules that relay's own code imports, outside the standard library."""
     found = set()
@@ -65,8 +70,8 @@ def _third_party_imports() -> set[str]:
                 found.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-    return {name for name in found
-            if name not in sys.stdlib_module_names and name not in ("relay", "__future__")}
+    return {name for name in found if name not in sys.stdlib_module_names
+            and name not in ("relay", "__future__") and name not in PYTHON2_STDLIB}
 
 
 def test_every_imported_package_is_declared() -> None:
