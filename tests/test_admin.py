@@ -179,8 +179,11 @@ def test_stats_watch_refreshes_in_place_until_interrupted(r, redis_server, queue
     out = tmp_path / "watch.out"
     env = {"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name, "RELAY_METRICS_ADDR": "off"}
     with open(out, "wb") as sink:
+        # A suite started in the background by a script runs with SIGINT ignored, and the
+        # child would inherit that (Python then installs no KeyboardInterrupt): reset it.
         proc = subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "stats", "--watch"],
-                                cwd=ROOT, env=env, stdout=sink)
+                                cwd=ROOT, env=env, stdout=sink,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_for(lambda: out.read_bytes().count(b"\x1b[H\x1b[2J") >= 1, 20, "a frame")
             r.rpush(queue_name, "x", "y")
