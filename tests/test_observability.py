@@ -40,7 +40,7 @@ def with_metrics(**settings: str) -> tuple[int, dict[str, str]]:
 
 def test_retried_requeued_shed_and_age_metrics(r, pusher, start_worker, queue_name):
     port, settings = with_metrics(RELAY_MAX_AGE="60")
-    w = start_worker(**settings)
+    start_worker(**settings)
     m = metrics(port)
     for name in ("relay_notifications_retried_total", "relay_notifications_requeued_total",
                  "relay_delivery_age_seconds_count"):
