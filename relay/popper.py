@@ -43,7 +43,7 @@ class PopGate:
         """Hold the pop for the `with` body; raises PopCut once the gate is closed."""
         self._acquire()
         try:
-            if self.closed:
+            if self.closed:  # closed while this greenlet waited for its turn
                 raise PopCut
             self._holder = gevent.getcurrent()
             try:
@@ -75,6 +75,8 @@ class PopGate:
             holder.throw(PopCut)
 
     def _acquire(self) -> None:
+        if self.closed:
+            raise PopCut
         if not self._held and not self._waiters:
             self._held = True
             return
