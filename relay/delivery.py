@@ -319,7 +319,7 @@ class Delivery:
         if not self.network_down:
             self.network_down = True
             log.warning("Pusher call failed: %s", reason)
-            found = explain.probe(host, port, timeout_s=PROBE_TIMEOUT_S)
+            found = explain.probe(host, port, min(PROBE_TIMEOUT_S, self.client.timeout))
             hint = explain.tls_hint(self.client.ssl, found, f"{host}:{port}")
             if hint is not None:
                 log.error("%s", hint)
