@@ -225,7 +225,8 @@ def test_hang_times_out_as_transient(pusher: LocalPusher, calls: list[int | None
     elapsed = time.monotonic() - started
     assert failure is not None
     assert failure.kind is Kind.TRANSIENT
-    assert failure.reason == f"calling {pusher.host}:{pusher.port}: timed out waiting for the answer"
+    where = f"{pusher.host}:{pusher.port}"
+    assert failure.reason == f"calling {where}: timed out waiting for the answer"
     # At least the timeout; the server would hang forever, so returning at all is the timeout
     # working (no upper bound: a loaded machine stretches it).
     assert elapsed >= 0.4

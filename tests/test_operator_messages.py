@@ -5,15 +5,19 @@ address and the reason, with the secret masked."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from relay.housekeeping import Summary
+from relay.message import payload_of, retry_wrapper
 from relay.metrics import Metrics
 from relay.redis_server import free_port
-from tests.support import healthz, metrics, pending, wait_for
+from tests.support import ROOT, healthz, metrics, pending, wait_for
 
 SECRET = "test-secret"  # the local server's (conftest's LocalPusher defaults)
 
@@ -184,3 +188,26 @@ def test_healthz_names_the_clock_skew(r, pusher, start_worker, queue_name):
     wait_for(lambda: not any(p.startswith("clock skew") for p in healthz(port)[1]["problems"]),
              15, "the skew problem to clear")
     assert SECRET not in worker.log()
+
+
+# -- 6. what the README shows is what a user gets ---------------------------------------------
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_shows_the_real_no_credentials_message():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "PUSHER_"))}
+    done = subprocess.run([sys.executable, "worker.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    shown = README.split("$ .venv/bin/python worker.py\n", 1)[1].split("\n$ echo $?\n2\n")[0]
+    assert done.stderr == shown + "\n"
+
+
+def test_readme_retry_wrapper_has_the_real_shape():
+    [line] = re.findall(r'^  (\{"relay":1,"payload".*)$', README, re.MULTILINE)
+    shown = json.loads(line)
+    real = json.loads(retry_wrapper('{"channel":"orders"}', 2, 1.5, "why"))
+    assert set(shown) == set(real) and set(shown["retry"]) == set(real["retry"])
+    assert isinstance(shown["payload"], str) and len(shown["nonce"]) == len(real["nonce"])
+    assert payload_of(json.dumps(shown).encode()) == shown["payload"]
