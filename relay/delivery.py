@@ -319,10 +319,11 @@ class Delivery:
         if not self.network_down:
             self.network_down = True
             log.warning("Pusher call failed: %s", reason)
-            found = explain.probe(host, port, min(PROBE_TIMEOUT_S, self.client.timeout))
-            hint = explain.tls_hint(self.client.ssl, found, f"{host}:{port}")
-            if hint is not None:
-                log.error("%s", hint)
+            if explain.may_be_scheme_mismatch(exc):
+                found = explain.probe(host, port, min(PROBE_TIMEOUT_S, self.client.timeout))
+                hint = explain.tls_hint(self.client.ssl, found, f"{host}:{port}")
+                if hint is not None:
+                    log.error("%s", hint)
         return reason
 
     def _clock_skew(self, date: str | None) -> None:
