@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
+import redis
 
 from relay import producer
+from relay.connect import redis_client
 from tests.support import ROOT, wait_for
 from tests.test_redis_acl import PRODUCER_PW, WORKER_PW, readme_rules
 from tests.topology import SERVICE, Certs, ClusterSet, SentinelSet, make_certs, require
@@ -128,3 +130,26 @@ def test_tls_cluster_end_to_end(tls_cluster, pusher, start_worker, queue_name,
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
     assert "unreachable" not in worker.log() and "Traceback" not in worker.log(), worker.log()
+
+
+def _connections_received(deployment: SentinelSet, n: int) -> int:
+    client = deployment._sentinel(deployment.sentinels[n])
+    try:
+        return int(client.info("stats")["total_connections_received"])
+    finally:
+        client.close()
+
+
+def test_one_refused_sentinel_is_asked_once_not_retried(tls_sentinels, certs) -> None:
+    """redis-py retries a connection error 3 times with backoff by default (seconds per
+    sentinel); the worker's own backoff is the only one. One master lookup with a wrong
+    sentinel password: each sentinel sees one connection (and then our INFO's)."""
+    url = _sentinel_url(tls_sentinels, certs, "relay-worker", WORKER_PW).replace(
+        quote(SENTINEL_PW), "not-the-sentinel-pw")
+    client = redis_client(url, 2)
+    before = [_connections_received(tls_sentinels, n) for n in range(3)]
+    with pytest.raises(redis.ConnectionError):
+        client.ping()
+    after = [_connections_received(tls_sentinels, n) for n in range(3)]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [2, 2, 2]
+    client.close()
