@@ -8,7 +8,8 @@
    (replication and the sentinels' own links too); with `password`, the master and the
    replica require it of the default user and the sentinels require `sentinel_password`.
 4. `ClusterSet`: three masters joined with `redis-cli --cluster create`; with `certs`,
-   TLS-only nodes (`tls-cluster yes`: the bus and the slot map are TLS too).
+   TLS-only nodes (`tls-cluster yes`: the bus and the slot map are TLS too); with
+   `replicas=1`, a replica (appendonly) for each master, which takes over when it dies.
 
 Each needs redis-server (and redis-cli, openssl); `require` skips a test with the reason
 when the machine lacks one.
@@ -277,18 +278,20 @@ class SentinelSet:
 
 
 class ClusterSet:
-    """Three masters, no replicas: every slot served, joined by redis-cli."""
+    """Three masters (and `replicas` replicas each): every slot served, joined by redis-cli."""
 
-    def __init__(self, certs: Certs | None = None) -> None:
+    def __init__(self, certs: Certs | None = None, replicas: int = 0) -> None:
         if certs is not None and not tls_supported(find_binary()):
             pytest.skip(f"{find_binary()} has no TLS support (built without BUILD_TLS)")
         self.certs = certs
+        self.replicas = replicas
         # The bus port is given too: by default it is port + 10000, maybe taken or > 65535.
         tls = [] if certs is None else ["--tls-cluster", "yes"]
         self.nodes = [_server(certs, ["--cluster-enabled", "yes", "--cluster-config-file",
                                       "nodes.conf", "--cluster-node-timeout", "2000",
-                                      "--cluster-port", str(free_port()), *tls])
-                      for _ in range(3)]
+                                      "--cluster-port", str(free_port()), *tls],
+                              appendonly=replicas > 0)
+                      for _ in range(3 * (1 + replicas))]
 
     def start(self) -> ClusterSet:
         """Joined and serving every slot; on a failure part-way, the nodes are stopped."""
@@ -303,10 +306,27 @@ class ClusterSet:
             node.start()
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         tls = [] if self.certs is None else ["--tls", "--cacert", self.certs.ca]
-        subprocess.run(["redis-cli", *tls, "--cluster", "create", *addrs, "--cluster-yes"],
+        subprocess.run(["redis-cli", *tls, "--cluster", "create", *addrs, "--cluster-yes",
+                        "--cluster-replicas", str(self.replicas)],
                        check=True, capture_output=True, timeout=60)
         wait_for(self._ok, timeout=30, what="cluster_state:ok on every node")
+        if self.replicas:
+            wait_for(self._replicas_synced, timeout=30, what="every replica in sync")
         return self
+
+    def _replicas_synced(self) -> bool:
+        for node in self.nodes:
+            client = self.node(node.port)
+            try:
+                info = client.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    return False
+            finally:
+                client.close()
+        return True
+
+    def by_port(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
 
     def node(self, port: int, **kwargs: object) -> redis.Redis:
         """The test's own plain client to one node."""
