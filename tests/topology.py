@@ -262,6 +262,18 @@ class SentinelSet:
         finally:
             client.close()
 
+    def replicated(self) -> bool:
+        """The replica has every write the master took (its acknowledged offset is the
+        master's). `WAIT` would not say it: it counts only the asking connection's writes."""
+        master = self.node(self.master)
+        try:
+            info = master.info("replication")
+        finally:
+            master.close()
+        replica = info.get("slave0")
+        return isinstance(replica, dict) and \
+            int(replica["offset"]) == int(info["master_repl_offset"])
+
     def kill_master(self) -> None:
         self.master.kill()
 
