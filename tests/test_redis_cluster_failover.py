@@ -64,7 +64,10 @@ def test_the_queue_master_killed_mid_drain_its_replica_takes_over(
     old = rc.get_node_from_key(queue_name).port
     wait_for(lambda: _replicated(cluster, old), timeout=30, what="the queue on the replica")
     pusher.set_mode(delay=0.2)  # 10 slots x 10 a call: ~500/s, a drain of ~6 s
-    worker = start_worker(REDIS_URL=cluster.url, RELAY_POOL_SIZE=str(POOL_SIZE))
+    # The default heartbeat TTL (10 s) outlasts the failover, so the worker is never reaped
+    # by its own reaper mid-outage: what comes back twice is only what was in flight.
+    worker = start_worker(REDIS_URL=cluster.url, RELAY_POOL_SIZE=str(POOL_SIZE),
+                          RELAY_HEARTBEAT_TTL="10")
     wait_for(lambda: len(pusher.events()) >= 500, timeout=30, what="the drain under way")
     killed_at = time.time()
     cluster.by_port(old).kill()

@@ -70,7 +70,10 @@ def test_master_killed_mid_drain_worker_follows_the_promoted_replica(
         p.notify("c", {"n": i})
     wait_for(sentinels.replicated, timeout=30, what="the replica to have it all before the kill")
     pusher.set_mode(delay=0.1)  # 10 slots x 10 a call: ~1000/s, a drain of ~4 s
-    worker = start_worker(REDIS_URL=sentinels.url, RELAY_POOL_SIZE=str(POOL_SIZE))
+    # The default heartbeat TTL (10 s) outlasts the failover, so the worker is never reaped
+    # by its own reaper mid-outage: what comes back twice is only what was in flight.
+    worker = start_worker(REDIS_URL=sentinels.url, RELAY_POOL_SIZE=str(POOL_SIZE),
+                          RELAY_HEARTBEAT_TTL="10")
     stop, acked = gevent.event.Event(), []
     pushing = gevent.spawn(_push_until, stop, producer.client_from_env(), queue_name, acked)
     wait_for(lambda: len(pusher.events()) >= 1000, timeout=30, what="the drain under way")
