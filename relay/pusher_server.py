@@ -12,7 +12,8 @@
    of UTF-8 -> 413; invalid JSON -> 400. Error bodies are short plain text.
 4. Records what it accepted (one record per channel per event) and counts every
    API request, with its time and status, including those hit by a fault.
-5. Has run-time fault modes: ``delay``, ``status``, ``retry_after``, ``reset``
+5. Has run-time fault modes: ``delay`` (plus ``jitter``: a random extra delay, uniform in
+   0..jitter seconds, per request), ``status``, ``retry_after``, ``reset``
    (RST via SO_LINGER 0), ``hang``, ``soketi_errors`` and ``fail_next``.
 6. Exposes an unauthenticated control API on the same port under ``/_control/``:
    ``POST mode``, ``POST reset``, ``GET events``, ``GET stats`` (``?requests=0`` leaves
@@ -45,6 +46,7 @@ import hmac
 import json
 import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -121,6 +123,7 @@ class Modes:
     """Fault modes; replaced as a whole by the control API so a test states all it wants."""
 
     delay: float = 0.0
+    jitter: float = 0.0
     status: int = 0
     retry_after: str | None = None
     reset: bool = False
@@ -139,6 +142,7 @@ class Modes:
         retry_after = data.get("retry_after")
         modes = cls(
             delay=float(data.get("delay") or 0),
+            jitter=float(data.get("jitter") or 0),
             status=int(data.get("status") or 0),
             retry_after=None if retry_after is None else str(retry_after),
             reset=bool(data.get("reset")),
@@ -146,8 +150,8 @@ class Modes:
             soketi_errors=bool(data.get("soketi_errors")),
             fail_next=int(data.get("fail_next") or 0),
         )
-        if modes.delay < 0 or modes.fail_next < 0:
-            raise ValueError("delay and fail_next must not be negative")
+        if modes.delay < 0 or modes.jitter < 0 or modes.fail_next < 0:
+            raise ValueError("delay, jitter and fail_next must not be negative")
         if modes.status and not 100 <= modes.status <= 599:
             raise ValueError("status must be an HTTP status code")
         return modes
@@ -155,7 +159,8 @@ class Modes:
     @property
     def active(self) -> bool:
         """True when a request would be treated differently from a healthy server."""
-        return bool(self.delay or self.status or self.reset or self.hang or self.soketi_errors)
+        return bool(self.delay or self.jitter or self.status or self.reset or self.hang
+                    or self.soketi_errors)
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -486,8 +491,8 @@ class PusherServer:
         }
         self.requests.append(entry)
         self.requests_total += 1
-        if modes.delay:
-            gevent.sleep(modes.delay)
+        if modes.delay or modes.jitter:
+            gevent.sleep(modes.delay + random.uniform(0.0, modes.jitter))
         if modes.reset or modes.hang:
             self._drop(entry, modes, release, sock)
             return None
