@@ -57,10 +57,12 @@ class Run:
     duplicates: int
     behind: int
     behind_pct: float
+    inversions: int
     seconds: float
     per_s: float
     cpu_s: float
     cpu_ms_per_note: float
+    requests: int
 
 
 def count_behind(events: Iterable[Mapping[str, Any]]) -> int:
@@ -77,12 +79,26 @@ def count_behind(events: Iterable[Mapping[str, Any]]) -> int:
     return behind
 
 
-def notifications(count: int, envelope_share: float, seed: int = 12) -> Iterator[str]:
-    """`count` notifications over CHANNELS channels, a share of them two-channel envelopes."""
+def count_inversions(events: Iterable[Mapping[str, Any]]) -> int:
+    """Events whose sequence number is lower than that of the event just before them on
+    their channel (each arrival out of place counted once, however far it fell behind)."""
+    previous: dict[str, int] = {}
+    out = 0
+    for event in events:
+        channel = event["channel"]
+        seq = json.loads(event["data"])["s"][channel]
+        out += seq < previous.get(channel, -1)
+        previous[channel] = seq
+    return out
+
+
+def notifications(count: int, envelope_share: float, channels: int = CHANNELS, seed: int = 12
+                  ) -> Iterator[str]:
+    """`count` notifications over `channels` channels, a share of them two-channel envelopes."""
     rng = random.Random(seed)
-    seqs = [0] * CHANNELS
+    seqs = [0] * channels
     for _ in range(count):
-        picked = rng.sample(range(CHANNELS), 2 if rng.random() < envelope_share else 1)
+        picked = rng.sample(range(channels), 2 if rng.random() < envelope_share else 1)
         stamp = {}
         for c in picked:
             stamp[f"ch{c}"] = seqs[c]
@@ -133,7 +149,7 @@ class OrderBench:
     def run(self, scenario: str, delay: str, procs: int) -> Run:
         self.prepare(delay)
         count = self.args.count
-        items = list(notifications(count, self.args.envelopes))
+        items = list(notifications(count, self.args.envelopes, self.args.channels))
         if scenario == "drain":
             self.redis.rpush(QUEUE, *items)
         with self.workers(procs) as children:
@@ -151,8 +167,9 @@ class OrderBench:
         behind = count_behind(events)
         seconds = max(end - start, 1e-9)
         return Run(scenario, delay, procs, count, distinct, len(events) - distinct, behind,
-                   100.0 * behind / max(len(events), 1), seconds, distinct / seconds, cpu_s,
-                   1000 * cpu_s / max(count, 1))
+                   100.0 * behind / max(len(events), 1), count_inversions(events), seconds,
+                   distinct / seconds, cpu_s, 1000 * cpu_s / max(count, 1),
+                   self.pusher.count()["requests_total"])
 
     def produce(self, items: Sequence[str], rate: float) -> None:
         began = time.perf_counter()
@@ -166,13 +183,15 @@ class OrderBench:
 def describe(run: Run) -> str:
     return (f"{run.scenario:<6} {run.delay:<7} procs {run.procs}: {run.delivered:>6,} events "
             f"(dup {run.duplicates}), behind {run.behind:>5,} ({run.behind_pct:5.2f} %), "
+            f"inversions {run.inversions:>5,}, "
             f"{run.per_s:8,.0f}/s over {run.seconds:6.2f} s, CPU {run.cpu_s:6.2f} s "
-            f"({run.cpu_ms_per_note:.3f} ms/notification)")
+            f"({run.cpu_ms_per_note:.3f} ms/notification), {run.requests:,} calls")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=5000)
+    parser.add_argument("--channels", type=int, default=CHANNELS)
     parser.add_argument("--rate", type=float, default=200.0, help="steady: notifications/s")
     parser.add_argument("--envelopes", type=float, default=0.1,
                         help="share of two-channel envelopes")

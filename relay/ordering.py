@@ -1,27 +1,32 @@
-"""Per-channel order within one worker process: a call waits for the earlier calls of its channels.
+"""Per-channel order within one worker process: a call waits for earlier calls of its channels.
 
-Greenlets send concurrently, so without a rule a call taken later can reach Pusher first, and
+Greenlets send concurrently, so without a rule a batch taken later can reach Pusher first, and
 a subscriber sees "shipped" before "packed". The rule, and why it cannot deadlock:
 
 1. **Tickets in taking order.** A greenlet fetches, parses and takes its ticket inside
-   `OrderBook.taking()`, one greenlet at a time. So tickets are handed out in exactly the
+   `OrderBook.taking()`, one greenlet at a time, so tickets are handed out in exactly the
    order Redis handed out the items (each greenlet takes a contiguous run of the queue).
    The lock is needed because the replies of concurrent fetches wake their greenlets in an
    order that has nothing to do with the order Redis served them.
-2. **Waiting points backwards.** A ticket remembers, for each of its channels, the ticket
-   taken last on that channel before it, and becomes the last one itself. Before sending,
-   the greenlet waits until those earlier tickets are released. A ticket only ever waits for
-   tickets taken before it, so the waits form no cycle: the oldest ticket never waits.
-   Waiting on the last ticket of a channel is enough, because that one waited for its own
-   predecessors before it could be released after sending.
-3. **Released whatever happens.** Sent, failed, dead-lettered, put back, or its greenlet
+2. **Per channel, waiting points backwards.** A ticket remembers, for each of its channels,
+   the ticket taken last on that channel before it, and becomes the last one itself. A
+   notification is sent once, on each of its channels, every earlier ticket has released
+   that channel. A ticket only ever waits for tickets taken before it, so the waits form no
+   cycle: the oldest ticket never waits.
+3. **Channels are released one by one.** `send_in_turn` sends, in one call, every
+   notification of the batch whose channels are free (keeping the batch's own order per
+   channel), releases each channel that has nothing left in the batch, and waits for the
+   rest. So a batch held up on one channel does not hold up its other channels, and no chain
+   of waiting batches forms across channels.
+4. **Released whatever happens.** Sent, failed, dead-lettered, put back, or its greenlet
    killed at shutdown: the ticket is released in a `finally`. A notification that failed
    goes to the retry set and its channel moves on (no head-of-line blocking); it comes back
    later with a new ticket, so it may arrive after later notifications of its channel. The
    same holds for anything put back (a 429 pause, the circuit, a stop) or recovered from a
-   dead worker: it is taken again, later, with a new ticket, and nothing waits for it.
-4. **Cheap.** A ticket costs a few dictionary operations per channel and an event object
-   only when somebody has to wait for it; no greenlet of its own, no Redis round trip.
+   dead worker: it is taken again, later, with a new ticket, and nothing waits for it. A
+   ticket released before its turn passes its own wait on to whoever waited for it.
+5. **Cheap.** A few dictionary and set operations per channel of a batch, an event object
+   only when somebody has to wait, no greenlet of its own, no Redis round trip.
 
 Across processes nothing is ordered: two processes on one queue can interleave a channel
 (see the README's delivery promise).
@@ -29,68 +34,84 @@ Across processes nothing is ordered: two processes on one queue can interleave a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol, TypeVar
 
 import gevent.event
 import gevent.lock
 
 
-class Ticket:
-    """One call's place in its channels' order; release it (OrderBook.release) when it is over."""
+class HasChannels(Protocol):
+    @property
+    def channels(self) -> tuple[str, ...]: ...
 
-    __slots__ = ("channels", "_prev", "_done", "_event")
+
+N = TypeVar("N", bound=HasChannels)
+R = TypeVar("R")
+
+
+class Ticket:
+    """One batch's place in its channels' order; the OrderBook releases it channel by channel."""
+
+    __slots__ = ("channels", "_prev", "_open", "_event")
 
     def __init__(self, channels: tuple[str, ...], prev: dict[str, Ticket]) -> None:
         self.channels = channels
-        # Per channel, the ticket taken last on it before this one. Kept when this ticket is
-        # released before its turn came (put back unsent, or its greenlet killed while
-        # waiting), so that whoever waits for it goes on waiting for them; forgotten once its
-        # turn has come, since they were all released by then.
+        # Per channel, the ticket taken last on it before this one. Forgotten once this
+        # ticket's turn on the channel has come (all earlier ones had released it then);
+        # kept while it has not, so that a ticket released before its turn (put back unsent,
+        # or its greenlet killed while waiting) passes its wait on to whoever waits for it.
         self._prev = prev
-        self._done = False
-        self._event: gevent.event.Event | None = None
+        self._open = set(channels)  # channels not released yet
+        self._event: gevent.event.Event | None = None  # pulsed whenever a channel is released
 
     @property
     def done(self) -> bool:
-        return self._done
+        return not self._open
+
+    def blocker(self, channel: str) -> Ticket | None:
+        """The newest earlier ticket still holding `channel` (None: this ticket's turn)."""
+        earlier = _holder(self._prev.get(channel), channel)
+        if earlier is None:
+            self._prev.pop(channel, None)
+        return earlier
 
     def blockers(self) -> list[Ticket]:
-        """The unreleased earlier tickets this one waits for: per channel, the newest one,
-        looking through tickets that were released before their turn."""
+        """Every earlier ticket this one still waits for, on any channel."""
         found: list[Ticket] = []
-        for channel, earlier in self._prev.items():
-            earlier = _unreleased(earlier, channel)
+        for channel in self.channels:
+            earlier = self.blocker(channel)
             if earlier is not None and earlier not in found:
                 found.append(earlier)
         return found
 
     def wait(self) -> None:
-        """Block until every earlier ticket sharing a channel with this one is released."""
-        if self._prev:
-            while blockers := self.blockers():
-                for earlier in blockers:
-                    if not earlier._done:
-                        if earlier._event is None:
-                            earlier._event = gevent.event.Event()
-                        earlier._event.wait()
-            self._prev = {}  # its turn has come: nothing later needs to look past it
+        """Block until this ticket's turn has come on every one of its channels."""
+        while blockers := self.blockers():
+            blockers[0]._wait_release()
 
-    def _finish(self) -> None:
-        self._done = True
-        if self._event is not None:
-            self._event.set()
+    def _wait_release(self) -> None:
+        """Block until this ticket releases one more channel."""
+        if self._event is None:
+            self._event = gevent.event.Event()
+        self._event.wait()
+
+    def _pulse(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
 
 
-def _unreleased(ticket: Ticket | None, channel: str) -> Ticket | None:
-    """The newest unreleased ticket on `channel` from `ticket` back (None: all released)."""
-    while ticket is not None and ticket._done:
+def _holder(ticket: Ticket | None, channel: str) -> Ticket | None:
+    """The newest ticket from `ticket` back that still holds `channel` (None: nobody)."""
+    while ticket is not None and channel not in ticket._open:
         ticket = ticket._prev.get(channel)
     return ticket
 
 
 class OrderBook:
-    """The process's tickets: which call was taken last on each channel, still unreleased."""
+    """The process's tickets: which batch was taken last on each channel, still unreleased."""
 
     def __init__(self) -> None:
         self._taking = gevent.lock.Semaphore()
@@ -106,34 +127,66 @@ class OrderBook:
         """A ticket after every ticket taken so far that shares one of these channels."""
         mine = tuple(dict.fromkeys(channels))
         last = self._last
-        prev = {ch: last[ch] for ch in mine if ch in last}
-        ticket = Ticket(mine, prev)
+        ticket = Ticket(mine, {ch: last[ch] for ch in mine if ch in last})
         for channel in mine:
             last[channel] = ticket
         return ticket
 
-    def release(self, ticket: Ticket) -> None:
-        """The call is over (however it ended): its channels move on. Idempotent."""
-        if ticket._done:
-            return
-        ticket._finish()
+    def release(self, ticket: Ticket, channels: Iterable[str] | None = None) -> None:
+        """These channels (default: all) of the ticket are over, however they ended.
+
+        Idempotent. A channel released before the ticket's turn on it leaves the channel to
+        the newest earlier ticket that still holds it.
+        """
+        released = False
         last = self._last
-        for channel in ticket.channels:
-            if last.get(channel) is not ticket:
+        for channel in ticket.channels if channels is None else channels:
+            if channel not in ticket._open:
                 continue
-            # Released before its turn, it may still have unreleased elders on this channel:
-            # the newest of them becomes the channel's last.
-            elder = _unreleased(ticket._prev.get(channel), channel)
-            if elder is None:
-                del last[channel]
+            ticket._open.discard(channel)
+            released = True
+            if last.get(channel) is ticket:
+                elder = _holder(ticket._prev.get(channel), channel)
+                if elder is None:
+                    del last[channel]
+                else:
+                    last[channel] = elder
+        if released:
+            ticket._pulse()
+
+    def send_in_turn(self, ticket: Ticket, notes: Sequence[N],
+                     send: Callable[[list[N]], Sequence[R]]) -> list[R]:
+        """Send the notes in at most two calls that respect the order; release as they finish.
+
+        First, in one `send`, every note whose channels are this ticket's turn and that no
+        earlier note of the batch holds back on a shared channel; each channel with nothing
+        left in the batch is released at once. Then, once the ticket's turn has come on
+        every channel, the rest in a second `send`. Returns one result per note, in order.
+        """
+        now, later, held = [], [], set()
+        for i, note in enumerate(notes):
+            channels = note.channels
+            if held.isdisjoint(channels) and all(ticket.blocker(c) is None for c in channels):
+                now.append(i)
             else:
-                last[channel] = elder
+                later.append(i)
+                held.update(channels)
+        results: list[R | None] = [None] * len(notes)
+        for part in (now, later):
+            if not part:
+                continue
+            if part is later:
+                ticket.wait()
+            for i, result in zip(part, send([notes[i] for i in part]), strict=True):
+                results[i] = result
+            self.release(ticket, {c for i in part for c in notes[i].channels} - held)
+            held = set()
+        return results  # type: ignore[return-value]
 
     @contextmanager
     def held(self, ticket: Ticket) -> Iterator[Ticket]:
-        """Wait for the ticket's turn, and release it however the block ends."""
+        """Release the whole ticket however the block ends (a failure, a kill, a put-back)."""
         try:
-            ticket.wait()
             yield ticket
         finally:
             self.release(ticket)
