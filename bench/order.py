@@ -42,7 +42,7 @@ from relay.redis_server import RedisServer  # noqa: E402
 QUEUE = "notifications"
 CHANNELS = 5
 # Server answers: at once, after a random 0-20 ms (calls overtake each other), after 50 ms.
-DELAYS = {"0ms": {}, "0-20ms": {"jitter": 0.02}, "50ms": {"delay": 0.05}}
+DELAYS = {"0ms": {}, "0-20ms": {"delay_range": [0, 0.02]}, "50ms": {"delay": 0.05}}
 SERVER_LOG = REPO / "bench" / "results" / "order_server.log"
 POLL_S = 0.05
 

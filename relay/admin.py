@@ -28,6 +28,7 @@ import redis
 
 from relay import producer
 from relay.config import Config
+from relay.deadletters import DeadLetters
 from relay.message import InvalidMessage
 from relay.queue import RedisQueue
 
@@ -77,7 +78,8 @@ def run(command: str, args: argparse.Namespace, cfg: Config, client: redis.Redis
     try:
         return handlers[command](args, cfg, queue, out)
     except redis.RedisError as exc:
-        out.write(f"redis error: {type(exc).__name__}\n")
+        detail = f": {exc}" if isinstance(exc, redis.exceptions.NoPermissionError) else ""
+        out.write(f"redis error: {type(exc).__name__}{detail}\n")
         return EXIT_UNHEALTHY
 
 
@@ -86,9 +88,9 @@ def run(command: str, args: argparse.Namespace, cfg: Config, client: redis.Redis
 
 def collect_stats(cfg: Config, queue: RedisQueue) -> dict[str, Any]:
     lengths = queue.lengths()
-    seconds, micros = queue.client.time()
+    now = queue.now()
     tat = queue.client.get(queue.keys.ratelimit)
-    ahead = max(0.0, float(tat) - (seconds + micros / 1e6)) if tat else 0.0
+    ahead = max(0.0, float(tat) - now) if tat else 0.0
     workers = queue.workers()
     return {
         "queue": cfg.queue,
@@ -147,28 +149,30 @@ def format_stats(s: dict[str, Any]) -> str:
 def _dead(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
     if args.verb == "list":
         return _dead_list(queue, args.limit, out)
-    entries = queue.dead_entries()
+    dead = DeadLetters(queue.client, queue.keys)
+    entries = dead.entries()
     if args.verb == "requeue":
         chosen = [e for e in entries if args.all or _matches(e, args.match)]
-        n = queue.requeue_dead(chosen)
+        n = dead.requeue(chosen)
         out.write(f"requeued {n} dead letter(s) to {cfg.queue}\n")
         return EXIT_OK if n or not chosen else EXIT_UNHEALTHY
     cutoff = time.time() - args.older_than if args.older_than is not None else None
     chosen = [e for e in entries if cutoff is None or _failed_at(e) < cutoff]
-    out.write(f"purged {queue.purge_dead(chosen)} dead letter(s)\n")
+    out.write(f"purged {dead.purge(chosen)} dead letter(s)\n")
     return EXIT_OK
 
 
 def _dead_list(queue: RedisQueue, limit: int, out: TextIO) -> int:
     now = time.time()
-    entries = queue.dead_entries(limit)
+    dead = DeadLetters(queue.client, queue.keys)
+    entries = dead.entries(limit)
     for raw in entries:
         entry = _entry(raw)
         age = now - float(entry.get("failed_at") or now)
         out.write(f"{age:8.0f}s ago  attempts={entry.get('attempts', '?')}  "
                   f"{entry.get('error', '?')}\n          payload: "
                   f"{str(entry.get('payload', raw))[:100]}\n")
-    total = queue.client.llen(queue.keys.dead)
+    total = dead.count()
     out.write(f"{len(entries)} of {total} dead letter(s) shown\n")
     return EXIT_OK
 

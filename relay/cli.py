@@ -13,34 +13,11 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-import redis
-from gevent import monkey
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from relay import __version__, admin, config, logs
-from relay.delivery import Delivery
-from relay.health import HealthServer, Watchdog
-from relay.metrics import Metrics
-from relay.queue import RedisQueue
-from relay.worker import BLOCK_S, Worker
+from relay import __version__, admin, config, launcher, logs
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
-# Above the blocking pop's wake-up (BLOCK_S), so an idle pop is never a socket timeout.
-REDIS_SOCKET_TIMEOUT_S = BLOCK_S + 4.0
-REDIS_CONNECT_TIMEOUT_S = 3.0
-SPARE_CONNECTIONS = 8  # housekeeping greenlets and the metrics endpoint
-
-
-def redis_client(url: str, max_connections: int) -> redis.Redis:
-    """One pool for the process; redis-py's own retries are off because ours know more."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=None,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0), health_check_interval=30)
-    return redis.Redis(connection_pool=pool)
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,18 +36,23 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="worker.py",
+        # argv[0]'s name: `worker.py` or `relay` (the console script), whichever was run
         description="relay: move notifications from a Redis list to the Pusher HTTP API.\n"
                     "Without a subcommand it runs the worker.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     config.add_arguments(parser)
+    parser.add_argument("--burst", action="store_true",
+                        help="drain the queue and the retries due now, then exit 0 "
+                             "(for cron jobs and one-shot drains)")
     settings = argparse.ArgumentParser(add_help=False)
     config.add_arguments(settings, suppress=True)
     settings_no_event = argparse.ArgumentParser(add_help=False)
     config.add_arguments(settings_no_event, suppress=True, skip=frozenset({"RELAY_EVENT"}))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", parents=[settings], help="run the worker (the default)")
+    run = sub.add_parser("run", parents=[settings], help="run the worker (the default)")
+    run.add_argument("--burst", action="store_true", default=argparse.SUPPRESS,
+                     help="drain, then exit 0")
     admin.add_subcommands(sub, [settings], [settings_no_event])
     return parser
 
@@ -83,45 +65,6 @@ def load_config(args: argparse.Namespace, need_pusher: bool = True) -> config.Co
         return None
 
 
-def run(cfg: config.Config) -> int:
-    assert cfg.pusher is not None  # load(need_pusher=True) guarantees it
-    if not monkey.is_module_patched("socket"):
-        log.warning("gevent has not patched the standard library: greenlets will block each "
-                    "other; start relay with `python worker.py`")
-    metrics = Metrics()
-    client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
-    queue = RedisQueue(client, cfg.queue, cfg.order)
-    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=metrics.observe_call,
-                        http_client=cfg.http_client)
-    worker = Worker(cfg, queue, delivery, metrics)
-    watchdog = server = None
-    try:
-        if cfg.metrics_addr != "off":
-            watchdog = Watchdog(on_block=metrics.blocked.inc)
-            watchdog.start()
-            server = start_health_server(cfg.metrics_addr, worker, watchdog)
-        return worker.run()
-    finally:
-        for part in (server, watchdog):
-            if part is not None:
-                part.stop()
-        delivery.close()
-        client.close()
-
-
-def start_health_server(addr: str, worker: Worker, watchdog: Watchdog) -> HealthServer | None:
-    """Serve /metrics and /healthz; a taken port costs the endpoint, never the delivery."""
-    server = HealthServer(addr, worker, watchdog)
-    try:
-        server.start()
-    except OSError as exc:
-        log.error("no /metrics or /healthz: cannot listen on %s (%s); give each process its "
-                  "own RELAY_METRICS_ADDR (supervisord: 127.0.0.1:93%%(process_num)02d)",
-                  addr, exc.strerror or exc)
-        return None
-    return server
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "run"
@@ -130,9 +73,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.setup(cfg.log_level, cfg.log_format)
     if command == "run":
-        return run(cfg)
-    client = redis_client(cfg.redis_url, SPARE_CONNECTIONS)
-    try:
-        return admin.run(command, args, cfg, client)
-    finally:
-        client.close()
+        return launcher.run(cfg, burst=bool(getattr(args, "burst", False)))
+    return launcher.run_admin(command, args, cfg)

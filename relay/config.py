@@ -11,17 +11,23 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from relay import redis_url
+from relay.errors import RelayError
+from relay.message import Limits
 
 PUSHER_DEFAULT_HOST = "api-{cluster}.pusher.com"
 
 
-class ConfigError(ValueError):
+class ConfigError(RelayError, ValueError):
     """A setting is missing or malformed; the message names it and never holds a secret."""
 
     def __init__(self, setting: str, problem: str) -> None:
@@ -80,6 +86,27 @@ def _text(text: str) -> str:
     return text
 
 
+MAX_DATA_BYTES_CEILING = 1024 * 1024  # above this no known server takes an event
+
+
+def _data_limit(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_DATA_BYTES_CEILING:
+        raise ValueError(f"must be 1 to {MAX_DATA_BYTES_CEILING} bytes")
+    return value
+
+
+def _master_key(text: str) -> str:
+    """The pusher library's rule: base64 that decodes to 32 bytes. Checked here, at start."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be base64") from None
+    if len(key) != 32:
+        raise ValueError("must be base64 of 32 bytes (openssl rand -base64 32)")
+    return text.strip()
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 < value < 65536:
@@ -117,7 +144,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_URL", "redis_url", "redis://localhost:6379/0", _text,
-            "redis://, rediss:// (TLS) or unix:// URL of the Redis server", secret=True),
+            "redis://, rediss:// (TLS), unix://, redis+sentinel:// or redis+cluster:// "
+            "URL", secret=True),
     Setting("RELAY_QUEUE", "queue", "notifications", _text,
             "the list to consume; every other key the worker keeps starts with it"),
     Setting("PUSHER_URL", "pusher_url", None, _text,
@@ -136,6 +164,11 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds per HTTP call (connect and read)"),
     Setting("PUSHER_HTTP_CLIENT", "http_client", "urllib3", _choice("urllib3", "requests"),
             "transport under the pusher library: urllib3 (less CPU) or requests"),
+    Setting("PUSHER_ENCRYPTION_MASTER_KEY_BASE64", "pusher_encryption_master_key", None,
+            _master_key, "32 random bytes, base64: enables end-to-end encrypted channels "
+            "(private-encrypted-*)", secret=True),
+    Setting("RELAY_MAX_DATA_BYTES", "max_data_bytes", "10240", _data_limit,
+            "largest event data in bytes (Pusher's limit; self-hosted servers may allow more)"),
     Setting("RELAY_EVENT", "event", "hit", _text, "event name for classic messages"),
     Setting("RELAY_POOL_SIZE", "pool_size", "50", _positive_int,
             "greenlets: the cap on concurrent Pusher calls"),
@@ -178,6 +211,7 @@ class PusherTarget:
     port: int
     ssl: bool
     timeout: float
+    encryption_master_key_base64: str | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -207,10 +241,18 @@ class Config:
     log_level: str
     log_format: str
     heartbeat_ttl: float
+    max_data_bytes: int = 10240
+
+    @property
+    def limits(self) -> Limits:
+        """What the parser refuses before sending: the data limit, and encrypted channels
+        unless a master key is set."""
+        encryption = self.pusher is not None and self.pusher.encryption_master_key_base64
+        return Limits(self.max_data_bytes, encryption=bool(encryption))
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
-        parts = [f"redis={mask_url(self.redis_url)}"]
+        parts = [f"redis={redis_url.mask(self.redis_url)}"]
         if self.pusher is not None:
             parts.append(f"pusher={self.pusher.base_url}/apps/{self.pusher.app_id}")
             parts.append(f"key={self.pusher.key} secret=*** timeout={self.pusher.timeout}")
@@ -266,7 +308,8 @@ def parse_pusher_url(url: str, timeout: float) -> PusherTarget:
 def _pusher_target(raw: Mapping[str, Any]) -> PusherTarget:
     timeout = raw["pusher_timeout"]
     if raw["pusher_url"]:
-        return parse_pusher_url(raw["pusher_url"], timeout)
+        target = parse_pusher_url(raw["pusher_url"], timeout)
+        return replace(target, encryption_master_key_base64=raw["pusher_encryption_master_key"])
     for attr, env in (("pusher_app_id", "PUSHER_APP_ID"), ("pusher_key", "PUSHER_KEY"),
                       ("pusher_secret", "PUSHER_SECRET")):
         if not raw[attr]:
@@ -284,23 +327,15 @@ def _pusher_target(raw: Mapping[str, Any]) -> PusherTarget:
         port=raw["pusher_port"] or (443 if ssl else 80),
         ssl=ssl,
         timeout=timeout,
+        encryption_master_key_base64=raw["pusher_encryption_master_key"],
     )
 
 
 def _check_redis_url(url: str) -> None:
     try:
-        scheme = urlsplit(url).scheme
-    except ValueError:
-        scheme = ""
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
-    from redis.connection import parse_url  # the parser the client will use, checked now
-
-    try:
-        parse_url(url)
-    except ValueError:  # its text may quote parts of the URL: keep it out of the message
-        raise ConfigError("REDIS_URL", "is not a valid Redis URL (check the port and the "
-                                       "query options)") from None
+        redis_url.parse(url)
+    except redis_url.RedisUrlError as exc:  # its text never quotes the URL
+        raise ConfigError("REDIS_URL", str(exc)) from None
 
 
 def _parse_one(setting: Setting, text: str | None) -> Any:

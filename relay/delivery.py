@@ -3,15 +3,25 @@
 1. The only module that imports `pusher`: the official library signs and validates, and a
    small backend (its `backend=` hook) sends through one keep-alive connection pool as large
    as the greenlet pool: urllib3 directly by default, or a requests.Session
-   (RELAY_HTTP_CLIENT=requests); see Urllib3Backend for why.
-2. `classify(status, body, retry_after)` maps an answer to a `Failure` kind by status code,
-   never by message text: PERMANENT (this notification can never go: 400, 413),
-   TRANSIENT (network, timeout, 5xx: retry it later), SYSTEMIC (401, 403, 404: our account or
-   setup, pause everything), RATE_LIMITED (429: pause everything, honour Retry-After).
-   A 200 whose JSON body carries an error (soketi answers some errors that way) is that error.
-3. `Delivery.send(notes)` sends one notification with `trigger`, several single-channel ones
-   with one `trigger_batch`, and splits a refused batch to find the culprit, so one bad event
-   never dead-letters its neighbours.
+   (PUSHER_HTTP_CLIENT=requests); see Urllib3Backend for why.
+2. `classify(answer)` maps an answer to a `Failure` kind, the one place for every server's
+   dialect, by status code, never by message text (except Pusher's clock-skew 401):
+   PERMANENT (this notification can never go: 400, 413, and 422, Laravel Reverb's
+   validation answer), TRANSIENT (network, timeout, 5xx: retry it later), SYSTEMIC (401,
+   403, 404: our account or setup, pause everything), RATE_LIMITED (429, and 503 with
+   Retry-After, sockudo's backpressure: pause everything for Retry-After; 0 means no pause).
+   An error body inside a 200 (soketi) is that error; a string `code` (sockudo's
+   `rate_limited`...) is read by its `status`, or by its name.
+3. `Delivery.send(notes)` sends one notification with `/events`, several single-channel ones
+   with one `/batch_events`, and splits a refused batch (a permanent answer: 400, 413 for
+   the request's size, 422) to find the culprit, so one bad event never dead-letters its
+   neighbours, and a batch too large for the server is sent event by event.
+4. `private-encrypted-*` data is encrypted per channel with the pusher library's own crypto
+   module and the master key (PUSHER_ENCRYPTION_MASTER_KEY_BASE64), as its trigger and
+   trigger_batch do; requests are built here, not by trigger(), because trigger() refuses
+   data over 30 KB, which servers that allow RELAY_MAX_DATA_BYTES of 100 KB accept.
+5. A 401 saying the timestamp expired is clock skew: logged with the offset measured from the
+   server's Date header, and kept in `Delivery.clock_skew_s` for /healthz.
 """
 
 from __future__ import annotations
@@ -19,16 +29,21 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import certifi
 import requests
 import urllib3
+from pusher.crypto import encrypt, is_encrypted_channel, parse_master_key
+from pusher.http import POST, Request
 from pusher.pusher_client import PusherClient
+from pusher.util import validate_channel, validate_socket_id
 from requests.adapters import HTTPAdapter
 
 from relay.config import PusherTarget
@@ -38,6 +53,15 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 10  # Pusher's batch_events limit
 DEFAULT_RETRY_AFTER_S = 1.0
+PERMANENT_STATUSES = frozenset({400, 413, 422})  # 422: Laravel Reverb's validation failure
+TIMESTAMP_EXPIRED = "timestamp expired"  # Pusher's 401 body when the clocks disagree > 600 s
+# sockudo's error codes are names (crates/sockudo-server/src/http_handler/errors.rs)
+NAMED_CODES = {
+    "invalid_input": 400, "limit_exceeded": 400, "missing_channel_info": 400,
+    "auth_failed": 401, "forbidden": 403, "app_not_found": 404, "not_found": 404,
+    "payload_too_large": 413, "feature_disabled": 422, "rate_limited": 429,
+    "backpressure": 503, "service_unavailable": 503,
+}
 
 
 class Kind(enum.Enum):
@@ -53,6 +77,7 @@ class Failure:
     reason: str
     status: int | None = None
     retry_after_s: float | None = None
+    shared: int = 1  # how many notifications the failed call carried (a batch: several)
 
 
 @dataclass(frozen=True)
@@ -62,6 +87,7 @@ class Answer:
     status: int
     body: str
     retry_after: str | None = None
+    date: str | None = None  # the server's clock, to measure skew
 
 
 def _retry_after(value: str | None) -> float:
@@ -71,8 +97,17 @@ def _retry_after(value: str | None) -> float:
         return DEFAULT_RETRY_AFTER_S  # an HTTP date: rare here; a short pause is safe
 
 
+def _status_of(obj: dict[str, Any]) -> int:
+    """The status an error body names: soketi's numeric code, sockudo's status or code name."""
+    code, status = obj.get("code"), obj.get("status")
+    for value in (code, status):
+        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+            return value
+    return NAMED_CODES.get(code, 500) if isinstance(code, str) else 500
+
+
 def _body_error(body: str) -> tuple[int, str] | None:
-    """soketi-style errors inside a 200: {"error": "...", "code": 4xx}."""
+    """An error inside a 200 (soketi): {"error": "...", "code": 4xx or a name}."""
     if '"error"' not in body:
         return None
     try:
@@ -81,8 +116,7 @@ def _body_error(body: str) -> tuple[int, str] | None:
         return None
     if not isinstance(obj, dict) or "error" not in obj:
         return None
-    code = obj.get("code")
-    return (code if isinstance(code, int) else 500), str(obj["error"])
+    return _status_of(obj), str(obj["error"])
 
 
 def classify(answer: Answer) -> Failure | None:
@@ -94,11 +128,13 @@ def classify(answer: Answer) -> Failure | None:
             return None
         status, body = embedded
     reason = f"HTTP {status}: {body.strip()[:200]}"
-    if status in (400, 413):
+    if status in PERMANENT_STATUSES:
         return Failure(Kind.PERMANENT, reason, status)
+    if status == 401 and TIMESTAMP_EXPIRED in body.lower():
+        return Failure(Kind.SYSTEMIC, f"clock skew: {reason}", status)
     if status in (401, 403, 404):
         return Failure(Kind.SYSTEMIC, reason, status)
-    if status == 429:
+    if status == 429 or (status == 503 and answer.retry_after is not None):
         return Failure(Kind.RATE_LIMITED, reason, status, _retry_after(answer.retry_after))
     return Failure(Kind.TRANSIENT, reason, status)
 
@@ -114,7 +150,8 @@ class RequestsBackend:
     def send_request(self, request: Any) -> Answer:
         resp = self.session.request(request.method, request.url, headers=request.headers,
                                     data=request.body, timeout=self.client.timeout)
-        return Answer(resp.status_code, resp.text, resp.headers.get("Retry-After"))
+        return Answer(resp.status_code, resp.text, resp.headers.get("Retry-After"),
+                      resp.headers.get("Date"))
 
     def close(self) -> None:
         self.session.close()
@@ -141,7 +178,7 @@ class Urllib3Backend:
                                  headers=request.headers, retries=False, redirect=False,
                                  timeout=self.timeout)
         return Answer(resp.status, resp.data.decode("utf-8", "replace"),
-                      resp.headers.get("Retry-After"))
+                      resp.headers.get("Retry-After"), resp.headers.get("Date"))
 
     def close(self) -> None:
         self.manager.clear()
@@ -190,20 +227,26 @@ class Delivery:
         self.client = PusherClient(
             app_id=target.app_id, key=target.key, secret=target.secret, host=target.host,
             port=target.port, ssl=target.ssl, timeout=target.timeout,
+            encryption_master_key_base64=target.encryption_master_key_base64,
             backend=BACKENDS[http_client], pool_size=pool_size)
-        self.calls = 0
+        self.master_key = parse_master_key(None, target.encryption_master_key_base64)
+        self.clock_skew_s: float | None = None
+        """Server clock minus ours, set by a timestamp-expired 401 (nan: no Date header),
+        None again after a success: what /healthz reports."""
 
     def send(self, notes: Sequence[Notification]) -> list[Failure | None]:
         """Deliver in the given order; one result per notification (None = Pusher accepted it).
 
-        Consecutive one-channel notifications share batch calls; an envelope with several
-        channels goes alone through `trigger`. Calls follow the notifications' order, so a
-        channel's notifications leave in the order they were taken (see ordering.py).
+        Consecutive one-channel notifications that are not retries share batch calls; the
+        rest go alone through /events (an envelope with several channels, and a retried
+        notification, so that a suspect never fails a whole batch). Calls follow the
+        notifications' order, so a channel's notifications leave in the order they were
+        taken (see ordering.py).
         """
         results: list[Failure | None] = []
         run: list[Notification] = []
         for note in notes:
-            if len(note.channels) == 1:
+            if len(note.channels) == 1 and not note.attempts:
                 run.append(note)
                 continue
             results.extend(self._run(run))
@@ -218,34 +261,72 @@ class Delivery:
         return [self._single(n) for n in notes]
 
     def _single(self, note: Notification) -> Failure | None:
-        return self._call(self.client.trigger, list(note.channels), note.event, note.data,
-                          note.socket_id)
+        return self._call(lambda: self.client.http.send_request(self._trigger(note)))
+
+    def _trigger(self, note: Notification) -> Request:
+        """What PusherClient.trigger builds, without its 30 KB cap (see the docstring)."""
+        channels = [validate_channel(c) for c in note.channels]
+        params = {"name": note.event, "channels": channels,
+                  "data": self._data(channels[0], note.data)}
+        if note.socket_id:
+            params["socket_id"] = validate_socket_id(note.socket_id)
+        return Request(self.client, POST, f"/apps/{self.client.app_id}/events", params)
+
+    def _data(self, channel: str, data: str) -> str:
+        """Encrypted as the library does it for a private-encrypted- channel, else as is."""
+        if not is_encrypted_channel(channel):
+            return data
+        return json.dumps(encrypt(channel, data, self.master_key), ensure_ascii=False)
 
     def _batch(self, notes: Sequence[Notification]) -> list[Failure | None]:
         results: list[Failure | None] = []
         for start in range(0, len(notes), MAX_BATCH):
             chunk = notes[start:start + MAX_BATCH]
-            events = [_event(n) for n in chunk]
-            failure = self._call(self.client.trigger_batch, events, True)
+            failure = self._call(lambda chunk=chunk: self.client.trigger_batch(
+                [self._event(n) for n in chunk], True))
             if failure is not None and failure.kind is Kind.PERMANENT:
-                # One bad event refuses the whole batch: find it by sending each alone.
+                # One bad event, or a request too large (413), refuses the whole batch:
+                # send each alone, so only what can never go is dead-lettered.
                 results.extend(self._single(n) for n in chunk)
             else:
-                results.extend([failure] * len(chunk))
+                shared = None if failure is None else replace(failure, shared=len(chunk))
+                results.extend([shared] * len(chunk))
         return results
 
-    def _call(self, method: Any, *args: Any) -> Failure | None:
-        self.calls += 1
+    def _event(self, note: Notification) -> dict[str, str]:
+        channel = note.channels[0]
+        event = {"channel": channel, "name": note.event, "data": self._data(channel, note.data)}
+        if note.socket_id:
+            event["socket_id"] = note.socket_id
+        return event
+
+    def _call(self, send: Callable[[], Answer]) -> Failure | None:
         started = time.monotonic()
         try:
-            answer = method(*args)
+            answer = send()
         except NETWORK_ERRORS as exc:
             self._observe(None, started)
             return Failure(Kind.TRANSIENT, f"network: {type(exc).__name__}")
         except (ValueError, TypeError) as exc:  # the library's own validation
             return Failure(Kind.PERMANENT, f"refused by the pusher library: {exc}"[:300])
         self._observe(answer.status, started)
-        return classify(answer)
+        failure = classify(answer)
+        if failure is None:
+            self.clock_skew_s = None
+        elif failure.reason.startswith("clock skew"):
+            self._clock_skew(answer.date)
+        return failure
+
+    def _clock_skew(self, date: str | None) -> None:
+        try:
+            offset = parsedate_to_datetime(date).timestamp() - time.time() if date else math.nan
+        except (TypeError, ValueError):
+            offset = math.nan
+        if self.clock_skew_s is None:
+            log.error("clock skew: the server refused our timestamp as expired; its clock is "
+                      "%+.0f s from this host's (Pusher allows 600 s): fix this host's clock "
+                      "(NTP)", offset)
+        self.clock_skew_s = offset
 
     def _observe(self, status: int | None, started: float) -> None:
         if self.on_call is not None:
@@ -254,9 +335,3 @@ class Delivery:
     def close(self) -> None:
         self.client.http.close()
 
-
-def _event(note: Notification) -> dict[str, str]:
-    event = {"channel": note.channels[0], "name": note.event, "data": note.data}
-    if note.socket_id:
-        event["socket_id"] = note.socket_id
-    return event

@@ -1,8 +1,12 @@
 """Development mode (`./dev`): the real worker against a local Pusher-compatible server.
 
 1. Says so loudly, at WARNING level, so nobody mistakes it for a production worker.
-2. Uses the Redis at REDIS_URL when one answers, else starts an embedded redis-server on a
-   free port (`relay.redis_server`), so a laptop needs nothing but `./dev`.
+2. Never takes from a queue it did not create unless told so: without REDIS_URL it starts an
+   embedded redis-server on a free port (`relay.redis_server`), so a laptop needs nothing but
+   `./dev`, and without RELAY_QUEUE it consumes a queue of its own, `relay-dev`. A shared
+   Redis (say localhost:6379, where a real worker and app keep `notifications`) is used only
+   when REDIS_URL names it, and its real queue only when RELAY_QUEUE names it too: what this
+   mode takes is acked into the local server, so it would be lost to its users.
 3. Starts `LocalPusher(print_events=True)`: every event the worker sends is logged.
 4. Runs the unchanged `python worker.py` as a child with PUSHER_URL pointing at that server.
    The worker itself never falls back to a fake destination; only this module chooses one.
@@ -24,7 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,7 +36,7 @@ import redis
 
 from relay import logs
 from relay.config import mask_url
-from relay.producer import DEFAULT_QUEUE, DEFAULT_REDIS_URL, Producer
+from relay.producer import DEFAULT_QUEUE, Producer
 from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer, answers
 
@@ -48,6 +52,7 @@ WORKER_STOP_TIMEOUT_S = 15.0
 # child: PUSHER_URL wins over them anyway, dropping them makes that obvious.
 PUSHER_CREDENTIALS = ("PUSHER_APP_ID", "PUSHER_KEY", "PUSHER_SECRET", "PUSHER_HOST",
                       "PUSHER_PORT", "PUSHER_SSL", "PUSHER_CLUSTER")
+DEV_QUEUE = "relay-dev"  # not the production default: see point 2 above
 DEMO_CHANNEL = "test"
 DEMO_DATA = {"title": "hello from relay development mode", "url": "/"}
 
@@ -80,15 +85,31 @@ def redis_answers(url: str) -> bool:
         client.close()
 
 
-def _redis(stack: contextlib.ExitStack, url: str) -> str:
-    """The URL of a Redis that answers: url's own, or an embedded one stopped by the stack."""
-    if redis_answers(url):
-        log.info("using the Redis at %s", mask_url(url))
+class DevModeError(RuntimeError):
+    """Development mode cannot start as configured (the message says what to change)."""
+
+
+def _redis(stack: contextlib.ExitStack, url: str | None) -> str:
+    """REDIS_URL's Redis when set (it must answer), else an embedded one stopped by the stack.
+
+    No fallback either way: an unset REDIS_URL must not reach the default localhost:6379
+    (a real queue may live there), and a set one that does not answer is a mistake to report,
+    not to paper over with another Redis.
+    """
+    if url:
+        if not redis_answers(url):
+            raise DevModeError(f"no Redis answers at REDIS_URL={mask_url(url)}; unset "
+                               "REDIS_URL to use an embedded one")
+        log.info("using the Redis at %s (REDIS_URL)", mask_url(url))
         return url
     server = stack.enter_context(RedisServer())
-    log.info("no Redis answers at %s: started an embedded redis-server at %s",
-             mask_url(url), server.url)
+    log.info("REDIS_URL is not set: started an embedded redis-server at %s", server.url)
     return server.url
+
+
+def dev_queue(environ: Mapping[str, str]) -> str:
+    """RELAY_QUEUE when set, else a queue of development mode's own (never the default)."""
+    return environ.get("RELAY_QUEUE") or DEV_QUEUE
 
 
 def worker_env(redis_url: str, pusher_url: str, queue: str) -> dict[str, str]:
@@ -175,9 +196,12 @@ def _serve(stop: threading.Event, worker: subprocess.Popen[bytes], pusher: Local
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
-    queue = os.environ.get("RELAY_QUEUE") or DEFAULT_QUEUE
+    queue = dev_queue(os.environ)
     with contextlib.ExitStack() as stack:
-        redis_url = _redis(stack, os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL)
+        redis_url = _redis(stack, os.environ.get("REDIS_URL"))
+        log.info("consuming the queue %s%s", queue,
+                 " (RELAY_QUEUE)" if os.environ.get("RELAY_QUEUE") else
+                 " (development mode's own; set RELAY_QUEUE to consume another)")
         pusher = stack.enter_context(
             LocalPusher(key="dev-key", secret="dev-secret", print_events=True))
         log.info("local Pusher-compatible server at %s (app_id %s, key %s)",
@@ -204,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, lambda _signum, _frame: stop.set())
     try:
         return run(args, stop)
-    except (OSError, RuntimeError, TimeoutError, redis.RedisError) as exc:
+    except (OSError, RuntimeError, TimeoutError, redis.RedisError) as exc:  # DevModeError too
         log.error("development mode could not start: %s", exc)
         return 1
 

@@ -1,8 +1,10 @@
 """`/metrics` and `/healthz` on RELAY_METRICS_ADDR, and the stuck-event-loop watchdog.
 
 1. `/metrics`: the worker's own Prometheus registry, in the text format.
-2. `/healthz`: 200 and a small JSON body when Redis answers a PING, the circuit to Pusher is
-   closed and the event loop has not been blocked lately; otherwise 503 with the reasons.
+2. `/healthz`: 200 and a small JSON body when the worker's `report()` names no problem
+   (it checks that Redis answers a PING and the circuit to Pusher is closed) and the event
+   loop has not been blocked lately; otherwise 503 with the reasons. This module imports
+   nothing of relay's: it is given a registry and a report callable.
 3. The watchdog turns on gevent's monitor thread: a greenlet that holds the hub longer than
    BLOCKED_S (CPU-bound work, or a call that was not monkey-patched) is counted, logged with
    its stack by a greenlet (the monitor thread itself must not take gevent locks), and
@@ -16,16 +18,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 import gevent.events
-import redis
 from gevent.pywsgi import WSGIServer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-if TYPE_CHECKING:
-    from relay.worker import Worker
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -81,39 +79,29 @@ class Watchdog:
             UNHEALTHY_AFTER_BLOCK_S
 
 
-def health(worker: Worker, watchdog: Watchdog | None) -> tuple[bool, dict[str, Any]]:
-    """The /healthz verdict and body; also used by `worker.py check`."""
-    problems: list[str] = []
-    try:
-        worker.queue.client.ping()
-        redis_state = "ok"
-    except redis.RedisError as exc:
-        redis_state = f"unreachable ({type(exc).__name__})"
-        problems.append("redis")
-    circuit = worker.circuit
-    if circuit.is_open:
-        problems.append("circuit")
+# The worker's own verdict: (problems, facts), e.g. (["circuit"], {"circuit": "open: ..."}).
+Report = Callable[[], tuple[list[str], dict[str, Any]]]
+
+
+def health(report: Report, watchdog: Watchdog | None) -> tuple[bool, dict[str, Any]]:
+    """The /healthz verdict and body: the worker's report plus the event loop's state."""
+    problems, facts = report()
+    problems = list(problems)
     if watchdog is not None and watchdog.blocked_recently(time.time()):
         problems.append("event_loop")
-    body = {
-        "status": "ok" if not problems else "unhealthy",
-        "problems": problems,
-        "worker": worker.queue.worker_id,
-        "redis": redis_state,
-        "circuit": f"open: {circuit.reason}" if circuit.is_open else "closed",
-        "event_loop": "blocked recently" if "event_loop" in problems else "ok",
-        "inflight": worker.inflight,
-        "stopping": worker.stopping.is_set(),
-    }
+    body = {"status": "ok" if not problems else "unhealthy", "problems": problems, **facts,
+            "event_loop": "blocked recently" if "event_loop" in problems else "ok"}
     return not problems, body
 
 
 class HealthServer:
     """gevent's WSGI server on the metrics address; one per worker process."""
 
-    def __init__(self, addr: str, worker: Worker, watchdog: Watchdog | None) -> None:
+    def __init__(self, addr: str, registry: CollectorRegistry, report: Report,
+                 watchdog: Watchdog | None) -> None:
         host, _, port = addr.rpartition(":")
-        self.worker = worker
+        self.registry = registry
+        self.report = report
         self.watchdog = watchdog
         self.server = WSGIServer((host.strip("[]"), int(port)), self.app, log=None,
                                  error_log=log)
@@ -133,11 +121,11 @@ class HealthServer:
     def app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            body = generate_latest(self.worker.metrics.registry)
+            body = generate_latest(self.registry)
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
             return [body]
         if path == "/healthz":
-            ok, report = health(self.worker, self.watchdog)
+            ok, report = health(self.report, self.watchdog)
             data = json.dumps(report).encode()
             status = "200 OK" if ok else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json")])

@@ -1,15 +1,19 @@
-"""Parse and validate what producers push: pure functions, no I/O.
+"""Parse and validate what the worker pops: pure functions, no I/O.
 
-1. A *classic* message is a JSON object with a `channel` key: the event is RELAY_EVENT and
-   the data is the object without `channel`. Any object that has `channel` is classic, so
-   a classic message can never be misread as an envelope, whatever else it carries.
-2. An *envelope* has no `channel` key and carries `"relay": 1`, with `channels` (1 to 100),
-   `event`, `data`, and optionally `socket_id`, `enqueued_at` (Unix seconds) and `id`.
+1. Classic messages and envelopes are read by relay.wire, the one parser the producer helper
+   uses too (in syntax Python 2.7 reads), so an app refuses exactly what the worker would
+   dead-letter. Everything Pusher would refuse (names, sizes) is refused there first, with a
+   reason, so a bad notification is dead-lettered instead of failing a whole batch.
+2. On top of that the worker applies the policies that depend on its own settings, carried
+   by `Limits`: the data limit (RELAY_MAX_DATA_BYTES) and whether `private-encrypted-`
+   channels can be sent (a master key is set). An encrypted channel's limit applies to what
+   is sent: the ciphertext's JSON, whose size follows from the plaintext's (NaCl secretbox
+   adds 16 bytes, base64 4/3, the `{"nonce": ..., "ciphertext": ...}` wrapper a fixed
+   amount). The pusher library sends one encrypted channel per call, so an encrypted
+   channel must be a notification's only one.
 3. A *retry wrapper* (`"relay": 1` with `payload`) is what the worker itself writes back when
    a notification waits for another attempt: it carries the original text and the attempt
    history, so dead letters always show what the producer pushed.
-4. Everything Pusher would refuse (names, sizes) is refused here first, with a reason, so a
-   bad notification is dead-lettered instead of failing a whole batch.
 """
 
 from __future__ import annotations
@@ -19,13 +23,41 @@ from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
 
-from relay import rules
+from relay import rules, wire
+from relay.wire import ENVELOPE_VERSION, InvalidMessage, envelope
 
-ENVELOPE_VERSION = 1
+__all__ = ["DEFAULT_LIMITS", "ENVELOPE_VERSION", "InvalidMessage", "Limits", "Notification",
+           "encrypted_size", "envelope", "parse", "payload_of", "retry_wrapper"]
+
+ENCRYPTION_SETTING = "PUSHER_ENCRYPTION_MASTER_KEY_BASE64"
+_NONCE_B64 = 32  # base64 of NaCl's 24-byte nonce
+_SECRETBOX_MAC = 16
+_ENCRYPTED_WRAPPER = len('{"nonce": "", "ciphertext": ""}')  # pusher.crypto's json.dumps
 
 
-class InvalidMessage(ValueError):
-    """The notification can never be delivered; the text is the dead-letter reason."""
+@dataclass(frozen=True)
+class Limits:
+    """What a deployment accepts. encryption: True (a key is set), False (refuse encrypted
+    channels, naming the setting) or None (unknown, as in the producer: accept them)."""
+
+    max_data_bytes: int = rules.MAX_DATA_BYTES
+    encryption: bool | None = None
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def encrypted_size(plain_bytes: int) -> int:
+    """Bytes of the data the pusher library sends for `plain_bytes` of plaintext."""
+    return _ENCRYPTED_WRAPPER + _NONCE_B64 + 4 * -(-(plain_bytes + _SECRETBOX_MAC) // 3)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -53,145 +85,55 @@ class Notification:
         return len(self.channels)
 
 
-def encode_data(data: Any) -> str:
-    """Pusher wants data as a string: strings pass through, anything else becomes JSON."""
-    if isinstance(data, str):
-        return data
-    try:
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except ValueError:  # NaN or Infinity: Python reads them, browsers' JSON.parse does not
-        raise InvalidMessage("data holds NaN or Infinity, which is not JSON") from None
+def _policy(found: dict[str, Any], limits: Limits) -> None:
+    """The worker's refusals beyond Pusher's format rules (relay.wire checks those)."""
+    channels = found["channels"]
+    encrypted = [c for c in channels if c.startswith(rules.ENCRYPTED_PREFIX)]
+    if not encrypted:
+        return
+    if limits.encryption is False:
+        raise InvalidMessage(f"{rules.ENCRYPTED_PREFIX}* channels need {ENCRYPTION_SETTING}")
+    if len(channels) > 1:
+        raise InvalidMessage(f"a {rules.ENCRYPTED_PREFIX} channel must be the notification's "
+                             "only channel (the pusher library sends one per call)")
+    size = wire.utf8_size(found["data"], "data")
+    sent = encrypted_size(size)
+    if sent > limits.max_data_bytes:
+        raise InvalidMessage(f"data is {size} bytes, {sent} once encrypted, over the limit "
+                             f"of {limits.max_data_bytes}")
 
 
-def _check(problem: str | None) -> None:
-    if problem is not None:
-        raise InvalidMessage(problem)
+def _notification(raw: bytes, text: str, found: dict[str, Any], limits: Limits
+                  ) -> Notification:
+    _policy(found, limits)
+    return Notification(raw=raw, payload=text, **found)
 
 
-def validate_channel(channel: Any) -> str:
-    _check(rules.channel_problem(channel))
-    if channel.startswith(rules.ENCRYPTED_PREFIX):
-        raise InvalidMessage("encrypted channels are not supported")
-    return channel
-
-
-def _utf8_size(text: str, what: str) -> int:
-    # JSON may carry a lone surrogate ("\ud800"): valid JSON, but no UTF-8 text can hold it.
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidMessage(f"{what} holds a lone surrogate, not valid Unicode") from None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def validate_event(event: Any) -> str:
-    _check(rules.event_problem(event))
-    _utf8_size(event, "event name")
-    return event
-
-
-def validate_data(data: str) -> str:
-    _check(rules.data_size_problem(_utf8_size(data, "data")))
-    return data
-
-
-def validate_socket_id(socket_id: Any) -> str | None:
-    _check(rules.socket_id_problem(socket_id))
-    return socket_id
-
-
-def _decode(raw: bytes | str) -> tuple[str, dict[str, Any]]:
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-    except UnicodeDecodeError:
-        raise InvalidMessage("not UTF-8 text") from None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        raise InvalidMessage("not JSON") from None
-    except RecursionError:  # the decoder recurses per nesting level
-        raise InvalidMessage("JSON nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise InvalidMessage(f"not a JSON object (got {type(obj).__name__})")
-    return text, obj
-
-
-def _classic(raw: bytes, text: str, obj: dict[str, Any], event: str) -> Notification:
-    channel = validate_channel(obj["channel"])
-    rest = {k: v for k, v in obj.items() if k != "channel"}
-    return Notification(raw=raw, payload=text, channels=(channel,), event=validate_event(event),
-                        data=validate_data(encode_data(rest)))
-
-
-def _channels(obj: dict[str, Any]) -> tuple[str, ...]:
-    channels = obj.get("channels")
-    if isinstance(channels, str):
-        channels = [channels]
-    if not isinstance(channels, list) or not channels:
-        raise InvalidMessage("envelope needs channels: a non-empty list")
-    if len(channels) > rules.MAX_CHANNELS:
-        raise InvalidMessage(f"envelope has {len(channels)} channels, over {rules.MAX_CHANNELS}")
-    return tuple(validate_channel(c) for c in channels)
-
-
-def _number(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidMessage(f"{name} must be a number of Unix seconds")
-    return float(value)
-
-
-def _envelope(raw: bytes, text: str, obj: dict[str, Any]) -> Notification:
-    if "data" not in obj:
-        raise InvalidMessage("envelope needs data")
-    ident = obj.get("id")
-    return Notification(
-        raw=raw,
-        payload=text,
-        channels=_channels(obj),
-        event=validate_event(obj.get("event")),
-        data=validate_data(encode_data(obj["data"])),
-        socket_id=validate_socket_id(obj.get("socket_id")),
-        enqueued_at=_number(obj.get("enqueued_at"), "enqueued_at"),
-        id=str(ident) if ident is not None else None,
-    )
-
-
-def parse(raw: bytes, default_event: str) -> Notification:
+def parse(raw: bytes, default_event: str, limits: Limits = DEFAULT_LIMITS) -> Notification:
     """Turn one queue element into a Notification, or raise InvalidMessage with the reason."""
-    text, obj = _decode(raw)
-    if "channel" in obj:
-        return _classic(raw, text, obj, default_event)
-    if obj.get("relay") != ENVELOPE_VERSION:
-        raise InvalidMessage("no channel (neither a classic message nor a relay envelope)")
-    if "payload" in obj:
-        return _unwrap_retry(raw, obj, default_event)
-    return _envelope(raw, text, obj)
+    text, obj = wire.decode(raw)
+    if wire.is_retry_wrapper(obj):
+        return _unwrap_retry(raw, obj, default_event, limits)
+    return _notification(raw, text, wire.fields(obj, default_event, limits.max_data_bytes),
+                         limits)
 
 
-def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str) -> Notification:
+def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str, limits: Limits
+                  ) -> Notification:
     payload = obj["payload"]
     history = obj.get("retry") or {}
     attempts = history.get("attempts", 0) if isinstance(history, dict) else None
     if not isinstance(payload, str) or not isinstance(attempts, int) or attempts < 0:
         raise InvalidMessage("malformed retry wrapper")
-    _utf8_size(payload, "retry payload")
-    inner = parse(payload.encode("utf-8"), default_event)
+    wire.utf8_size(payload, "retry payload")
+    inner = parse(payload.encode("utf-8"), default_event, limits)
     if inner.payload != payload or inner.attempts:
         raise InvalidMessage("nested retry wrapper")
     return Notification(
         raw=raw, payload=payload, channels=inner.channels, event=inner.event, data=inner.data,
         socket_id=inner.socket_id, enqueued_at=inner.enqueued_at, id=inner.id,
         attempts=attempts,
-        first_failed_at=_number(history.get("first_failed_at"), "first_failed_at"),
+        first_failed_at=wire.unix_seconds(history.get("first_failed_at"), "first_failed_at"),
     )
 
 
@@ -208,32 +150,18 @@ def retry_wrapper(payload: str, attempts: int, first_failed_at: float, last_erro
 
 
 def payload_of(raw: bytes) -> str:
-    """What the producer pushed, even for an element that does not parse (for dead letters)."""
+    """What the producer pushed, even for an element that does not parse (for dead letters).
+
+    A retry wrapper is recognised by its shape once parsed (`"relay": 1` with a string
+    `payload`), never by how its text begins, so key order and spacing do not matter.
+    """
     text = raw.decode("utf-8", errors="replace")
-    if text.startswith('{"relay":1,"payload":'):
-        try:
-            inner = json.loads(text).get("payload")
-        except (ValueError, RecursionError):
-            return text
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    if isinstance(obj, dict) and "channel" not in obj and obj.get("relay") == ENVELOPE_VERSION:
+        inner = obj.get("payload")
         if isinstance(inner, str) and _encodable(inner):
             return inner
-    return text
-
-
-def envelope(channels: list[str], event: str, data: Any, socket_id: str | None = None,
-             enqueued_at: float | None = None, ident: str | None = None) -> str:
-    """Encode an envelope (the producer's format), validated so bad input fails at the source."""
-    obj: dict[str, Any] = {"relay": ENVELOPE_VERSION, "channels": channels, "event": event,
-                           "data": data}
-    if socket_id is not None:
-        obj["socket_id"] = socket_id
-    if enqueued_at is not None:
-        obj["enqueued_at"] = enqueued_at
-    if ident is not None:
-        obj["id"] = ident
-    try:
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except ValueError:
-        raise InvalidMessage("data holds NaN or Infinity, which is not JSON") from None
-    parse(text.encode("utf-8"), event)
     return text

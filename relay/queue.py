@@ -1,7 +1,10 @@
 """Reliable fetch, ack, retry, dead-letter and recovery on Redis: every key and script.
 
-Keys for queue `Q` (all start with `Q`, so a hash-tagged name like `{notifications}` keeps
-every key in one Redis Cluster slot and every script below legal there):
+Keys for queue `Q` (all start with `Q`). Under Redis Cluster every key but the queue itself
+starts with `{Q}` instead (unless Q already holds a hash tag), which hashes exactly like `Q`:
+every key is in the queue's slot, so every script below (each declares all its keys) is legal
+there. Redis time is read inside scripts, never by a bare TIME that a cluster client would
+send to an arbitrary node.
 
 - `Q`                      list: producers RPUSH; the worker pops the head (fifo) or tail (lifo)
 - `Q:inflight:<wid>:<n>`   list: what greenlet slot n of worker process wid is handling now
@@ -33,20 +36,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
 
 import redis
 
+from relay.errors import RelayError
+from relay.redis_shared import NOW_LUA
+
 log = logging.getLogger(__name__)
 
 # Redis time, inside scripts, so that hosts with skewed clocks agree on deadlines.
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-"""
+_NOW = NOW_LUA
 
 # KEYS: queue, slot list, workers zset. ARGV: batch size, pop side, worker id.
 # Returns the slot's whole list, or false when this worker has been reaped (see heartbeat):
@@ -167,6 +170,17 @@ end
 return n
 """
 
+# KEYS: queue, retry zset, this worker's slot lists... Returns 1 when nothing is left for
+# a burst: the queue is empty, no retry is due, and no slot holds anything; all read at once.
+IDLE = _NOW + """
+if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
+if redis.call('ZCOUNT', KEYS[2], '-inf', now) > 0 then return 0 end
+for i = 3, #KEYS do
+  if redis.call('LLEN', KEYS[i]) > 0 then return 0 end
+end
+return 1
+"""
+
 # KEYS: queue, stats hash. ARGV: the longest the queue may be. Drops the oldest excess.
 TRIM = """
 local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[1])
@@ -176,51 +190,107 @@ redis.call('HINCRBY', KEYS[2], 'shed_backlog', excess)
 return excess
 """
 
-# KEYS: dead list, queue. ARGV: the exact dead-letter entry, payload to requeue.
-# Removing the exact entry first makes two operators requeueing at once harmless.
-UNDEAD = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
+def has_hash_tag(name: str) -> bool:
+    """True when Redis Cluster would hash only part of name: a `{...}` with something in it
+    (the first `{` and the first `}` after it, as the server reads it)."""
+    start = name.find("{")
+    return start >= 0 and name.find("}", start + 1) > start + 1
+
+
+# KEYS: any key of the queue (so a cluster client sends it to the queue's node). Redis time.
+NOW = _NOW + """
+return tostring(now)
+"""
+
+# KEYS: workers zset. The ids of workers whose heartbeat deadline passed (Redis clock).
+EXPIRED = _NOW + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+"""
+
+# KEYS: a probe key of the queue (never holds anything for long). Runs, on that key, every
+# command the scripts above run, so a Redis ACL user missing one is refused at start
+# (NOPERM, naming the command) rather than in the middle of a delivery.
+PROBE = _NOW + """
+local k = KEYS[1]
+redis.call('DEL', k)
+redis.call('RPUSH', k, 'p')
+redis.call('LPUSH', k, 'p')
+redis.call('LMOVE', k, k, 'LEFT', 'RIGHT')
+redis.call('LLEN', k)
+redis.call('LRANGE', k, 0, -1)
+redis.call('LTRIM', k, 0, -1)
+redis.call('LREM', k, 0, 'p')
+redis.call('ZADD', k, now, 'p')
+redis.call('ZSCORE', k, 'p')
+redis.call('ZRANGEBYSCORE', k, '-inf', now, 'LIMIT', 0, 1)
+redis.call('ZREM', k, 'p')
+redis.call('HSET', k, 'p', '1')
+redis.call('HINCRBY', k, 'p', 1)
+redis.call('HDEL', k, 'p')
+redis.call('SET', k, 'p', 'PX', 1000)
+redis.call('GET', k)
+redis.call('DEL', k)
 return 1
 """
 
 
 @dataclass(frozen=True)
 class Keys:
-    """Every key of one queue, derived from its name."""
+    """Every key of one queue, derived from its name (and whether Redis is a cluster)."""
 
     queue: str
+    cluster: bool = False
+
+    @property
+    def prefix(self) -> str:
+        """`Q`, or under Cluster `{Q}`, which hashes to the queue's slot."""
+        if self.cluster and not has_hash_tag(self.queue):
+            return "{" + self.queue + "}"
+        return self.queue
 
     @property
     def dead(self) -> str:
-        return f"{self.queue}:dead"
+        return f"{self.prefix}:dead"
 
     @property
     def retry(self) -> str:
-        return f"{self.queue}:retry"
+        return f"{self.prefix}:retry"
 
     @property
     def workers(self) -> str:
-        return f"{self.queue}:workers"
+        return f"{self.prefix}:workers"
 
     @property
     def info(self) -> str:
-        return f"{self.queue}:workers:info"
+        return f"{self.prefix}:workers:info"
 
     @property
     def reaped(self) -> str:
-        return f"{self.queue}:workers:reaped"
+        return f"{self.prefix}:workers:reaped"
 
     @property
     def stats(self) -> str:
-        return f"{self.queue}:stats"
+        return f"{self.prefix}:stats"
 
     @property
     def ratelimit(self) -> str:
-        return f"{self.queue}:ratelimit"
+        return f"{self.prefix}:ratelimit"
+
+    @property
+    def probe(self) -> str:
+        return f"{self.prefix}:probe"
 
     def inflight(self, worker_id: str, slot: int) -> str:
-        return f"{self.queue}:inflight:{worker_id}:{slot}"
+        return f"{self.prefix}:inflight:{worker_id}:{slot}"
+
+
+def is_cluster(client: Any) -> bool:
+    """True for redis-py's RedisCluster (absent from old redis-py: then never)."""
+    try:
+        from redis.cluster import RedisCluster  # noqa: PLC0415
+    except ImportError:
+        return False
+    return isinstance(client, RedisCluster)
 
 
 def new_worker_id() -> str:
@@ -231,17 +301,27 @@ def new_worker_id() -> str:
 REAPED_GRACE_S = 3600.0
 
 
-class WorkerReaped(RuntimeError):
+class RedisDemoted(redis.ConnectionError):
+    """A blocking pop was cut short because the server turned replica (a Sentinel failover
+    demoting it): Redis is away, as far as this worker is concerned, until it finds the
+    new master."""
+
+
+class WorkerReaped(RelayError):
     """Another worker declared this one dead (it missed heartbeats); re-register first."""
 
 
 class RedisQueue:
-    """The queue's Redis side for one worker process; every call is one round trip."""
+    """The queue's Redis side for one worker process.
+
+    Every settle step is one script, so one round trip; `fetch` makes one to three (see
+    there), and the housekeeping and admin calls a few.
+    """
 
     def __init__(self, client: redis.Redis, name: str, order: str = "fifo",
                  worker_id: str | None = None) -> None:
         self.client = client
-        self.keys = Keys(name)
+        self.keys = Keys(name, cluster=is_cluster(client))
         self.worker_id = worker_id or new_worker_id()
         # fifo pops the head (oldest); lifo pops the tail (newest). What goes back goes where
         # the next pop happens, so requeued and recovered items are next.
@@ -258,7 +338,10 @@ class RedisQueue:
         self._reap = client.register_script(REAP)
         self._sweep = client.register_script(SWEEP)
         self._trim = client.register_script(TRIM)
-        self._undead = client.register_script(UNDEAD)
+        self._idle = client.register_script(IDLE)
+        self._now = client.register_script(NOW)
+        self._expired = client.register_script(EXPIRED)
+        self._probe = client.register_script(PROBE)
 
     # -- fetch and settle, per greenlet slot -------------------------------------------------
 
@@ -270,16 +353,24 @@ class RedisQueue:
 
         eager (there is a backlog, or the slot must adopt what a lost reply left in it):
         the non-blocking script first, one round trip a batch. Otherwise straight to the
-        blocking pop, and a lone item goes out without a second round trip.
+        blocking pop, and a lone item goes out without a second round trip. When the pop
+        wakes up empty-handed, the script runs once anyway: it adopts an item that a
+        command with a lost reply moved into the slot, even on a quiet queue (one cheap
+        call per slot per block_s while idle).
         """
         key = self.slot_key(slot)
         if eager:
             items = self._top_up(key, batch)
             if items or block_s <= 0:
                 return items
-        moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side, "RIGHT")
+        try:
+            moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side, "RIGHT")
+        except redis.ResponseError as exc:
+            if str(exc).startswith("UNBLOCKED"):  # "... instance state changed (master ->
+                raise RedisDemoted(str(exc)) from None  # replica?)": not the item's fault
+            raise
         if moved is None:
-            return []
+            return self._top_up(key, batch)
         return self._top_up(key, batch) if eager else [moved]
 
     def _top_up(self, key: str, batch: int) -> list[bytes]:
@@ -328,8 +419,7 @@ class RedisQueue:
     def reap_expired(self) -> dict[str, int]:
         """Return the in-flight items of every worker whose heartbeat deadline passed, and
         anything that turned up since in the lists of workers reaped lately."""
-        seconds, micros = self.client.time()
-        expired = self.client.zrangebyscore(self.keys.workers, "-inf", seconds + micros / 1e6)
+        expired = self._expired(keys=[self.keys.workers])
         recovered: dict[str, int] = {}
         for raw_id in expired:
             wid = raw_id.decode()
@@ -342,6 +432,31 @@ class RedisQueue:
             if n > 0:
                 recovered[wid] = recovered.get(wid, 0) + n
         return recovered
+
+    def now(self) -> float:
+        """Redis time, read on the queue's own node (a bare TIME may go to any node)."""
+        return float(self._now(keys=[self.keys.workers]))
+
+    def probe(self) -> None:
+        """Run every command the worker needs once, harmlessly, on a key of its own.
+
+        Raises redis.exceptions.NoPermissionError (naming the command) when a Redis ACL
+        user lacks one; run at start, so a missing right stops the worker at once.
+        """
+        key = self.keys.probe
+        self.client.script_load(PROBE)  # the scripts are loaded again after a Redis restart
+        self._probe(keys=[key])
+        self.client.blmove(key, key, 0.01, "LEFT", "RIGHT")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(key)
+        pipe.lrange(key, 0, 0)
+        pipe.lrem(key, 1, "p")
+        pipe.zrange(key, 0, 0)
+        pipe.zcard(key)
+        pipe.hget(key, "p")
+        pipe.hgetall(key)
+        pipe.get(key)
+        pipe.execute()
 
     def release(self, slots: int) -> int:
         """On shutdown: return all of this worker's in-flight items and unregister."""
@@ -365,6 +480,12 @@ class RedisQueue:
         """Drop the oldest items beyond max_backlog; returns how many were dropped."""
         return int(self._trim(keys=[self.keys.queue, self.keys.stats], args=[max_backlog]))
 
+    def idle(self, slots: int) -> bool:
+        """Nothing queued, nothing due for a retry, nothing in this worker's slots."""
+        keys = [self.keys.queue, self.keys.retry]
+        keys += [self.keys.inflight(self.worker_id, n) for n in range(slots)]
+        return bool(self._idle(keys=keys))
+
     def length(self) -> int:
         return int(self.client.llen(self.keys.queue))
 
@@ -380,8 +501,7 @@ class RedisQueue:
 
     def workers(self) -> list[dict[str, Any]]:
         """Registered workers with heartbeat age and in-flight count (Redis clock)."""
-        seconds, micros = self.client.time()
-        now = seconds + micros / 1e6
+        now = self.now()
         found = []
         for raw_id, deadline in self.client.zrange(self.keys.workers, 0, -1, withscores=True):
             wid = raw_id.decode()
@@ -400,28 +520,3 @@ class RedisQueue:
 
     def totals(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(self.keys.stats).items()}
-
-    def dead_entries(self, limit: int = -1) -> list[bytes]:
-        return list(self.client.lrange(self.keys.dead, 0, limit - 1 if limit > 0 else -1))
-
-    def requeue_dead(self, entries: Iterable[bytes]) -> int:
-        """Move dead letters back to the queue's tail as the producer pushed them.
-
-        Each entry is removed by its exact bytes before its payload is pushed, in one script:
-        two operators requeueing at once requeue each entry once.
-        """
-        n = 0
-        for entry in entries:
-            try:
-                payload = json.loads(entry)["payload"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("skipping a dead letter that is not relay's JSON")
-                continue
-            n += int(self._undead(keys=[self.keys.dead, self.keys.queue], args=[entry, payload]))
-        return n
-
-    def purge_dead(self, entries: Iterable[bytes]) -> int:
-        pipe = self.client.pipeline(transaction=False)
-        for entry in entries:
-            pipe.lrem(self.keys.dead, 1, entry)
-        return sum(pipe.execute())

@@ -7,6 +7,9 @@
    Redis on 6379 and never flushes anything it did not start.
 3. Can be killed (`kill`) and started again (`start`) on the same port and directory
    (with appendonly, the data survives), which is what the fault tests need.
+4. Takes extra arguments (`extra`: TLS, replication, cluster mode, `--sentinel`), a config
+   file to start from (`conf`, which a sentinel rewrites), and a readiness check of its own
+   (`ready`) for a server that does not answer a plain PING on its port (TLS-only).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -66,10 +70,16 @@ class RedisServer:
     """Context manager around one redis-server process."""
 
     def __init__(self, port: int | None = None, appendonly: bool = False,
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, extra: Sequence[str] = (),
+                 conf: str | None = None, ready: Callable[[], bool] | None = None,
+                 plain_port: bool = True) -> None:
         self.binary = binary or find_binary()
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra = list(extra)
+        self.conf = conf
+        self.plain_port = plain_port  # False: the caller's extra says --port 0 --tls-port P
+        self.ready = ready or (lambda: answers("127.0.0.1", self.port))
         self.dir = tempfile.mkdtemp(prefix="relay-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -78,13 +88,17 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", self.dir, "--save", "", "--daemonize", "no",
-                "--appendonly", "yes" if self.appendonly else "no",
-                "--appendfsync", "always", "--logfile", os.path.join(self.dir, "redis.log")]
+        args = [self.binary] + ([self.conf] if self.conf else [])
+        args += ["--port", str(self.port)] if self.plain_port else []
+        args += ["--bind", "127.0.0.1", "--dir", self.dir, "--daemonize", "no",
+                 "--logfile", os.path.join(self.dir, "redis.log")]
+        if "--sentinel" not in self.extra:
+            args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                     "--appendfsync", "always"]
+        args += self.extra
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not answers("127.0.0.1", self.port):
+        while not self.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start on port {self.port}; "
                                    f"see {self.dir}/redis.log")

@@ -39,6 +39,12 @@ def should_give_up(attempts: int, first_failed_at: float, now: float, max_attemp
     return attempts >= max_attempts or now - first_failed_at >= retry_for_s
 
 
+def describe(error: BaseException, limit: int = 200) -> str:
+    """The error's class and the first line of its text (a TLS failure says why there)."""
+    text = str(error).strip().splitlines()[0][:limit] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class Outage:
     """Shared backoff for one dependency; cheap to call on every success.
 
@@ -50,8 +56,9 @@ class Outage:
     FLAP_S = 5.0
 
     def __init__(self, name: str, base_s: float = 0.1, cap_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, where: str = "") -> None:
         self.name = name
+        self.where = where  # e.g. " at REDIS_URL=..." (masked), for the outage line
         self.base_s = base_s
         self.cap_s = cap_s
         self.clock = clock
@@ -59,10 +66,6 @@ class Outage:
         self.since: float | None = None
         self.announced = False
         self.recovered_at = float("-inf")
-
-    @property
-    def down(self) -> bool:
-        return self.since is not None
 
     def failed(self, error: BaseException) -> float:
         """Record a failed call; return how long the caller should wait before the next."""
@@ -74,8 +77,8 @@ class Outage:
         if not self.announced and (now - self.recovered_at > self.FLAP_S
                                    or now - self.since > self.FLAP_S):
             self.announced = True
-            log.error("%s unreachable (%s); backing off and retrying", self.name,
-                      type(error).__name__)
+            log.error("%s unreachable%s (%s); backing off and retrying", self.name,
+                      self.where, describe(error))
         self.failures += 1
         return min(self.cap_s, self.base_s * (2 ** min(self.failures - 1, 16)))
 

@@ -6,6 +6,8 @@ producer helper imports this module inside legacy apps. Each check returns the r
 notification would be refused, or None, so each caller raises its own error type.
 """
 
+# ruff: noqa: UP030, UP031, UP032  (f-strings and "{}" are not Python 2.7 syntax)
+
 import re
 
 MAX_BATCH_EVENTS = 10  # events in one batch_events call
@@ -36,9 +38,9 @@ def channel_problem(channel):
     else:
         rest, limit, what = channel, MAX_CHANNEL_NAME, "channel name"
     if len(rest) > limit:
-        return f"{what} longer than {limit} characters"
+        return "{0} longer than {1} characters".format(what, limit)
     if not _NAME.match(rest):
-        return f"invalid channel name {channel[:80]!r}"
+        return "invalid channel name {0!r}".format(channel[:80])
     return None
 
 
@@ -47,14 +49,14 @@ def event_problem(event):
     if not isinstance(event, TEXT_TYPES) or not event:
         return "event must be a non-empty string"
     if len(event) > MAX_EVENT_NAME:
-        return f"event name longer than {MAX_EVENT_NAME} characters"
+        return "event name longer than {0} characters".format(MAX_EVENT_NAME)
     return None
 
 
 def data_size_problem(size, limit=MAX_DATA_BYTES):
     """Why data of `size` UTF-8 bytes is refused, or None."""
     if size > limit:
-        return f"data is {size} bytes, over the limit of {limit}"
+        return "data is {0} bytes, over the limit of {1}".format(size, limit)
     return None
 
 

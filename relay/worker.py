@@ -1,11 +1,12 @@
-"""The worker process: a pool of greenlets, its housekeeping, and its shutdown.
+"""The worker process: a pool of greenlets, its lifecycle, and its shutdown.
 
-1. Each of RELAY_POOL_SIZE greenlets owns one in-flight slot and loops: wait for the gate
-   (circuit, 429 pause, rate limit) -> fetch up to a batch -> parse -> send -> settle each
-   notification (ack, dead-letter, retry later, or put back).
-2. Housekeeping greenlets keep the heartbeat, move due retries back, recover the in-flight
-   items of dead workers, trim an over-long backlog, and log a summary while there is work.
-3. SIGTERM/SIGINT only set a flag. Then: stop fetching -> wait up to PUSHER_TIMEOUT + 1 s for
+1. Each of RELAY_POOL_SIZE greenlets holds a Lease on its own in-flight list and loops:
+   wait for the gate (circuit, 429 pause, rate limit) -> fetch up to a batch -> parse ->
+   send -> carry out each notification's fate, which relay.fate.decide chooses.
+2. Housekeeping (heartbeat, due retries, reaping, trimming, the summary) runs beside them
+   (relay.housekeeping); with `--burst` a watcher ends the run once nothing is left.
+3. SIGTERM/SIGINT: gevent runs `stop` in a greenlet (never inside the signal handler), which
+   logs once and sets a flag. Then: stop fetching -> wait up to PUSHER_TIMEOUT + 1 s for
    in-flight calls -> kill what is left -> return every in-flight item to the queue -> exit 0.
    It is worse to lose a notification than to send it twice.
 """
@@ -23,41 +24,56 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 import redis
+from redis.exceptions import NoPermissionError
 
+from relay import redis_url
+from relay.carrier import Carrier, Item
 from relay.circuit import Circuit
 from relay.config import Config
-from relay.delivery import MAX_BATCH, Delivery, Failure, Kind
-from relay.message import InvalidMessage, Notification, parse, payload_of, retry_wrapper
+from relay.connect import disconnect_all
+from relay.delivery import MAX_BATCH, Delivery
+from relay.fate import (
+    DELIVERED,
+    UNSENT,
+    Fate,
+    Gate,
+    Policy,
+    Send,
+    Verdict,
+    decide,
+    verdict,
+)
+from relay.housekeeping import MAINTENANCE_S, Housekeeper
+from relay.lease import Lease
+from relay.message import InvalidMessage, Notification, parse
 from relay.metrics import Metrics
 from relay.queue import RedisQueue, WorkerReaped
 from relay.ratelimit import RateLimiter
-from relay.retry import Outage, compute_backoff, should_give_up
+from relay.redis_shared import BLOCK_S, REDIS_DOWN, REDIS_ERRORS
+from relay.retry import Outage
 
 log = logging.getLogger(__name__)
 
-# The blocking pop wakes up this often so a greenlet notices a stop request; it must stay
-# under the Redis socket timeout (see cli.redis_client) or every idle pop would time out.
-BLOCK_S = 1.0
-MAINTENANCE_S = 0.5
-SUMMARY_S = 10.0
 SHUTDOWN_GRACE_S = 1.0
-# Redis away (restarting, unreachable, loading its data): back off and try again.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-
 
 class Worker:
     def __init__(self, config: Config, queue: RedisQueue, delivery: Delivery,
-                 metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+                 metrics: Metrics, clock: Callable[[], float] = time.time,
+                 burst: bool = False) -> None:
         self.config = config
         self.queue = queue
         self.delivery = delivery
         self.metrics = metrics
         self.clock = clock
+        self.burst = burst
         self.circuit = Circuit()
-        self.redis_outage = Outage("Redis")
+        self.redis_outage = Outage("Redis",
+                                   where=f" at REDIS_URL={redis_url.mask(config.redis_url)}")
         self.stopping = gevent.event.Event()
         self.pool = gevent.pool.Pool(config.pool_size)
         self.services: list[gevent.Greenlet] = []
+        self.policy = Policy(config.max_attempts, config.retry_for, config.max_age)
+        self.last_success_at: float | None = None  # wall clock, for fate.is_suspect
         self.batch = MAX_BATCH
         self.limiter: RateLimiter | None = None
         if config.rate_limit > 0:
@@ -67,34 +83,30 @@ class Worker:
                                        on_wait=metrics.rate_waits.inc)
             self.batch = min(MAX_BATCH, self.limiter.burst)
         self.inflight = 0
-        self.backlog_shedding = Episode(
-            f"backlog over RELAY_MAX_BACKLOG={config.max_backlog}: dropping the oldest")
-        self.stale_shedding = Episode(
-            f"dropping envelopes older than RELAY_MAX_AGE={config.max_age:g} s as stale")
-        self._next_reap = 0.0
-        # Per slot: fetch eagerly (a non-blocking batch first, adopting whatever the slot list
-        # already holds)? Yes after a batch, an error, or while there is a backlog; a lone
-        # item on a quiet queue takes one blocking pop instead. See RedisQueue.fetch.
-        self._eager = [True] * config.pool_size
-        self.backlog = 0  # queue length as of the last housekeeping round
+        self.housekeeper = Housekeeper(config, queue, metrics, self.redis_outage,
+                                       circuit_open=lambda: self.circuit.is_open,
+                                       inflight=lambda: self.inflight)
+        self.carrier = Carrier(config, queue.worker_id, metrics,
+                               self.housekeeper.stale_shedding, clock)
         metrics.pool_size.set(config.pool_size)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until asked to stop; returns the exit status."""
+        """Serve until asked to stop (or, in burst mode, until drained); the exit status."""
         gevent.signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self.stop, "SIGINT")
         if not self._register():
             return 0
-        log.info("worker %s started: %s", self.queue.worker_id, self.config.describe())
+        log.info("worker %s started%s: %s", self.queue.worker_id,
+                 " (burst: exits once drained)" if self.burst else "", self.config.describe())
         for slot in range(self.config.pool_size):
-            self.pool.spawn(self._slot_loop, slot)
-        self.services = [
-            gevent.spawn(self._every, self.config.heartbeat_ttl / 4, self._heartbeat),
-            gevent.spawn(self._every, MAINTENANCE_S, self._maintain),
-            gevent.spawn(self._every, SUMMARY_S, Summary(self).tick),
-        ]
+            lease = Lease(self.queue, slot, self.redis_outage, self.metrics.redis_errors.inc)
+            self.pool.spawn(self._slot_loop, lease)
+        self.services = self.housekeeper.start(self.stopping)
+        if self.burst:
+            self.services.append(gevent.spawn(
+                self.housekeeper.every, self.stopping, MAINTENANCE_S, self._end_burst))
         self.stopping.wait()
         return self.shutdown()
 
@@ -103,6 +115,11 @@ class Worker:
             log.info("%s: finishing in-flight work, then exiting", why)
             self.stopping.set()
 
+    def _end_burst(self) -> None:
+        """Burst: stop once the queue is empty, no retry is due and nothing is in flight."""
+        if self.inflight == 0 and self.queue.idle(self.config.pool_size):
+            self.stop("burst: queue drained, no retry due")
+
     def shutdown(self) -> int:
         deadline = self.config.pusher.timeout + SHUTDOWN_GRACE_S
         if not self.pool.join(timeout=deadline):
@@ -110,7 +127,7 @@ class Worker:
             self.pool.kill(timeout=SHUTDOWN_GRACE_S)
         gevent.killall(self.services, timeout=SHUTDOWN_GRACE_S)
         # A greenlet killed mid-command leaves its connection half-read: start afresh.
-        self.queue.client.connection_pool.disconnect()
+        disconnect_all(self.queue.client)
         try:
             returned = self.queue.release(self.config.pool_size)
         except redis.RedisError as exc:
@@ -127,66 +144,78 @@ class Worker:
         """Wait (with backoff, quietly) until Redis answers: start order must not matter."""
         while not self.stopping.is_set():
             try:
+                self.queue.probe()  # an ACL user missing a right is refused here, at start
                 self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size)
                 self.redis_outage.succeeded()
                 return True
-            except redis.RedisError as exc:
+            except NoPermissionError:
+                raise  # no backoff cures it: the launcher reports it and exits 2
+            except REDIS_ERRORS as exc:
                 self.stopping.wait(self.redis_outage.failed(exc))
         return False
 
+    def health(self) -> tuple[list[str], dict[str, Any]]:
+        """Problems and facts for /healthz (relay.health adds the event loop's)."""
+        problems: list[str] = []
+        try:
+            self.queue.client.ping()
+            redis_state = "ok"
+        except redis.RedisError as exc:
+            redis_state = f"unreachable ({type(exc).__name__})"
+            problems.append("redis")
+        circuit = self.circuit
+        if circuit.is_open:
+            problems.append("circuit")
+        return problems, {
+            "worker": self.queue.worker_id, "redis": redis_state,
+            "circuit": f"open: {circuit.reason}" if circuit.is_open else "closed",
+            "inflight": self.inflight, "stopping": self.stopping.is_set()}
+
     # -- the greenlets ------------------------------------------------------------------------
 
-    def _slot_loop(self, slot: int) -> None:
+    def _slot_loop(self, lease: Lease) -> None:
         while not self.stopping.is_set():
             try:
-                self._step(slot)
+                self._step(lease)
             except REDIS_DOWN as exc:
                 self.metrics.redis_errors.inc()
-                self._eager[slot] = True  # a lost reply may have left items in the slot
+                lease.eager = True  # a lost reply may have left items in the slot
                 self.stopping.wait(self.redis_outage.failed(exc))
             except WorkerReaped:
-                self._heartbeat()
+                self.housekeeper.heartbeat()
             except Exception:
-                log.exception("unexpected error in slot %d; going on after a pause", slot)
-                self._eager[slot] = True  # what the slot held is picked up again
+                log.exception("unexpected error in slot %d; going on after a pause", lease.slot)
+                lease.eager = True  # what the slot held is picked up again
                 self.stopping.wait(1.0)
 
-    def _step(self, slot: int) -> None:
+    def _step(self, lease: Lease) -> None:
         wait = self.circuit.wait_s()
         if wait > 0:
             self.stopping.wait(min(wait, BLOCK_S))
             return
         probing = self.circuit.is_open
-        budget = self._budget()
-        eager = self._eager[slot] or self.backlog > 0
-        items = self.queue.fetch(slot, budget, BLOCK_S, eager) if budget else []
+        # A probe takes one notification: if Pusher still refuses, one attempt is spent.
+        budget = self._budget(1 if probing else self.batch)
+        items = lease.fetch(budget, BLOCK_S, self.housekeeper.backlog > 0) if budget else []
         self.redis_outage.succeeded()
-        self._eager[slot] = len(items) > 1
-        if not items or (not probing and self.circuit.holding()):
-            # Nothing came, or the gate closed while this greenlet was blocked in its pop:
-            # hand back the items and the budget.
-            if items:
-                self.metrics.requeued.inc(self._persist(self.queue.requeue, slot, items))
-            if probing:
-                self.circuit.abandon_probe()
-            self._reconcile(budget, 0)
-            return
         self.inflight += len(items)
         self.metrics.inflight.inc(len(items))
         try:
-            self._handle(slot, items, budget)
+            # The gate may have closed while this greenlet was blocked in its pop.
+            gate = Gate(holding=not probing and self.circuit.holding())
+            self._handle(lease, items, gate, budget)
         finally:
             self.inflight -= len(items)
             self.metrics.inflight.dec(len(items))
             if probing and self.circuit.probing:
-                # The probe ended without a verdict (all invalid or stale, a 429, an error).
+                # The probe ended without a verdict (nothing sent, a suspect, a 429, an error).
                 self.circuit.abandon_probe()
 
-    def _budget(self) -> int:
-        """How many to fetch: a batch, or what the shared rate limit grants (waits for it)."""
+    def _budget(self, want: int) -> int:
+        """How many to fetch: `want`, or what the shared rate limit grants (waits for it)."""
         if self.limiter is None:
-            return self.batch
-        return self.limiter.take(self.batch, self.stopping.is_set)
+            return want
+        return self.limiter.take(want, self.stopping.is_set)
 
     def _reconcile(self, budget: int, cost: int) -> None:
         """Settle the rate budget with what is really sent: one event per channel."""
@@ -197,222 +226,44 @@ class Worker:
         else:
             self.limiter.take_all(cost - budget, self.stopping.is_set)
 
-    def _every(self, interval_s: float, action: Callable[[], Any]) -> None:
-        while not self.stopping.wait(interval_s):
-            try:
-                action()
-            except redis.RedisError as exc:
-                self.metrics.redis_errors.inc()
-                self.redis_outage.failed(exc)
-            except Exception:
-                log.exception("housekeeping step %s failed", getattr(action, "__name__", action))
-
     # -- one batch ---------------------------------------------------------------------------
 
-    def _handle(self, slot: int, items: Sequence[bytes], budget: int) -> None:
-        notes: list[Notification] = []
-        stale: list[bytes] = []
+    def _handle(self, lease: Lease, raws: Sequence[bytes], gate: Gate, budget: int) -> None:
+        """Parse, decide, send what may go, then carry out every notification's fate."""
         now = self.clock()
-        for raw in items:
-            try:
-                note = parse(raw, self.config.event)
-            except InvalidMessage as exc:
-                self._dead(slot, raw, str(exc), "invalid", 0)
-                continue
-            if self._is_stale(note, now):
-                stale.append(raw)
+        fates: list[tuple[bytes, Item, Fate]] = []
+        to_send: list[Notification] = []
+        for raw in raws:
+            item = self._parse(raw)
+            fate = decide(item, UNSENT, gate, now, self.policy)
+            if isinstance(fate, Send) and isinstance(item, Notification):
+                to_send.append(item)
             else:
-                notes.append(note)
-        if stale:
-            self._persist(self.queue.ack, slot, stale, "shed_max_age")
-            self.metrics.shed.labels("max_age").inc(len(stale))
-            self.stale_shedding.dropped(len(stale))
-        self._reconcile(budget, sum(n.cost for n in notes))
-        if notes:
-            self._settle(slot, notes, self.delivery.send(notes))
+                fates.append((raw, item, fate))
+        self._reconcile(budget, sum(n.cost for n in to_send))
+        if to_send:
+            answers = self.delivery.send(to_send)
+            now = self.clock()
+            self._tell_circuit(verdict(to_send, answers, self.last_success_at, now))
+            for note, answer in zip(to_send, answers, strict=True):
+                fate = decide(note, DELIVERED if answer is None else answer, gate, now,
+                              self.policy)
+                fates.append((note.raw, note, fate))
+        self.carrier.carry_out(lease, fates)
 
-    def _is_stale(self, note: Notification, now: float) -> bool:
-        max_age = self.config.max_age
-        return bool(max_age) and note.enqueued_at is not None and now - note.enqueued_at > max_age
+    def _parse(self, raw: bytes) -> Item:
+        try:
+            return parse(raw, self.config.event, self.config.limits)
+        except InvalidMessage as exc:
+            return exc
 
-    def _settle(self, slot: int, notes: Sequence[Notification],
-                results: Sequence[Failure | None]) -> None:
-        delivered = [n for n, r in zip(notes, results, strict=True) if r is None]
-        if delivered:
-            self._persist(self.queue.ack, slot, [n.raw for n in delivered])
-            self._count_delivered(delivered)
-        self._tell_circuit(bool(delivered), results)
-        # With the circuit open the failure is Pusher's, not the notification's: no attempt
-        # is counted, so a long outage dead-letters nothing.
-        systemic = self.circuit.is_open
-        putback: list[bytes] = []
-        for note, failure in zip(notes, results, strict=True):
-            if failure is None:
-                continue
-            if failure.kind is Kind.PERMANENT:
-                self._dead(slot, note.raw, failure.reason, "rejected", note.attempts + 1,
-                           note.id)
-            elif failure.kind is Kind.TRANSIENT and not systemic:
-                self._retry(slot, note, failure)
-            else:
-                putback.append(note.raw)
-        if putback:
-            self.metrics.requeued.inc(self._persist(self.queue.requeue, slot, putback))
-
-    def _tell_circuit(self, any_delivered: bool, results: Sequence[Failure | None]) -> None:
-        failures = {f.kind: f for f in results if f is not None}
-        if Kind.RATE_LIMITED in failures:
-            self.circuit.pause(failures[Kind.RATE_LIMITED].retry_after_s or 1.0)
-        if Kind.SYSTEMIC in failures:
-            self.circuit.systemic(failures[Kind.SYSTEMIC].reason)
-        elif any_delivered:
+    def _tell_circuit(self, news: Verdict) -> None:
+        if news.pause_s:  # Retry-After: 0 means no pause at all
+            self.circuit.pause(news.pause_s)
+        if news.systemic is not None:
+            self.circuit.systemic(news.systemic)
+        elif news.delivered:
+            self.last_success_at = self.clock()
             self.circuit.succeeded()
-        elif Kind.TRANSIENT in failures:
-            self.circuit.transient(failures[Kind.TRANSIENT].reason)
-
-    def _count_delivered(self, delivered: Sequence[Notification]) -> None:
-        self.metrics.delivered.inc(len(delivered))
-        now = self.clock()
-        for note in delivered:
-            if note.enqueued_at is not None:
-                self.metrics.age_seconds.observe(max(0.0, now - note.enqueued_at))
-
-    def _retry(self, slot: int, note: Notification, failure: Failure) -> None:
-        attempts = note.attempts + 1
-        now = self.clock()
-        first = note.first_failed_at or now
-        if should_give_up(attempts, first, now, self.config.max_attempts, self.config.retry_for):
-            self._dead(slot, note.raw, f"gave up after {attempts} attempts: {failure.reason}",
-                       "exhausted", attempts, note.id)
-            return
-        wrapper = retry_wrapper(note.payload, attempts, first, failure.reason)
-        delay = compute_backoff(attempts)
-        if self._persist(self.queue.retry_later, slot, note.raw, wrapper, delay):
-            self.metrics.retried.inc()
-            log.debug("retry %d of a notification in %.1f s: %s", attempts, delay, failure.reason)
-
-    def _dead(self, slot: int, raw: bytes, reason: str, error_class: str, attempts: int,
-              ident: str | None = None) -> None:
-        payload = payload_of(raw)
-        entry = {"payload": payload, "error": reason, "error_class": error_class,
-                 "failed_at": self.clock(), "attempts": attempts, "queue": self.config.queue,
-                 "worker": self.queue.worker_id}
-        if self._persist(self.queue.dead_letter, slot, raw, entry):
-            self.metrics.dead.labels(error_class).inc()
-            fields = {"error_class": error_class, "attempts": attempts}
-            if ident is not None:
-                fields["notification_id"] = ident
-            log.warning("dead-lettered (%s): %s; payload starts %r", error_class, reason,
-                        payload[:120], extra=fields)
-
-    def _persist(self, step: Callable[..., Any], *args: Any) -> Any:
-        """Run one settle step, retrying through a Redis outage until it lands.
-
-        Giving up would leave a delivered notification in flight, to be sent again.
-        """
-        while True:
-            try:
-                result = step(*args)
-                self.redis_outage.succeeded()
-                return result
-            except REDIS_DOWN as exc:
-                self.metrics.redis_errors.inc()
-                gevent.sleep(self.redis_outage.failed(exc))
-
-    # -- housekeeping ------------------------------------------------------------------------
-
-    def _heartbeat(self) -> None:
-        if not self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size):
-            # Frozen past the TTL (a paused VM, a stopped process): others recovered what it
-            # held, so what it still sends may be sent twice, never lost.
-            log.warning("this worker had been declared dead (missed heartbeats); "
-                        "registered again")
-
-    def _maintain(self) -> None:
-        self.queue.promote_due()
-        self.backlog = self.queue.length()
-        now = time.monotonic()
-        if now >= self._next_reap:
-            self._next_reap = now + self.config.heartbeat_ttl / 2
-            for wid, n in self.queue.reap_expired().items():
-                self.metrics.recovered.inc(n)
-                log.warning("worker %s missed its heartbeat: %d in-flight notification(s) "
-                            "returned to the queue", wid, n)
-        if self.config.max_backlog:
-            self._trim()
-        for episode in (self.backlog_shedding, self.stale_shedding):
-            episode.maybe_end()
-        self.metrics.circuit_open.set(1 if self.circuit.is_open else 0)
-
-    def _trim(self) -> None:
-        dropped = self.queue.trim(self.config.max_backlog)
-        if dropped:
-            self.metrics.shed.labels("backlog").inc(dropped)
-            self.backlog_shedding.dropped(dropped)
-
-
-class Episode:
-    """A shedding episode, logged once when it starts and once when it has been quiet."""
-
-    QUIET_S = 10.0
-
-    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self.what = what
-        self.clock = clock
-        self.total = 0
-        self.last_at: float | None = None
-
-    def dropped(self, n: int) -> None:
-        if self.last_at is None:
-            log.warning("%s (counted in relay_notifications_shed_total)", self.what)
-            self.total = 0
-        self.total += n
-        self.last_at = self.clock()
-
-    def maybe_end(self) -> None:
-        if self.last_at is not None and self.clock() - self.last_at > self.QUIET_S:
-            log.info("shedding over: %d dropped (%s)", self.total, self.what)
-            self.last_at = None
-
-
-class Summary:
-    """The periodic progress line: counts since the last line, backlog, rate and ETA."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.last = self._counts()
-        self.last_at = time.monotonic()
-        self.last_backlog: int | None = None
-
-    def _counts(self) -> dict[str, float]:
-        m = self.worker.metrics
-        return {"delivered": Metrics.total(m.delivered), "dead": Metrics.total(m.dead),
-                "retried": Metrics.total(m.retried), "shed": Metrics.total(m.shed),
-                "failed_calls": Metrics.total(m.calls) - Metrics.total(m.calls, status="2xx"),
-                "errors": Metrics.total(m.redis_errors)}
-
-    def tick(self) -> None:
-        m = self.worker.metrics
-        lengths = self.worker.queue.lengths()
-        m.queue_length.set(lengths["queue"])
-        m.dead_length.set(lengths["dead"])
-        m.retry_length.set(lengths["retry"])
-        now, counts = time.monotonic(), self._counts()
-        delta = {k: counts[k] - self.last[k] for k in counts}
-        elapsed = max(now - self.last_at, 1e-6)
-        backlog = lengths["queue"]
-        if any(delta.values()) or backlog or self.worker.inflight:
-            log.info("delivered %d (%.0f/s), dead-lettered %d, retried %d, shed %d, "
-                     "failed Pusher calls %d, redis errors %d; %s", delta["delivered"],
-                     delta["delivered"] / elapsed, delta["dead"], delta["retried"],
-                     delta["shed"], delta["failed_calls"], delta["errors"],
-                     self._progress(backlog, elapsed))
-        self.last, self.last_at, self.last_backlog = counts, now, backlog
-
-    def _progress(self, backlog: int, elapsed: float) -> str:
-        if self.last_backlog is None or backlog == 0:
-            return f"backlog {backlog:,}"
-        change = (self.last_backlog - backlog) / elapsed
-        if change > 0:
-            return f"backlog {backlog:,}, draining {change:,.0f}/s, ETA {backlog / change:,.0f} s"
-        return f"backlog {backlog:,}, growing {-change:,.0f}/s"
+        elif news.transient is not None:
+            self.circuit.transient(news.transient)

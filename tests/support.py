@@ -1,15 +1,22 @@
-"""Shared test helpers: waiting on conditions, and the worker as a real subprocess."""
+"""Shared test helpers: waiting on conditions, what Redis and the local server hold, and the
+worker as a real subprocess. Each helper lives here once; test files import them."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,16 +34,106 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         time.sleep(interval)
 
 
+def push(r: redis.Redis, queue: str, count: int, channel: str = "c", key: str = "n") -> None:
+    """`count` classic notifications numbered 0..count-1 in data[key]."""
+    r.rpush(queue, *[json.dumps({"channel": channel, key: i}) for i in range(count)])
+
+
+def delivered(pusher: Any, key: str = "n") -> Counter[Any]:
+    """How often the local server received each notification (by its data[key])."""
+    return Counter(json.loads(e["data"])[key] for e in pusher.events())
+
+
+def dead(r: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in r.lrange(f"{queue}:dead", 0, -1)]
+
+
+def inflight_lists(r: redis.Redis, queue: str) -> dict[str, int]:
+    """Every in-flight list of the queue with its length (for per-worker questions)."""
+    return {k.decode(): r.llen(k) for k in r.keys(f"{queue}:inflight:*")}
+
+
+def inflight(r: redis.Redis, queue: str) -> int:
+    """Items in flight, all workers, read in one script (not KEYS then LLEN each)."""
+    return pending(r, queue)["inflight"]
+
+
+def worker_ids(r: redis.Redis, queue: str) -> list[str]:
+    """Worker ids in the heartbeat registry."""
+    return [w.decode() for w in r.zrange(f"{queue}:workers", 0, -1)]
+
+
+# The queue, the retry set and every in-flight list in ONE script: Redis runs it atomically,
+# so no item can be between two of them (popped from one list, not yet in the next) while it
+# counts. KEYS inside a script is not Cluster-friendly; tests run on a standalone server.
+_PENDING = """
+local inflight = 0
+for _, key in ipairs(redis.call('KEYS', ARGV[1] .. ':inflight:*')) do
+    inflight = inflight + redis.call('LLEN', key)
+end
+return {redis.call('LLEN', ARGV[1]), redis.call('ZCARD', ARGV[1] .. ':retry'), inflight}
+"""
+
+
+def pending(r: redis.Redis, queue: str) -> dict[str, int]:
+    """{queue, retry, inflight}: what is still to do, counted atomically."""
+    waiting, retry, held = r.eval(_PENDING, 0, queue)
+    return {"queue": waiting, "retry": retry, "inflight": held}
+
+
+def wait_settled(r: redis.Redis, queue: str, gone: Sequence[WorkerProcess] = (),
+                 timeout: float = 30.0) -> None:
+    """Wait until the dead workers in `gone` have left the registry (their lists were
+    reaped), then until queue, retry set and every in-flight list are empty at one instant.
+    Checking them one by one races: the reap moves items back to the queue, and a greenlet
+    moves them between lists, so separate reads can all see empty while work remains."""
+    for proc in gone:
+        wait_for(lambda p=proc: not any(p.pid_tag in w for w in worker_ids(r, queue)),
+                 timeout, f"worker {proc.proc.pid} to leave the registry")
+    last: dict[str, int] = {}
+
+    def settled() -> bool:
+        last.update(pending(r, queue))
+        return not any(last.values())
+
+    try:
+        wait_for(settled, timeout, "queue, retry set and in-flight lists all empty")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still pending: {last}") from None
+
+
+def metrics(port: int) -> dict[str, float]:
+    """A worker's /metrics as {'name{label="v"}': value} (labels as Prometheus prints them)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def healthz(port: int) -> tuple[int, dict[str, Any]]:
+    """A worker's /healthz: (HTTP status, JSON body), 503 included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 class WorkerProcess:
     """`python worker.py` with the given settings, its log captured in a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None):
+    def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None,
+                 script: Path = ROOT / "worker.py"):
         self.log_path = log_path
         full_env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("RELAY_", "PUSHER_", "REDIS_"))}
         full_env.update(env)
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "worker.py"), *(args or [])],
+        self.proc = subprocess.Popen([sys.executable, str(script), *(args or [])],
                                      cwd=ROOT, env=full_env, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -86,6 +87,8 @@ def test_empty_variable_means_unset() -> None:
 Getter = Callable[[Config], Any]
 
 # (env var, flag, value A, value B, read it back, expected for A, expected for B)
+KEY_A = base64.b64encode(b"a" * 32).decode()
+KEY_B = base64.b64encode(b"b" * 32).decode()
 CASES: list[tuple[str, str, str, str, Getter, Any, Any]] = [
     ("REDIS_URL", "--redis-url", "redis://a:1/1", "rediss://b:2/2",
      lambda c: c.redis_url, "redis://a:1/1", "rediss://b:2/2"),
@@ -102,6 +105,11 @@ CASES: list[tuple[str, str, str, str, Getter, Any, Any]] = [
     ("PUSHER_HTTP_CLIENT", "--pusher-http-client", "requests", "URLLIB3",
      lambda c: c.http_client, "requests", "urllib3"),
     ("RELAY_POOL_SIZE", "--pool-size", "3", "200", lambda c: c.pool_size, 3, 200),
+    ("RELAY_MAX_DATA_BYTES", "--max-data-bytes", "1", "102400", lambda c: c.max_data_bytes,
+     1, 102400),
+    ("PUSHER_ENCRYPTION_MASTER_KEY_BASE64", "--pusher-encryption-master-key-base64", KEY_A,
+     KEY_B, lambda c: (c.pusher.encryption_master_key_base64, c.limits.encryption),
+     (KEY_A, True), (KEY_B, True)),
     ("RELAY_RATE_LIMIT", "--rate-limit", "10", "0.5", lambda c: c.rate_limit, 10.0, 0.5),
     ("RELAY_RATE_BURST", "--rate-burst", "4", "0", lambda c: c.rate_burst, 4, 0),
     ("RELAY_MAX_ATTEMPTS", "--max-attempts", "1", "99", lambda c: c.max_attempts, 1, 99),
@@ -213,6 +221,14 @@ BAD: list[tuple[dict[str, str], str]] = [
     ({**CREDS, "RELAY_MAX_AGE": "soon"}, "RELAY_MAX_AGE"),
     ({**CREDS, "RELAY_HEARTBEAT_TTL": "0"}, "RELAY_HEARTBEAT_TTL"),
     ({**CREDS, "RELAY_QUEUE": "two words"}, "RELAY_QUEUE"),
+    ({**CREDS, "RELAY_MAX_DATA_BYTES": "0"}, "RELAY_MAX_DATA_BYTES"),
+    ({**CREDS, "RELAY_MAX_DATA_BYTES": "1048577"}, "RELAY_MAX_DATA_BYTES"),
+    ({**CREDS, "RELAY_MAX_DATA_BYTES": "big"}, "RELAY_MAX_DATA_BYTES"),
+    ({**CREDS, "PUSHER_ENCRYPTION_MASTER_KEY_BASE64": SECRET},
+     "PUSHER_ENCRYPTION_MASTER_KEY_BASE64"),
+    ({**CREDS, "PUSHER_ENCRYPTION_MASTER_KEY_BASE64": base64.b64encode(b"short").decode()},
+     "PUSHER_ENCRYPTION_MASTER_KEY_BASE64"),
+    ({**CREDS, "PUSHER_ENCRYPTION_MASTER_KEY_BASE64": ""}, "PUSHER_ENCRYPTION_MASTER_KEY_BASE64"),
     ({**CREDS, "REDIS_URL": "localhost:6379"}, "REDIS_URL"),
     ({**CREDS, "REDIS_URL": f"http://u:{SECRET}@h/0"}, "REDIS_URL"),
     ({**CREDS, "REDIS_URL": f"redis://:{SECRET}@h:notaport/0"}, "REDIS_URL"),
@@ -317,6 +333,25 @@ def test_worker_with_pool_size_0_exits_2(redis_server: RedisServer) -> None:
     assert_no_secret(done.stdout, done.stderr)
 
 
+def test_worker_with_a_wrong_master_key_exits_2_without_printing_it(
+        redis_server: RedisServer) -> None:
+    wrong = base64.b64encode(b"31 bytes of key material, wrong").decode()
+    done = run_worker(redis_server, PUSHER_ENCRYPTION_MASTER_KEY_BASE64=wrong, **CREDS)
+    assert done.returncode == 2, done
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "PUSHER_ENCRYPTION_MASTER_KEY_BASE64" in done.stderr
+    assert wrong not in done.stderr + done.stdout
+    assert_no_secret(done.stdout, done.stderr)
+
+
+def test_defaults_of_the_new_limits() -> None:
+    cfg = load(env=dict(CREDS))
+    assert (cfg.max_data_bytes, cfg.limits.encryption) == (10240, False)
+    assert cfg.pusher.encryption_master_key_base64 is None
+    with_key = load(env={**CREDS, "PUSHER_ENCRYPTION_MASTER_KEY_BASE64": KEY_A})
+    assert KEY_A not in repr(with_key) + with_key.describe()
+
+
 def test_worker_help_lists_every_contract_variable(redis_server: RedisServer) -> None:
     done = run_worker(redis_server, "--help")
     assert done.returncode == 0, done
@@ -325,7 +360,8 @@ def test_worker_help_lists_every_contract_variable(redis_server: RedisServer) ->
                 "PUSHER_TIMEOUT", "RELAY_EVENT", "RELAY_POOL_SIZE", "RELAY_RATE_LIMIT",
                 "RELAY_RATE_BURST", "RELAY_MAX_ATTEMPTS", "RELAY_RETRY_FOR",
                 "RELAY_MAX_BACKLOG", "RELAY_MAX_AGE", "RELAY_ORDER", "RELAY_METRICS_ADDR",
-                "RELAY_LOG_LEVEL", "RELAY_LOG_FORMAT"]
+                "RELAY_LOG_LEVEL", "RELAY_LOG_FORMAT", "PUSHER_ENCRYPTION_MASTER_KEY_BASE64",
+                "RELAY_MAX_DATA_BYTES"]
     missing = [name for name in contract if name not in done.stdout]
     assert not missing, done.stdout
     for s in SETTINGS:

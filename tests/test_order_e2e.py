@@ -48,7 +48,7 @@ def assert_in_order(pusher, items: list[str], timeout: float) -> None:
 
 SERVER = {
     "at once": ({}, 5000),
-    "random 0-20 ms": ({"jitter": 0.02}, 2000),
+    "random 0-20 ms": ({"delay_range": [0, 0.02]}, 2000),
     "50 ms": ({"delay": 0.05}, 500),
 }
 
@@ -84,7 +84,7 @@ def test_a_steady_200_per_second_keeps_each_channels_order(r, pusher, start_work
 def test_lifo_keeps_the_taking_order_per_channel_at_a_trickle(r, pusher, start_worker,
                                                               queue_name):
     """Without a backlog, newest-first takes them as they come: push order holds too."""
-    pusher.set_mode(jitter=0.02)
+    pusher.set_mode(delay_range=[0, 0.02])
     items = notifications(200)
     start_worker(RELAY_POOL_SIZE=DEFAULT_POOL, RELAY_ORDER="lifo")
     for item in items:

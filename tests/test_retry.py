@@ -81,7 +81,7 @@ def test_outage_logs_once_down_and_once_up(caplog: pytest.LogCaptureFixture) -> 
     caplog.set_level(logging.DEBUG, logger="relay.retry")
     clock = Clock()
     outage = Outage("Redis", base_s=0.1, cap_s=1.0, clock=clock)
-    assert not outage.down
+    assert outage.since is None
     outage.succeeded()
     assert records(caplog) == []  # success while up says nothing
 
@@ -89,7 +89,7 @@ def test_outage_logs_once_down_and_once_up(caplog: pytest.LogCaptureFixture) -> 
     for _ in range(8):
         delays.append(outage.failed(ConnectionError("refused")))
         clock.now += 0.5
-    assert outage.down
+    assert outage.since is not None
     down = records(caplog)
     assert len(down) == 1
     assert down[0].levelno == logging.ERROR
@@ -98,7 +98,7 @@ def test_outage_logs_once_down_and_once_up(caplog: pytest.LogCaptureFixture) -> 
 
     outage.succeeded()
     outage.succeeded()
-    assert not outage.down
+    assert outage.since is None
     logged = records(caplog)
     assert len(logged) == 2
     assert logged[1].levelno == logging.WARNING
@@ -124,9 +124,9 @@ def test_outage_flap_right_after_recovery_stays_quiet(caplog: pytest.LogCaptureF
     # Stale pooled connections fail once each just after a restart: the same outage.
     clock.now = recovered + 1
     assert outage.failed(ConnectionError()) == pytest.approx(0.1)  # the delay still backs off
-    assert outage.down
+    assert outage.since is not None
     outage.succeeded()
-    assert not outage.down
+    assert outage.since is None
     assert len(records(caplog)) == 2  # neither a new outage nor a second recovery
 
     # Failures that go on past the flap window are a real outage after all: logged once.

@@ -22,7 +22,8 @@ import redis
 
 from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer, free_port
-from tests.support import ROOT, wait_for
+from tests import support
+from tests.support import ROOT, pending, wait_for, worker_ids
 
 PROGRAMS = ("relay:relay_00", "relay:relay_01")
 
@@ -163,11 +164,11 @@ def worker_log(tmp_path: Path, num: int) -> str:
 
 
 def push(r: redis.Redis, queue: str, count: int) -> None:
-    r.rpush(queue, *(json.dumps({"channel": "site-1", "id": i}) for i in range(count)))
+    support.push(r, queue, count, channel="site-1", key="id")
 
 
 def delivered_ids(pusher: LocalPusher) -> set[int]:
-    return {json.loads(e["data"])["id"] for e in pusher.events()}
+    return set(support.delivered(pusher, key="id"))
 
 
 def test_two_workers_deliver_and_stop_cleanly(
@@ -196,8 +197,7 @@ def test_two_workers_deliver_and_stop_cleanly(
     for num in (0, 1):
         assert "stopped; 0 in-flight" in worker_log(tmp_path, num)
         assert f"stopped: relay_{num:02d} (exit status 0)" in out, out
-    assert r.llen(queue_name) == 0
-    assert r.keys(queue_name + ":inflight:*") == []
+    assert pending(r, queue_name) == {"queue": 0, "retry": 0, "inflight": 0}
     assert r.zcard(queue_name + ":workers") == 0  # both unregistered on the way out
     sup.ctl("shutdown")
     assert sup.proc.wait(30) == 0
@@ -232,8 +232,11 @@ def test_kill_9_is_restarted_and_nothing_is_lost(
     pusher.set_mode()
     wait_for(lambda: delivered_ids(pusher) == set(range(count)), 60,
              f"all {count} delivered at least once", interval=0.2)
-    wait_for(lambda: not r.keys(queue_name + ":inflight:*"), 15, "nothing left in flight")
-    assert r.llen(queue_name) == 0 and r.llen(queue_name + ":dead") == 0
+    # The victim's lists are reaped (it leaves the registry), then queue, retry set and every
+    # in-flight list must be empty at one instant: separate reads race the greenlets.
+    wait_for(lambda: wid not in worker_ids(r, queue_name), 30, "the victim reaped")
+    support.wait_settled(r, queue_name)
+    assert r.llen(queue_name + ":dead") == 0
     recovered = re.findall(rf"worker {re.escape(wid)} missed its heartbeat: (\d+) in-flight",
                            worker_log(tmp_path, 0) + worker_log(tmp_path, 1))
     assert recovered and int(recovered[0]) > 0, "the victim's in-flight work was not recovered"

@@ -1,0 +1,166 @@
+"""The worker's housekeeping: given the queue, the metrics and a clock, never the Worker.
+
+1. Heartbeat every RELAY_HEARTBEAT_TTL/4: this process stays registered in `Q:workers`.
+2. Every MAINTENANCE_S: move due retries back to the queue, note the backlog, return the
+   in-flight items of workers whose heartbeat expired (every TTL/2), trim an over-long
+   backlog (RELAY_MAX_BACKLOG), end quiet shedding episodes, publish the circuit gauge.
+3. Every SUMMARY_S: one progress line while there is work (`Summary`).
+A Redis error in any of these is counted and shared with the worker's outage tracker; the
+next round tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+
+from relay.config import Config
+from relay.metrics import Metrics
+from relay.queue import RedisQueue
+from relay.redis_shared import REDIS_ERRORS
+from relay.retry import Outage
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_S = 0.5
+SUMMARY_S = 10.0
+
+
+class Episode:
+    """A shedding episode, logged once when it starts and once when it has been quiet."""
+
+    QUIET_S = 10.0
+
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self.clock = clock
+        self.total = 0
+        self.last_at: float | None = None
+
+    def dropped(self, n: int) -> None:
+        if self.last_at is None:
+            log.warning("%s (counted in relay_notifications_shed_total)", self.what)
+            self.total = 0
+        self.total += n
+        self.last_at = self.clock()
+
+    def maybe_end(self) -> None:
+        if self.last_at is not None and self.clock() - self.last_at > self.QUIET_S:
+            log.info("shedding over: %d dropped (%s)", self.total, self.what)
+            self.last_at = None
+
+
+class Housekeeper:
+    def __init__(self, config: Config, queue: RedisQueue, metrics: Metrics, outage: Outage,
+                 circuit_open: Callable[[], bool], inflight: Callable[[], int],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.queue = queue
+        self.metrics = metrics
+        self.outage = outage
+        self.circuit_open = circuit_open
+        self.inflight = inflight
+        self.clock = clock
+        self.backlog = 0  # queue length as of the last round
+        self.backlog_shedding = Episode(
+            f"backlog over RELAY_MAX_BACKLOG={config.max_backlog}: dropping the oldest")
+        self.stale_shedding = Episode(
+            f"dropping envelopes older than RELAY_MAX_AGE={config.max_age:g} s as stale")
+        self._next_reap = 0.0
+
+    def start(self, stopping: gevent.event.Event) -> list[gevent.Greenlet]:
+        summary = Summary(self.metrics, self.queue, self.inflight)
+        return [
+            gevent.spawn(self.every, stopping, self.config.heartbeat_ttl / 4, self.heartbeat),
+            gevent.spawn(self.every, stopping, MAINTENANCE_S, self.maintain),
+            gevent.spawn(self.every, stopping, SUMMARY_S, summary.tick),
+        ]
+
+    def every(self, stopping: gevent.event.Event, interval_s: float,
+              action: Callable[[], Any]) -> None:
+        while not stopping.wait(interval_s):
+            try:
+                action()
+            except REDIS_ERRORS as exc:
+                self.metrics.redis_errors.inc()
+                self.outage.failed(exc)
+            except Exception:
+                log.exception("housekeeping step %s failed", getattr(action, "__name__", action))
+
+    def heartbeat(self) -> None:
+        if not self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size):
+            # Frozen past the TTL (a paused VM, a stopped process): others recovered what it
+            # held, so what it still sends may be sent twice, never lost.
+            log.warning("this worker had been declared dead (missed heartbeats); "
+                        "registered again")
+
+    def maintain(self) -> None:
+        self.queue.promote_due()
+        self.backlog = self.queue.length()
+        now = self.clock()
+        if now >= self._next_reap:
+            self._next_reap = now + self.config.heartbeat_ttl / 2
+            for wid, n in self.queue.reap_expired().items():
+                self.metrics.recovered.inc(n)
+                log.warning("worker %s missed its heartbeat: %d in-flight notification(s) "
+                            "returned to the queue", wid, n)
+        if self.config.max_backlog:
+            dropped = self.queue.trim(self.config.max_backlog)
+            if dropped:
+                self.metrics.shed.labels("backlog").inc(dropped)
+                self.backlog_shedding.dropped(dropped)
+        for episode in (self.backlog_shedding, self.stale_shedding):
+            episode.maybe_end()
+        self.metrics.circuit_open.set(1 if self.circuit_open() else 0)
+
+
+class Summary:
+    """The periodic progress line: counts since the last line, backlog, rate and ETA."""
+
+    def __init__(self, metrics: Metrics, queue: Any, inflight: Callable[[], int],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.metrics = metrics
+        self.queue = queue  # anything with lengths()
+        self.inflight = inflight
+        self.clock = clock
+        self.last = self._counts()
+        self.last_at = clock()
+        self.last_backlog: int | None = None
+
+    def _counts(self) -> dict[str, float]:
+        m = self.metrics
+        return {"delivered": Metrics.total(m.delivered), "dead": Metrics.total(m.dead),
+                "retried": Metrics.total(m.retried), "shed": Metrics.total(m.shed),
+                "failed_calls": Metrics.total(m.calls) - Metrics.total(m.calls, status="2xx"),
+                "errors": Metrics.total(m.redis_errors)}
+
+    def tick(self) -> None:
+        m = self.metrics
+        lengths = self.queue.lengths()
+        m.queue_length.set(lengths["queue"])
+        m.dead_length.set(lengths["dead"])
+        m.retry_length.set(lengths["retry"])
+        now, counts = self.clock(), self._counts()
+        delta = {k: counts[k] - self.last[k] for k in counts}
+        elapsed = max(now - self.last_at, 1e-6)
+        backlog = lengths["queue"]
+        if any(delta.values()) or backlog or self.inflight():
+            log.info("delivered %d (%.0f/s), dead-lettered %d, retried %d, shed %d, "
+                     "failed Pusher calls %d, redis errors %d; %s", delta["delivered"],
+                     delta["delivered"] / elapsed, delta["dead"], delta["retried"],
+                     delta["shed"], delta["failed_calls"], delta["errors"],
+                     self._progress(backlog, elapsed))
+        self.last, self.last_at, self.last_backlog = counts, now, backlog
+
+    def _progress(self, backlog: int, elapsed: float) -> str:
+        if self.last_backlog is None or backlog == 0:
+            return f"backlog {backlog:,}"
+        change = (self.last_backlog - backlog) / elapsed
+        if change > 0:
+            return f"backlog {backlog:,}, draining {change:,.0f}/s, ETA {backlog / change:,.0f} s"
+        return f"backlog {backlog:,}, growing {-change:,.0f}/s"

@@ -1,0 +1,89 @@
+"""Builds a worker process from its settings: the Redis client, the queue, delivery,
+metrics, the health server and the watchdog; runs it; closes everything after.
+
+The command line (relay.cli) only parses; everything with a socket is made here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import redis
+from gevent import monkey
+from redis.exceptions import NoPermissionError
+
+from relay import admin
+from relay.config import Config
+from relay.connect import redis_client
+from relay.delivery import Delivery
+from relay.health import HealthServer, Report, Watchdog
+from relay.metrics import Metrics
+from relay.queue import RedisQueue
+from relay.retry import describe
+from relay.worker import Worker
+
+log = logging.getLogger(__name__)
+
+SPARE_CONNECTIONS = 8  # housekeeping greenlets and the metrics endpoint
+EXIT_CONFIG = 2  # bad configuration, or a Redis user missing a right the worker needs
+
+
+def run(cfg: Config, burst: bool = False) -> int:
+    """Run the worker until stopped (or drained, with burst); returns the exit status."""
+    assert cfg.pusher is not None  # load(need_pusher=True) guarantees it
+    if not monkey.is_module_patched("socket"):
+        log.warning("gevent has not patched the standard library: greenlets will block each "
+                    "other; start relay with `python worker.py`")
+    metrics = Metrics()
+    client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
+    queue = RedisQueue(client, cfg.queue, cfg.order)
+    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=metrics.observe_call,
+                        http_client=cfg.http_client)
+    worker = Worker(cfg, queue, delivery, metrics, burst=burst)
+    watchdog = server = None
+    try:
+        if cfg.metrics_addr != "off":
+            watchdog = Watchdog(on_block=metrics.blocked.inc)
+            watchdog.start()
+            server = start_health_server(cfg.metrics_addr, metrics, worker.health, watchdog)
+        return worker.run()
+    except NoPermissionError as exc:
+        log.error("Redis refused a command the worker needs (%s); grant it to the REDIS_URL "
+                  "user (README, \"Redis deployments\"); nothing was taken from the queue",
+                  describe(exc))
+        return EXIT_CONFIG
+    finally:
+        for part in (server, watchdog):
+            if part is not None:
+                part.stop()
+        delivery.close()
+        client.close()
+
+
+def start_health_server(addr: str, metrics: Metrics, report: Report,
+                        watchdog: Watchdog) -> HealthServer | None:
+    """Serve /metrics and /healthz; a taken port costs the endpoint, never the delivery."""
+    server = HealthServer(addr, metrics.registry, report, watchdog)
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("no /metrics or /healthz: cannot listen on %s (%s); give each process its "
+                  "own RELAY_METRICS_ADDR (supervisord: 127.0.0.1:93%%(process_num)02d)",
+                  addr, exc.strerror or exc)
+        return None
+    return server
+
+
+def run_admin(command: str, args: argparse.Namespace, cfg: Config) -> int:
+    """A subcommand (stats, dead, enqueue, check) with a small client of its own."""
+    try:
+        client = redis_client(cfg.redis_url, SPARE_CONNECTIONS, wait=False)
+    except redis.RedisError as exc:
+        sys.stdout.write(f"redis error: {describe(exc)}\n")
+        return admin.EXIT_UNHEALTHY
+    try:
+        return admin.run(command, args, cfg, client)
+    finally:
+        client.close()

@@ -1,0 +1,304 @@
+"""The local Pusher-compatible server's state and request handling.
+
+1. Serves ``POST /apps/{app_id}/events`` and ``POST /apps/{app_id}/batch_events`` and
+   answers like Pusher's HTTP API: ``200 {}`` on success (``{"batch": [...]}`` /
+   ``{"channels": {...}}`` only when ``info`` was asked for), 404 elsewhere.
+2. Records what it accepted (one record per channel per event) and counts every API
+   request, with its time and status, including those hit by a fault.
+3. Applies the run-time fault modes (see ``modes``).
+4. Exposes an unauthenticated control API on the same port under ``/_control/``:
+   ``POST mode``, ``POST reset``, ``GET events``, ``GET stats`` (``?requests=0`` leaves
+   out the per-request list) and ``GET count`` (just ``events_total`` and
+   ``requests_total``: cheap to poll however many records are kept), ``GET order`` (each
+   channel's event data in the order the events were accepted, for ordering tests).
+"""
+
+import json
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.server import StreamServer
+
+from relay import rules
+from relay.pusher_server.auth import authenticate
+from relay.pusher_server.e2e import DecryptError, decrypt, master_key
+from relay.pusher_server.modes import STYLES, Modes
+from relay.pusher_server.validate import channels_in, parse_batch, parse_trigger
+from relay.pusher_server.wire import (
+    ApiError,
+    Connection,
+    Request,
+    Response,
+    parse_query,
+    reset,
+    send,
+)
+
+log = logging.getLogger(__name__)
+
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+class PusherServer:
+    """Server state and request handling; one instance per process, built by main()."""
+
+    def __init__(
+        self,
+        app_id: str,
+        key: str,
+        secret: str,
+        print_events: bool = False,
+        max_records: int = 200_000,
+    ) -> None:
+        self.app_id, self.key, self.secret = app_id, key, secret
+        self.print_events = print_events
+        self.max_records = max_records
+        self.routes = {
+            f"/apps/{app_id}/events": parse_trigger,
+            f"/apps/{app_id}/batch_events": parse_batch,
+        }
+        self._server: StreamServer | None = None
+        self._release = Event()
+        self._clear_records()
+        self._set_modes(Modes())
+
+    # -- lifecycle
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Bind and serve in the background; return the bound port."""
+        self._server = StreamServer((host, port), self.handle_connection, backlog=1024)
+        self._server.start()
+        return self._server.server_port
+
+    def stop(self) -> None:
+        """Release hung requests, then stop accepting and close connections."""
+        self._release.set()
+        if self._server is not None:
+            self._server.stop(timeout=1)
+
+    # -- state
+
+    def _clear_records(self) -> None:
+        self.events: deque[dict[str, Any]] = deque(maxlen=self.max_records)
+        self.requests: deque[dict[str, Any]] = deque(maxlen=self.max_records)
+        self.requests_total = 0
+        self.events_total = 0
+        self.by_status: dict[str, int] = {}
+        self.faults: dict[str, int] = {}
+
+    def _set_modes(self, modes: Modes) -> None:
+        """Install modes and wake requests hung under the previous ones."""
+        self.modes = modes
+        self._fail_left = modes.fail_next
+        self._release.set()
+        self._release = Event()
+
+    def _take_modes(self) -> tuple[Modes, Event]:
+        """Modes for this request; count down fail_next and go healthy when it runs out.
+
+        Running out does not wake hung requests: they wait for an explicit change.
+        """
+        modes, release = self.modes, self._release
+        if modes.active and modes.fail_next:
+            self._fail_left -= 1
+            if self._fail_left <= 0:
+                self.modes = Modes()
+        return modes, release
+
+    def count(self) -> dict[str, int]:
+        """The totals only: constant cost, unlike events() and stats() with many records."""
+        return {"events_total": self.events_total, "requests_total": self.requests_total}
+
+    def stats(self, requests: bool = True) -> dict[str, Any]:
+        """Counters and modes, plus the per-request list unless ``requests`` is False."""
+        stats: dict[str, Any] = {
+            "requests_total": self.requests_total,
+            "by_status": dict(self.by_status),
+            "faults": dict(self.faults),
+            "events_total": self.events_total,
+            "modes": asdict(self.modes),
+        }
+        if requests:
+            stats["requests"] = list(self.requests)
+        return stats
+
+    # -- connections
+
+    def handle_connection(self, sock: socket.socket, _address: Any) -> None:
+        """Serve keep-alive requests until the client or a fault ends the connection."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = Connection(sock)
+        try:
+            while self._serve_one(connection):
+                pass
+        except OSError:
+            pass  # the client went away; nothing to answer
+
+    def _serve_one(self, connection: Connection) -> bool:
+        try:
+            request = connection.read_request()
+        except ApiError as error:
+            send(connection.sock, Response.text(error.status, error.message), False)
+            return False
+        if request is None:
+            return False
+        if request.path.startswith("/_control/"):
+            response: Response | None = self.control(request)
+        else:
+            response = self.api(request, connection.sock)
+        if response is None:
+            return False
+        send(connection.sock, response, request.keep_alive)
+        return request.keep_alive
+
+    # -- API
+
+    def api(self, request: Request, sock: socket.socket) -> Response | None:
+        """Answer one API request under the current modes; None means no answer at all."""
+        received_at = time.time()
+        modes, release = self._take_modes()
+        entry: dict[str, Any] = {
+            "at": received_at, "path": request.path, "status": None, "fault": None,
+        }
+        self.requests.append(entry)
+        self.requests_total += 1
+        delay = modes.random_delay()
+        if delay:
+            gevent.sleep(delay)
+        if modes.reset or modes.hang:
+            self._drop(entry, modes, release, sock)
+            return None
+        now = time.time() + modes.skew_s
+        response = self._fault_response(modes, request) or self._pusher(request, modes, now)
+        style = STYLES.get(modes.dialect)
+        if style is not None:
+            response = style(response)
+        response.headers.append(("Date", formatdate(now, usegmt=True)))
+        entry["status"] = response.status
+        key = str(response.status)
+        self.by_status[key] = self.by_status.get(key, 0) + 1
+        return response
+
+    def _drop(
+        self, entry: dict[str, Any], modes: Modes, release: Event, sock: socket.socket
+    ) -> None:
+        fault = "reset" if modes.reset else "hang"
+        entry["fault"] = fault
+        self.faults[fault] = self.faults.get(fault, 0) + 1
+        if modes.hang:
+            release.wait()  # until the modes change or the server stops
+        if modes.reset:
+            reset(sock)
+        else:
+            sock.close()
+
+    def _fault_response(self, modes: Modes, request: Request) -> Response | None:
+        if modes.max_request_bytes and len(request.body) > modes.max_request_bytes:
+            return Response.text(413, "Payload too large.")  # Reverb's words
+        status = modes.status_for(channels_in(request.body) if modes.status_channels else [])
+        if not status:
+            return None
+        response = Response.text(status, HTTPStatus(status).phrase)
+        if modes.retry_after is not None:
+            response.headers.append(("Retry-After", modes.retry_after))
+        return response
+
+    def _pusher(self, request: Request, modes: Modes, now: float) -> Response:
+        parse = self.routes.get(request.path)
+        if parse is None:
+            return Response.text(404, "Not found")
+        if request.method != "POST":
+            response = Response.text(405, "Method not allowed")
+            response.headers.append(("Allow", "POST"))
+            return response
+        try:
+            authenticate(request, self.key, self.secret, now)
+            try:
+                body = json.loads(request.body)
+            except ValueError:
+                raise ApiError(400, "Request body is not valid JSON") from None
+            records, reply = parse(body, modes.max_data_bytes or rules.MAX_DATA_BYTES)
+        except ApiError as error:
+            return Response.text(error.status, error.message)
+        if modes.encryption_master_key_base64:
+            _decrypt_records(records, master_key(modes.encryption_master_key_base64))
+        self._record(records, request.path, time.time())
+        return Response.json(200, reply)
+
+    def _record(self, records: list[dict[str, Any]], path: str, now: float) -> None:
+        for record in records:
+            record.update(received_at=now, path=path, seq=self.events_total)
+            self.events_total += 1
+            self.events.append(record)
+            if self.print_events:
+                log.info(
+                    "event %s on %s (socket_id=%s): %s",
+                    record["name"], record["channel"], record["socket_id"], record["data"][:500],
+                )
+
+    # -- control
+
+    def control(self, request: Request) -> Response:
+        """The unauthenticated test-control API: modes, records, stats."""
+        handlers = {
+            ("POST", "/_control/mode"): self._control_mode,
+            ("GET", "/_control/events"): lambda _r: Response.json(200, list(self.events)),
+            ("GET", "/_control/stats"): self._control_stats,
+            ("GET", "/_control/count"): lambda _r: Response.json(200, self.count()),
+            ("GET", "/_control/order"):
+                lambda _r: Response.json(200, arrival_order(self.events)),
+            ("POST", "/_control/reset"): self._control_reset,
+        }
+        handler = handlers.get((request.method, request.path))
+        if handler is None:
+            return Response.text(404, "Unknown control endpoint")
+        return handler(request)
+
+    def _control_mode(self, request: Request) -> Response:
+        try:
+            modes = Modes.from_dict(json.loads(request.body or b"{}"))
+        except (ValueError, TypeError) as error:
+            return Response.text(400, str(error))
+        self._set_modes(modes)
+        log.info("modes set: %s", modes.shown())
+        return Response.json(200, asdict(modes))
+
+    def _control_stats(self, request: Request) -> Response:
+        value = parse_query(request.query).get("requests", "1").lower()
+        if value not in _FLAGS:
+            return Response.text(400, f"requests must be one of {sorted(_FLAGS)}, not {value!r}")
+        return Response.json(200, self.stats(requests=_FLAGS[value]))
+
+    def _control_reset(self, _request: Request) -> Response:
+        self._clear_records()
+        self._set_modes(Modes())
+        return Response.json(200, {})
+
+
+
+
+def _decrypt_records(records: list[dict[str, Any]], key: bytes) -> None:
+    """Add what a subscriber would read: ``plaintext``, or ``decrypt_error`` saying why not."""
+    for record in records:
+        if record["channel"].startswith(rules.ENCRYPTED_PREFIX):
+            try:
+                record["plaintext"] = decrypt(record["channel"], record["data"], key)
+            except DecryptError as exc:
+                record["decrypt_error"] = str(exc)
+
+
+def arrival_order(events: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """Each channel's event data (plaintext when decrypted) in the order it was accepted."""
+    order: dict[str, list[str]] = {}
+    for event in events:
+        order.setdefault(event["channel"], []).append(event.get("plaintext", event["data"]))
+    return order

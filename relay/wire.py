@@ -1,0 +1,226 @@
+"""The queue element's wire format, classic and envelope: the one parser that both the
+worker (through relay.message) and the producer helper inside web apps use, so an app
+refuses exactly what the worker would dead-letter.
+
+1. A *classic* message is a JSON object with a `channel` key: the event is RELAY_EVENT and
+   the data is the object without `channel`. Any object that has `channel` is classic, so
+   a classic message can never be misread as an envelope, whatever else it carries.
+2. An *envelope* has no `channel` key and carries `"relay": 1`, with `channels` (1 to 100),
+   `event`, `data`, and optionally `socket_id`, `enqueued_at` (Unix seconds) and `id`.
+3. `fields()` turns either into a plain dict of what Pusher needs, or raises InvalidMessage
+   with the reason. Policies that depend on the worker's settings (encryption key) stay in
+   relay.message; retry wrappers, which only the worker writes, too.
+
+Written in syntax that Python 2.7 and 3.6 read (no annotations, no f-strings, no `from
+None`, no keyword-only arguments), importing only the standard library, relay.rules and
+relay.errors: legacy apps import this module through relay.producer. Types are in comments.
+"""
+
+import json
+import numbers
+
+from relay import rules
+from relay.errors import RelayError
+
+ENVELOPE_VERSION = 1
+
+try:  # Python 3.5+; Python 2's json decoder raises RuntimeError when nested too deeply
+    _TOO_DEEP = RecursionError
+except NameError:  # pragma: no cover - Python 2
+    _TOO_DEEP = RuntimeError
+
+_FAILED = object()  # marks a failed step, so the error is raised outside `except` (no chain)
+
+
+class InvalidMessage(RelayError, ValueError):
+    """The notification can never be delivered; the text is the dead-letter reason."""
+
+
+def _text(value):
+    # type: (object) -> str
+    """Python 2's json.dumps returns bytes when everything was ASCII: make it text."""
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def dumps(obj):
+    # type: (object) -> str
+    """Compact JSON text, non-ASCII kept; ValueError for NaN/Infinity/cycles, TypeError for
+    objects JSON cannot hold."""
+    try:
+        return _text(json.dumps(obj, ensure_ascii=False, separators=(",", ":"),
+                                allow_nan=False))
+    except UnicodeDecodeError:  # Python 2: UTF-8 byte strings mixed with unicode
+        return _text(json.dumps(obj, separators=(",", ":"), allow_nan=False))
+
+
+def encode_data(data):
+    # type: (object) -> str
+    """Pusher wants data as a string: strings pass through, anything else becomes JSON."""
+    if isinstance(data, rules.TEXT_TYPES):
+        return data
+    try:
+        return dumps(data)
+    except ValueError:  # NaN or Infinity: Python reads them, browsers' JSON.parse does not
+        pass
+    raise InvalidMessage("data holds NaN or Infinity, which is not JSON")
+
+
+def utf8_size(text, what):
+    # type: (str, str) -> int
+    """Bytes of `text` in UTF-8. JSON may carry a lone surrogate ("\\ud800"): valid JSON,
+    but no UTF-8 text can hold it."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        pass
+    raise InvalidMessage("%s holds a lone surrogate, not valid Unicode" % what)
+
+
+def _check(problem):
+    # type: (str | None) -> None
+    if problem is not None:
+        raise InvalidMessage(problem)
+
+
+def check_channel(channel):
+    # type: (object) -> str
+    _check(rules.channel_problem(channel))
+    return channel
+
+
+def check_event(event):
+    # type: (object) -> str
+    _check(rules.event_problem(event))
+    utf8_size(event, "event name")
+    return event
+
+
+def check_data(data, limit=rules.MAX_DATA_BYTES):
+    # type: (str, int) -> str
+    _check(rules.data_size_problem(utf8_size(data, "data"), limit))
+    return data
+
+
+def check_socket_id(socket_id):
+    # type: (object) -> str | None
+    _check(rules.socket_id_problem(socket_id))
+    return socket_id
+
+
+def unix_seconds(value, name):
+    # type: (object, str) -> float | None
+    """A number of Unix seconds (None allowed), as a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidMessage("%s must be a number of Unix seconds" % name)
+    return float(value)
+
+
+def decode(raw):
+    # type: (bytes | str) -> tuple[str, dict]
+    """The text and the JSON object of one queue element."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        text = _FAILED
+    if text is _FAILED:
+        raise InvalidMessage("not UTF-8 text")
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj, reason = _FAILED, "not JSON"
+    except _TOO_DEEP:  # the decoder recurses per nesting level
+        obj, reason = _FAILED, "JSON nested too deeply"
+    if obj is _FAILED:
+        raise InvalidMessage(reason)
+    if not isinstance(obj, dict):
+        raise InvalidMessage("not a JSON object (got %s)" % type(obj).__name__)
+    return text, obj
+
+
+def is_retry_wrapper(obj):
+    # type: (dict) -> bool
+    """The worker's own retry wrapper (`"relay": 1` with `payload`), read by relay.message."""
+    return "channel" not in obj and obj.get("relay") == ENVELOPE_VERSION and "payload" in obj
+
+
+def _classic(obj, event, limit):
+    # type: (dict, str, int) -> dict
+    channel = check_channel(obj["channel"])
+    rest = dict((k, v) for k, v in obj.items() if k != "channel")
+    return {"channels": (channel,), "event": check_event(event),
+            "data": check_data(encode_data(rest), limit)}
+
+
+def _channels(obj):
+    # type: (dict) -> tuple[str, ...]
+    channels = obj.get("channels")
+    if isinstance(channels, rules.TEXT_TYPES):
+        channels = [channels]
+    if not isinstance(channels, list) or not channels:
+        raise InvalidMessage("envelope needs channels: a non-empty list")
+    if len(channels) > rules.MAX_CHANNELS:
+        raise InvalidMessage("envelope has %d channels, over %d"
+                             % (len(channels), rules.MAX_CHANNELS))
+    return tuple(check_channel(c) for c in channels)
+
+
+def _envelope(obj, limit):
+    # type: (dict, int) -> dict
+    if "data" not in obj:
+        raise InvalidMessage("envelope needs data")
+    ident = obj.get("id")
+    return {
+        "channels": _channels(obj),
+        "event": check_event(obj.get("event")),
+        "data": check_data(encode_data(obj["data"]), limit),
+        "socket_id": check_socket_id(obj.get("socket_id")),
+        "enqueued_at": unix_seconds(obj.get("enqueued_at"), "enqueued_at"),
+        "id": u"%s" % (ident,) if ident is not None else None,
+    }
+
+
+def fields(obj, default_event, limit=rules.MAX_DATA_BYTES):
+    # type: (dict, str, int) -> dict
+    """What Pusher needs from a classic message or an envelope: `channels` (a tuple),
+    `event`, `data` (a string), and for envelopes `socket_id`, `enqueued_at` and `id`.
+    Raises InvalidMessage with the reason for anything Pusher would refuse."""
+    if "channel" in obj:
+        return _classic(obj, default_event, limit)
+    if obj.get("relay") != ENVELOPE_VERSION:
+        raise InvalidMessage("no channel (neither a classic message nor a relay envelope)")
+    if "payload" in obj:
+        raise InvalidMessage("a retry wrapper, which only the worker writes")
+    return _envelope(obj, limit)
+
+
+def classic(channel, data, default_event, limit=rules.MAX_DATA_BYTES):
+    # type: (str, dict, str, int) -> str
+    """Encode a classic message, validated so bad input fails at the source."""
+    obj = {"channel": channel}
+    obj.update(data)
+    text = dumps(obj)
+    fields(decode(text)[1], default_event, limit)
+    return text
+
+
+def envelope(channels, event, data, socket_id=None, enqueued_at=None, ident=None,
+             limit=rules.MAX_DATA_BYTES):
+    # type: (list[str], str, object, str | None, float | None, str | None, int) -> str
+    """Encode an envelope, validated so bad input fails at the source."""
+    obj = {"relay": ENVELOPE_VERSION, "channels": channels, "event": event, "data": data}
+    if socket_id is not None:
+        obj["socket_id"] = socket_id
+    if enqueued_at is not None:
+        obj["enqueued_at"] = enqueued_at
+    if ident is not None:
+        obj["id"] = ident
+    try:
+        text = dumps(obj)
+    except ValueError:
+        text = _FAILED
+    if text is _FAILED:
+        raise InvalidMessage("data holds NaN or Infinity, which is not JSON")
+    fields(decode(text)[1], event, limit)
+    return text

@@ -1,0 +1,65 @@
+"""Run by tests/test_producer_matrix.py under each old interpreter (2.7, 3.6 ... 3.13).
+
+Usage: python legacy_producer.py APP_DIR DEPS_DIR TAG, with REDIS_URL and RELAY_QUEUE set;
+APP_DIR holds only the files the README says to copy into an app (relay/...).
+Pushes one classic message, one envelope and one through the one-off notify(), checks that
+bad input raises InvalidMessage and pushes nothing, and prints one JSON line: the
+interpreter, the redis-py version and the texts pushed. Syntax Python 2.7 reads, as the
+module it tests; exits non-zero on the first failed check.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, sys.argv[1])  # the app: the producer's files, copied as the README says
+sys.path.insert(0, sys.argv[2])  # redis-py for this interpreter, nothing else
+
+import redis  # noqa: E402
+
+import relay  # noqa: E402
+from relay.producer import InvalidMessage, Producer, client_from_env, notify  # noqa: E402
+
+BAD = [  # (channels, data, event, socket_id): each must raise and push nothing
+    ("bad channel!", {"x": 1}, None, None),
+    ([], {"x": 1}, None, None),
+    (["c%d" % i for i in range(101)], {"x": 1}, None, None),
+    ("a", {"x": "y" * 10240}, None, None),
+    (["a"], "y" * 10241, None, None),
+    ("a", {"x": 1}, "", None),
+    ("a", {"x": 1}, None, "not-a-socket-id"),
+    ("a", {"x": object()}, None, None),
+    (["a"], {"x": float("nan")}, None, None),
+]
+
+
+def main():
+    # type: () -> int
+    tag = sys.argv[3]
+    assert "gevent" not in sys.modules, "relay.producer loaded gevent"
+    assert "pusher" not in sys.modules, "relay.producer loaded pusher"
+    assert os.path.dirname(os.path.dirname(relay.__file__)) == sys.argv[1], relay.__file__
+    queue = os.environ["RELAY_QUEUE"]
+    client = client_from_env()
+    producer = Producer(client)
+    pushed = [
+        producer.notify(tag, {"n": 1, "text": u"h\u00e9llo"}),
+        producer.notify([tag + "-a", tag + "-b"], {"n": 2}, "legacy-event", "123.456"),
+        notify(tag, u"plain \u2713 text", "one-off"),
+    ]
+    before = client.llen(queue)
+    for channels, data, event, socket_id in BAD:
+        try:
+            producer.notify(channels, data, event, socket_id)
+        except InvalidMessage:
+            continue
+        raise AssertionError("no InvalidMessage for %r" % ((channels, event, socket_id),))
+    assert client.llen(queue) == before, "bad input was pushed"
+    producer.close()
+    print(json.dumps({"python": "%d.%d.%d" % sys.version_info[:3],
+                      "redis": redis.__version__, "pushed": pushed}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

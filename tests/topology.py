@@ -1,0 +1,242 @@
+"""Redis deployments for the tests, started on free ports: TLS, Sentinel, Cluster.
+
+1. `make_certs`: a CA, a server certificate for 127.0.0.1 and a client certificate signed
+   by it, and a second CA that signed nothing (the "wrong CA"), with the openssl CLI.
+2. `tls_server`: a TLS-only redis-server (`--port 0 --tls-port P`).
+3. `SentinelSet`: a master and a replica (appendonly) and three sentinels watching them,
+   tuned to fail over within a few seconds.
+4. `ClusterSet`: three masters joined with `redis-cli --cluster create`.
+
+Each needs redis-server (and redis-cli, openssl); `require` skips a test with the reason
+when the machine lacks one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from relay.redis_server import RedisServer, find_binary, free_port
+from tests.support import wait_for
+
+
+def require(*tools: str, version: tuple[int, int] = (6, 2)) -> None:
+    """Skip the calling test, saying why, when a tool is missing here or too old."""
+    try:
+        binary = find_binary()
+    except FileNotFoundError as exc:
+        pytest.skip(f"no redis-server: {exc}")
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed on this machine")
+    found = server_version(binary)
+    if found < version:
+        pytest.skip(f"{binary} is Redis {found}; this test needs {version} or newer")
+
+
+def server_version(binary: str) -> tuple[int, int]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"v=(\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certs:
+    dir: Path
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+    wrong_ca: str
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _ca(name: str, cwd: Path) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+             f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=cwd)
+
+
+def _signed(name: str, ca: str, cwd: Path, server: bool) -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=cwd)
+    ext = cwd / f"{name}.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n" if server
+                   else "extendedKeyUsage=clientAuth\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-days", "2", "-extfile", ext.name, "-out", f"{name}.crt",
+             cwd=cwd)
+
+
+def make_certs(where: Path) -> Certs:
+    where.mkdir(parents=True, exist_ok=True)
+    _ca("ca", where)
+    _ca("wrongca", where)
+    _signed("server", "ca", where, server=True)
+    _signed("client", "ca", where, server=False)
+    p = str(where)
+    return Certs(where, f"{p}/ca.crt", f"{p}/server.crt", f"{p}/server.key",
+                 f"{p}/client.crt", f"{p}/client.key", f"{p}/wrongca.crt")
+
+
+def _tls_answers(port: int, certs: Certs) -> bool:
+    context = ssl.create_default_context(cafile=certs.ca)
+    context.load_cert_chain(certs.client_cert, certs.client_key)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def tls_server(certs: Certs, auth_clients: bool) -> RedisServer:
+    """Started; skips the test when this redis-server was built without TLS."""
+    port = free_port()
+    extra = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", certs.server_cert,
+             "--tls-key-file", certs.server_key, "--tls-ca-cert-file", certs.ca,
+             "--tls-auth-clients", "yes" if auth_clients else "no"]
+    binary = find_binary()
+    if not tls_supported(binary):
+        pytest.skip(f"{binary} has no TLS support (built without BUILD_TLS)")
+    server = RedisServer(port=port, extra=extra, plain_port=False,
+                         ready=lambda: _tls_answers(port, certs))
+    return server.start()
+
+
+def tls_supported(binary: str) -> bool:
+    """A build without TLS refuses `tls-port` as an unknown directive; one with TLS gets as
+    far as the next (deliberately unknown) directive and refuses that instead."""
+    out = subprocess.run([binary, "--tls-port", "1", "--relay-no-such-directive", "x"],
+                         capture_output=True, text=True, timeout=10)
+    return "tls-port" not in out.stdout + out.stderr
+
+
+# -- Sentinel ----------------------------------------------------------------------------------
+
+SERVICE = "relaysvc"
+DOWN_AFTER_MS = 1000
+FAILOVER_TIMEOUT_MS = 4000
+
+
+class SentinelSet:
+    """A master, a replica and three sentinels; `kill_master` is the crash to survive."""
+
+    def __init__(self) -> None:
+        self.master = RedisServer(appendonly=True)
+        self.replica = RedisServer(appendonly=True, extra=[
+            "--replicaof", "127.0.0.1", str(self.master.port)])
+        self.sentinels: list[RedisServer] = []
+        self.dir = tempfile.mkdtemp(prefix="relay-sentinel-")
+
+    def start(self) -> SentinelSet:
+        self.master.start()
+        self.replica.start()
+        for n in range(3):
+            conf = os.path.join(self.dir, f"sentinel{n}.conf")
+            Path(conf).write_text(
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
+                f"sentinel parallel-syncs {SERVICE} 1\n")
+            sentinel = RedisServer(conf=conf, extra=["--sentinel"])
+            self.sentinels.append(sentinel.start())
+        wait_for(self._replica_synced, timeout=20, what="the replica to sync")
+        wait_for(lambda: all(self._sentinel_sees_replica(s) for s in self.sentinels),
+                 timeout=20, what="the sentinels to find the replica and each other")
+        return self
+
+    def _replica_synced(self) -> bool:
+        info = redis.Redis(port=self.replica.port).info("replication")
+        return info.get("master_link_status") == "up"
+
+    def _sentinel_sees_replica(self, sentinel: RedisServer) -> bool:
+        client = redis.Redis(port=sentinel.port)
+        try:
+            master = client.sentinel_master(SERVICE)
+            return int(master.get("num-slaves", 0)) >= 1 and \
+                int(master.get("num-other-sentinels", 0)) >= 2
+        finally:
+            client.close()
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+    def master_port(self) -> int:
+        client = redis.Redis(port=self.sentinels[0].port)
+        try:
+            return int(client.sentinel_get_master_addr_by_name(SERVICE)[1])
+        finally:
+            client.close()
+
+    def kill_master(self) -> None:
+        self.master.kill()
+
+    def promoted(self) -> bool:
+        return self.master_port() == self.replica.port
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, self.replica, self.master]:
+            server.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- Cluster -----------------------------------------------------------------------------------
+
+
+class ClusterSet:
+    """Three masters, no replicas: every slot served, joined by redis-cli."""
+
+    def __init__(self) -> None:
+        # The bus port is given too: by default it is port + 10000, maybe taken or > 65535.
+        self.nodes = [RedisServer(extra=["--cluster-enabled", "yes", "--cluster-config-file",
+                                         "nodes.conf", "--cluster-node-timeout", "2000",
+                                         "--cluster-port", str(free_port())])
+                      for _ in range(3)]
+
+    def start(self) -> ClusterSet:
+        for node in self.nodes:
+            node.start()
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        wait_for(self._ok, timeout=30, what="cluster_state:ok on every node")
+        return self
+
+    def _ok(self) -> bool:
+        for node in self.nodes:
+            client = redis.Redis(port=node.port)
+            try:
+                if client.cluster("info").get("cluster_state") != "ok":
+                    return False
+            finally:
+                client.close()
+        return True
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
