@@ -34,12 +34,12 @@ Across processes nothing is ordered: two processes on one queue can interleave a
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
 import gevent.event
-import gevent.lock
 
 
 class HasChannels(Protocol):
@@ -110,18 +110,60 @@ def _holder(ticket: Ticket | None, channel: str) -> Ticket | None:
     return ticket
 
 
+class FairLock:
+    """A lock handed to its waiters in the order they came.
+
+    gevent's Semaphore lets the greenlet that just released it take it again before a waiter
+    wakes up; a greenlet that loops straight back to fetch would then keep the fetch to
+    itself, and the others would never look at their own in-flight lists.
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: deque[gevent.event.Event] = deque()
+
+    def acquire(self) -> None:
+        if not self._held and not self._waiters:
+            self._held = True
+            return
+        turn = gevent.event.Event()
+        self._waiters.append(turn)
+        try:
+            turn.wait()
+        except BaseException:  # killed while waiting (shutdown)
+            if turn.is_set():
+                self.release()  # it had been handed over: pass it on
+            else:
+                self._waiters.remove(turn)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # handed over: it stays held
+        else:
+            self._held = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+
 class OrderBook:
     """The process's tickets: which batch was taken last on each channel, still unreleased."""
 
     def __init__(self) -> None:
-        self._taking = gevent.lock.Semaphore()
+        self._taking = FairLock()
         self._last: dict[str, Ticket] = {}
 
     @contextmanager
     def taking(self) -> Iterator[None]:
-        """Fetch and take() inside this, one greenlet at a time (see the module's point 1)."""
-        with self._taking:
+        """Fetch and take() inside this, one greenlet at a time in the order they came (see
+        the module's point 1)."""
+        self._taking.acquire()
+        try:
             yield
+        finally:
+            self._taking.release()
 
     def take(self, channels: Iterable[str]) -> Ticket:
         """A ticket after every ticket taken so far that shares one of these channels."""

@@ -356,3 +356,49 @@ def test_random_long_schedules_channel_by_channel(seed: int) -> None:
     for ticket in history:
         book.release(ticket)
     assert book.channels_held == 0
+
+
+# -- the fetch lock -----------------------------------------------------------------------------
+
+
+def test_taking_is_handed_on_in_arrival_order_even_to_a_greedy_holder() -> None:
+    """The holder loops straight back without yielding: the waiters still get their turn."""
+    book, turns = OrderBook(), []
+
+    def greedy() -> None:
+        for _ in range(3):
+            with book.taking():
+                turns.append("greedy")
+                gevent.sleep(0)  # a fetch: the others queue up meanwhile
+
+    def polite(name: str) -> None:
+        with book.taking():
+            turns.append(name)
+
+    g = [gevent.spawn(greedy), gevent.spawn(polite, "p1"), gevent.spawn(polite, "p2")]
+    gevent.joinall(g, timeout=5, raise_error=True)
+    assert turns == ["greedy", "p1", "p2", "greedy", "greedy"]
+
+
+def test_a_waiter_killed_in_the_queue_passes_the_turn_on() -> None:
+    book, turns = OrderBook(), []
+    release = gevent.event.Event()
+
+    def holder() -> None:
+        with book.taking():
+            release.wait()
+
+    def waiter(name: str) -> None:
+        with book.taking():
+            turns.append(name)
+
+    h = gevent.spawn(holder)
+    settle()
+    doomed, next_one = gevent.spawn(waiter, "doomed"), gevent.spawn(waiter, "next")
+    settle()
+    doomed.kill()
+    release.set()
+    gevent.joinall([h, next_one], timeout=5, raise_error=True)
+    assert turns == ["next"]
+    with book.taking():  # free again
+        pass
