@@ -35,7 +35,7 @@ from relay.carrier import Carrier, Item
 from relay.circuit import Circuit
 from relay.config import Config
 from relay.connect import disconnect_all
-from relay.delivery import MAX_BATCH, Delivery
+from relay.delivery import MAX_BATCH, Delivery, Failure
 from relay.fate import (
     DELIVERED,
     UNSENT,
@@ -58,6 +58,8 @@ from relay.redis_shared import BLOCK_S, REDIS_DOWN, REDIS_ERRORS
 from relay.retry import Outage
 
 log = logging.getLogger(__name__)
+
+HELD = object()  # an answer meaning: not sent, the gate closed while it waited for its turn
 
 SHUTDOWN_GRACE_S = 1.0
 
@@ -226,7 +228,7 @@ class Worker:
         try:
             # The gate may have closed while this greenlet was blocked in its pop.
             gate = Gate(holding=not probing and self.circuit.holding())
-            self._handle(lease, items, parsed, gate, budget, ticket)
+            self._handle(lease, items, parsed, gate, budget, ticket, probing)
         finally:
             self.inflight -= len(items)
             self.metrics.inflight.dec(len(items))
@@ -256,7 +258,7 @@ class Worker:
     # -- one batch ---------------------------------------------------------------------------
 
     def _handle(self, lease: Lease, raws: Sequence[bytes], items: Sequence[Item], gate: Gate,
-                budget: int, ticket: Ticket | None) -> None:
+                budget: int, ticket: Ticket | None, probing: bool = False) -> None:
         """Decide, send what may go (in its channels' turn), then carry out every fate."""
         now = self.clock()
         fates: list[tuple[bytes, Item, Fate]] = []
@@ -269,18 +271,38 @@ class Worker:
                 fates.append((raw, item, fate))
         self._reconcile(budget, sum(n.cost for n in to_send))
         if to_send:
-            if ticket is None:
-                answers = self.delivery.send(to_send)
-            else:
-                answers = self.order.send_in_turn(  # type: ignore[union-attr]
-                    ticket, to_send, self.delivery.send)
+            answers = self._send(to_send, ticket, probing)
+            sent = [(n, a) for n, a in zip(to_send, answers, strict=True) if a is not HELD]
             now = self.clock()
-            self._tell_circuit(verdict(to_send, answers, self.last_success_at, now))
+            if sent:
+                self._tell_circuit(verdict([n for n, _ in sent], [a for _, a in sent],
+                                           self.last_success_at, now))
+            held = Gate(holding=True)
             for note, answer in zip(to_send, answers, strict=True):
-                fate = decide(note, DELIVERED if answer is None else answer, gate, now,
-                              self.policy)
+                if answer is HELD:
+                    fate = decide(note, UNSENT, held, now, self.policy)
+                else:
+                    fate = decide(note, DELIVERED if answer is None else answer, gate, now,
+                                  self.policy)
                 fates.append((note.raw, note, fate))
+            if self.limiter is not None and len(sent) < len(to_send):
+                self.limiter.refund(sum(n.cost for n in to_send) - sum(n.cost for n, _ in sent))
         self.carrier.carry_out(lease, fates)
+
+    def _send(self, notes: list[Notification], ticket: Ticket | None, probing: bool
+              ) -> Sequence[Failure | None | object]:
+        """Send now, or in the notes' channels' turn. A part whose turn came while the gate
+        was closing (the circuit opened, or a 429 paused everyone, meanwhile) is not sent:
+        HELD, so it goes back untouched, as it would had it been fetched a moment later."""
+        if ticket is None:
+            return self.delivery.send(notes)
+
+        def send_part(part: list[Notification]) -> Sequence[Failure | None | object]:
+            if not probing and self.circuit.holding():
+                return [HELD] * len(part)
+            return self.delivery.send(part)
+
+        return self.order.send_in_turn(ticket, notes, send_part)  # type: ignore[union-attr]
 
     def _parse(self, raw: bytes) -> Item:
         try:
