@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -38,6 +39,7 @@ import redis
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import everyday  # noqa: E402
 import report  # noqa: E402
 from measure import (  # noqa: E402
     Child,
@@ -55,7 +57,9 @@ from relay.pusher_server import LocalPusher  # noqa: E402
 from relay.redis_server import RedisServer  # noqa: E402
 
 QUEUE = "notifications"
-SCENARIOS = ("drain0", "drain50", "steady", "ratelimit", "rss100k", "transport", "metrics")
+SCENARIOS = ("drain0", "drain50", "steady", "ratelimit", "rss100k", "transport", "metrics",
+             "everyday")
+DEFAULT_SCENARIOS = SCENARIOS[:-1]  # everyday (issue 11) takes ~4 min per variant: on demand
 SERVER_DELAY_S = 0.05
 STEADY_RATE_PER_S = 500
 SATURATED_AFTER_S = 1.0
@@ -65,7 +69,7 @@ PRELOAD_CHUNK = 1_000
 QUEUE_POLL_S = 0.05  # LLEN is cheap: poll it while the backlog lasts
 COUNT_POLL_S = 0.05  # so is the server's count endpoint, for the events still in flight
 FIRST_EVENT_TIMEOUT_S = 30.0
-TRANSPORTS = ("urllib3", "requests")  # PUSHER_HTTP_CLIENT; urllib3 is relay's default
+TRANSPORTS = report.TRANSPORTS  # PUSHER_HTTP_CLIENT values the transport scenario compares
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 SERVER_LOG = RESULTS.parent / "pusher_server.log"
 
@@ -81,6 +85,10 @@ class Plan:
     metrics_repeats: int
     steady_rate: int
     transport_repeats: int
+    everyday_variants: tuple[str, ...] = everyday.DEFAULT_VARIANTS
+    everyday_repeats: int = 3
+    everyday_s: float = 20.0  # each steady rate, and the idle window
+    everyday_probes: int = everyday.QUIET_PROBES
 
     def timeout_s(self, count: int) -> float:
         return 60.0 + count / 100  # 100 events/s is far below anything worth measuring
@@ -371,6 +379,12 @@ def run_transport(bench: Bench) -> dict[str, Any]:
                        bench.plan.transport_repeats)
 
 
+def run_everyday(bench: Bench) -> dict[str, Any]:
+    plan = bench.plan
+    return everyday.run(bench, plan.everyday_variants, plan.everyday_repeats, plan.everyday_s,
+                        plan.everyday_s, plan.everyday_probes)
+
+
 def run_metrics(bench: Bench) -> dict[str, Any]:
     out = interleaved(bench, "metrics",
                       {"off": {"RELAY_METRICS_ADDR": "off"},
@@ -394,6 +408,7 @@ RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "rss100k": run_rss,
     "transport": run_transport,
     "metrics": run_metrics,
+    "everyday": run_everyday,
 }
 
 
@@ -404,8 +419,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=None,
                         help="notifications per drain run (default 20000, 3000 with --quick)")
     parser.add_argument("--pool", type=int, default=50, help="greenlets in both workers")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help=f"comma list out of {','.join(SCENARIOS)}")
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                        help=f"comma list out of {','.join(SCENARIOS)} (default: all but "
+                             "everyday)")
+    parser.add_argument("--everyday-variants", default=",".join(everyday.DEFAULT_VARIANTS),
+                        help=f"comma list out of {','.join(everyday.VARIANTS)}")
+    parser.add_argument("--everyday-repeats", type=int, default=None,
+                        help="interleaved repeats of the everyday scenario (default 3, 1 with "
+                             "--quick)")
     parser.add_argument("--steady-rate", type=int, default=STEADY_RATE_PER_S,
                         help="notifications per second in the steady scenario")
     parser.add_argument("--quick", action="store_true", help="smaller counts: a smoke run")
@@ -413,16 +434,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    unknown = set(args.everyday_variants.split(",")) - set(everyday.VARIANTS)
+    if unknown:
+        parser.error(f"unknown everyday variants: {', '.join(sorted(unknown))}")
     return args
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     chosen = tuple(s for s in SCENARIOS if s in args.scenarios.split(","))
+    variants = tuple(args.everyday_variants.split(","))
     if args.quick:
         return Plan(chosen, args.count or 3_000, args.pool, 20_000, 10.0, 10.0, 1,
-                    args.steady_rate, 1)
+                    args.steady_rate, 1, variants, args.everyday_repeats or 1, 5.0, 2)
     return Plan(chosen, args.count or 20_000, args.pool, 100_000, 20.0, 20.0, 5, args.steady_rate,
-                3)
+                3, variants, args.everyday_repeats or 3)
 
 
 @contextmanager
@@ -450,6 +475,8 @@ def run_all(plan: Plan) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C, so every child and server is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = make_plan(parse_args(argv))
     began = time.time()
     results = run_all(plan)

@@ -17,6 +17,10 @@ RUN_HEADER = ("scenario", "who", "events", "drain s", "events/s", "CPU s", "CPU 
               "peak RSS MB", "server CPU/s")
 
 
+# PUSHER_HTTP_CLIENT values the transport scenario compares; the first is the reference.
+TRANSPORTS = ("urllib3", "requests", "geventhttpclient")
+
+
 def _get(results: Results, *path: str) -> Any:
     node: Any = results
     for key in path:
@@ -34,7 +38,7 @@ def _drain_runs(results: Results) -> Iterator[tuple[str, str, dict[str, Any]]]:
                 yield scenario, who, run
     if _get(results, "rss100k", "relay"):
         yield "rss100k", "relay", results["rss100k"]["relay"]
-    for scenario, labels in (("transport", ("urllib3", "requests")), ("metrics", ("off", "on"))):
+    for scenario, labels in (("transport", TRANSPORTS), ("metrics", ("off", "on"))):
         for label in labels:
             for i, run in enumerate(_get(results, scenario, label) or []):
                 yield f"{scenario} #{i + 1}", f"relay {label}", run
@@ -66,10 +70,11 @@ def ratios(results: Results) -> list[tuple[str, str]]:
                 lines.append((f"{scenario} {label} relay/naive", f"{value:.2f}x"))
     for field, label, fmt in (("events_per_s", "throughput", "{:,.0f} events/s"),
                               ("cpu_per_10k", "CPU per 10k", "{:.2f} CPU s/10k")):
-        fast, slow = (_get(results, "transport", f"{t}_{field}") for t in ("urllib3", "requests"))
-        if fast is not None and slow:
-            lines.append((f"transport {label} urllib3/requests (medians)",
-                          f"{fast / slow:.2f}x ({fmt.format(fast)} vs {fmt.format(slow)})"))
+        for other in TRANSPORTS[1:]:
+            fast, slow = (_get(results, "transport", f"{t}_{field}") for t in ("urllib3", other))
+            if fast is not None and slow:
+                lines.append((f"transport {label} urllib3/{other} (medians)",
+                              f"{fast / slow:.2f}x ({fmt.format(fast)} vs {fmt.format(slow)})"))
     for who in ("naive", "relay"):
         run = _get(results, "steady", who)
         if run:

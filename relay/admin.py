@@ -6,10 +6,12 @@
    `dead purge [--older-than DURATION]`: each entry is moved or removed by its exact bytes
    in one Redis step, so two operators at once never lose or double one.
 3. `enqueue CHANNEL JSON [--event NAME]`: a test notification through the producer helper.
-4. `check`: one-shot health for scripts and container health checks: the worker's /healthz
+4. `dashboard`: the operator's page (relay/dashboard/), until SIGTERM or SIGINT.
+5. `check`: one-shot health for scripts and container health checks: the worker's /healthz
    when RELAY_METRICS_ADDR is on, otherwise Redis answers and a live worker is registered.
 
-Exit codes: 0 done or healthy, 1 unhealthy or nothing matched, 2 bad configuration or usage.
+Exit codes: 0 done or healthy; 1 unhealthy, Redis failed, or a requeue/purge moved nothing
+(nothing matched); 2 bad configuration or usage.
 Output goes to stdout (it is the command's result); logs stay on stderr.
 """
 
@@ -26,13 +28,14 @@ from typing import Any, TextIO
 
 import redis
 
-from relay import producer
+from relay import explain, producer, redis_url
 from relay.config import Config
 from relay.deadletters import DeadLetters
 from relay.message import InvalidMessage
 from relay.queue import RedisQueue
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
+EXIT_NOTHING = EXIT_UNHEALTHY  # requeue or purge moved nothing: nothing matched
 WATCH_EVERY_S = 2.0
 _DURATION = re.compile(r"\A(\d+(?:\.\d+)?)([smhd]?)\Z")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -62,6 +65,8 @@ def add_subcommands(sub: Any, parents: list[argparse.ArgumentParser],
     enq.add_argument("data", help="JSON object or value")
     enq.add_argument("--event", help="event name (default: a classic message, RELAY_EVENT)")
     sub.add_parser("check", parents=parents, help="health probe: exit 0 healthy, 1 not")
+    sub.add_parser("dashboard", parents=parents,
+                   help="serve the operator's page at RELAY_DASHBOARD_ADDR")
 
 
 def parse_duration(text: str) -> float:
@@ -74,12 +79,12 @@ def parse_duration(text: str) -> float:
 def run(command: str, args: argparse.Namespace, cfg: Config, client: redis.Redis,
         out: TextIO = sys.stdout) -> int:
     queue = RedisQueue(client, cfg.queue, cfg.order, worker_id="admin")
-    handlers = {"stats": _stats, "dead": _dead, "enqueue": _enqueue, "check": _check}
+    handlers = {"stats": _stats, "dead": _dead, "enqueue": _enqueue, "check": _check,
+                "dashboard": _dashboard}
     try:
         return handlers[command](args, cfg, queue, out)
     except redis.RedisError as exc:
-        detail = f": {exc}" if isinstance(exc, redis.exceptions.NoPermissionError) else ""
-        out.write(f"redis error: {type(exc).__name__}{detail}\n")
+        out.write(f"{command} failed: {explain.redis_error(exc, redis_url.mask(cfg.redis_url))}\n")
         return EXIT_UNHEALTHY
 
 
@@ -155,11 +160,12 @@ def _dead(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO)
         chosen = [e for e in entries if args.all or _matches(e, args.match)]
         n = dead.requeue(chosen)
         out.write(f"requeued {n} dead letter(s) to {cfg.queue}\n")
-        return EXIT_OK if n or not chosen else EXIT_UNHEALTHY
+        return EXIT_OK if n else EXIT_NOTHING
     cutoff = time.time() - args.older_than if args.older_than is not None else None
     chosen = [e for e in entries if cutoff is None or _failed_at(e) < cutoff]
-    out.write(f"purged {dead.purge(chosen)} dead letter(s)\n")
-    return EXIT_OK
+    n = dead.purge(chosen)
+    out.write(f"purged {n} dead letter(s)\n")
+    return EXIT_OK if n else EXIT_NOTHING
 
 
 def _dead_list(queue: RedisQueue, limit: int, out: TextIO) -> int:
@@ -233,3 +239,9 @@ def _check(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO
     alive = [w for w in queue.workers() if not w["expired"]]
     out.write(f"redis ok; {len(alive)} live worker(s) on {cfg.queue}\n")
     return EXIT_OK if alive else EXIT_UNHEALTHY
+
+
+def _dashboard(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
+    from relay import dashboard  # its app imports parse_duration from here
+
+    return dashboard.serve(cfg, queue)

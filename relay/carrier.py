@@ -15,6 +15,7 @@ from typing import Any
 
 from relay.config import Config
 from relay.fate import Ack, DeadLetter, Fate, PutBack, RetryLater, Shed
+from relay.history import Tally
 from relay.housekeeping import Episode
 from relay.lease import Lease
 from relay.message import InvalidMessage, Notification, payload_of, retry_wrapper
@@ -27,7 +28,9 @@ Item = Notification | InvalidMessage
 
 class Carrier:
     def __init__(self, config: Config, worker_id: str, metrics: Metrics,
-                 stale_shedding: Episode, clock: Callable[[], float] = time.time) -> None:
+                 stale_shedding: Episode, clock: Callable[[], float] = time.time,
+                 tally: Tally | None = None) -> None:
+        self.tally = tally or Tally()
         self.queue_name = config.queue
         self.worker_id = worker_id
         self.metrics = metrics
@@ -38,8 +41,9 @@ class Carrier:
         """Acks, shedding and put-backs go in one script each; the rest one by one."""
         acked = [(raw, item) for raw, item, f in fates if isinstance(f, Ack)]
         if acked:
-            lease.ack([raw for raw, _ in acked])
+            # Counted first, so the ages ride on this very ack (history.Tally).
             self._count_delivered([i for _, i in acked if isinstance(i, Notification)])
+            lease.ack([raw for raw, _ in acked])
         shed = [raw for raw, _, f in fates if isinstance(f, Shed)]
         if shed:
             lease.ack(shed, "shed_max_age")
@@ -60,6 +64,7 @@ class Carrier:
         for note in delivered:
             if note.enqueued_at is not None:
                 self.metrics.age_seconds.observe(max(0.0, now - note.enqueued_at))
+                self.tally.age(now - note.enqueued_at)
 
     def _retry(self, lease: Lease, note: Notification, fate: RetryLater) -> None:
         wrapper = retry_wrapper(note.payload, fate.attempts, fate.first_failed_at, fate.reason)

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from relay import redis_url
 from relay.errors import RelayError
@@ -125,6 +125,22 @@ def _metrics_addr(text: str) -> str:
     return text
 
 
+def _dashboard_addr(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT")
+    if not 0 <= int(port) <= 65535:  # 0: the OS picks a free port (tests use it)
+        raise ValueError("port must be 0 to 65535")
+    return text
+
+
+def _user_password(text: str) -> str:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("must be user:password")
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     """One user-facing setting: environment variable, flag, default, parser, meaning."""
@@ -162,8 +178,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PUSHER_SSL", "pusher_ssl", "true", _bool, "use HTTPS"),
     Setting("PUSHER_TIMEOUT", "pusher_timeout", "5", _positive_float,
             "seconds per HTTP call (connect and read)"),
-    Setting("PUSHER_HTTP_CLIENT", "http_client", "urllib3", _choice("urllib3", "requests"),
-            "transport under the pusher library: urllib3 (less CPU) or requests"),
+    Setting("PUSHER_HTTP_CLIENT", "http_client", "geventhttpclient",
+            _choice("geventhttpclient", "urllib3", "requests"),
+            "transport under the pusher library: geventhttpclient (least CPU), urllib3 or "
+            "requests"),
     Setting("PUSHER_ENCRYPTION_MASTER_KEY_BASE64", "pusher_encryption_master_key", None,
             _master_key, "32 random bytes, base64: enables end-to-end encrypted channels "
             "(private-encrypted-*)", secret=True),
@@ -197,6 +215,11 @@ SETTINGS: tuple[Setting, ...] = (
             "text, or json for one JSON object per line"),
     Setting("RELAY_HEARTBEAT_TTL", "heartbeat_ttl", "10", _positive_float,
             "seconds without a heartbeat after which a worker's in-flight items are recovered"),
+    Setting("RELAY_DASHBOARD_ADDR", "dashboard_addr", "127.0.0.1:9400", _dashboard_addr,
+            "HOST:PORT where `dashboard` serves the operator's page"),
+    Setting("RELAY_DASHBOARD_AUTH", "dashboard_auth", None, _user_password,
+            "user:password for HTTP basic auth on the page; required when the address is "
+            "not loopback", secret=True),
 )
 
 
@@ -249,6 +272,8 @@ class Config:
         unless a master key is set."""
         encryption = self.pusher is not None and self.pusher.encryption_master_key_base64
         return Limits(self.max_data_bytes, encryption=bool(encryption))
+    dashboard_addr: str = "127.0.0.1:9400"
+    dashboard_auth: str | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
@@ -257,7 +282,9 @@ class Config:
             parts.append(f"pusher={self.pusher.base_url}/apps/{self.pusher.app_id}")
             parts.append(f"key={self.pusher.key} secret=*** timeout={self.pusher.timeout}")
         for f in fields(self):
-            if f.name not in ("redis_url", "pusher"):
+            if f.name == "dashboard_auth":
+                parts.append(f"dashboard_auth={'***' if self.dashboard_auth else None}")
+            elif f.name not in ("redis_url", "pusher"):
                 parts.append(f"{f.name}={getattr(self, f.name)}")
         return " ".join(parts)
 
@@ -277,6 +304,7 @@ def mask_url(url: str) -> str:
 
 
 _URL_PATH = re.compile(r"\A/apps/([0-9]+)/?\Z")
+_URL_APP = re.compile(r"\A/apps/([^/]+)/?\Z")
 
 
 def parse_pusher_url(url: str, timeout: float) -> PusherTarget:
@@ -290,12 +318,29 @@ def parse_pusher_url(url: str, timeout: float) -> PusherTarget:
         raise ConfigError("PUSHER_URL", "must start with https:// or http://")
     if not parts.username or not parts.password:
         raise ConfigError("PUSHER_URL", "must carry KEY:SECRET@ before the host")
-    match = _URL_PATH.match(parts.path)
-    if not parts.hostname or not match:
-        raise ConfigError("PUSHER_URL", "must look like https://KEY:SECRET@HOST[:PORT]/apps/APP_ID")
+    if not parts.hostname:
+        raise ConfigError("PUSHER_URL", "has no host after KEY:SECRET@")
+    return _with_app_id(parts, port, timeout)
+
+
+def _app_id_of(path: str) -> str:
+    """The numeric id in `/apps/ID`; one trailing slash is accepted, as browsers add one."""
+    match = _URL_PATH.match(path)
+    if match:
+        return match.group(1)
+    app = _URL_APP.match(path)
+    if app:
+        raise ConfigError("PUSHER_URL", f"has app id {app.group(1)[:40]!r} after /apps/, but "
+                                        "Pusher app ids are numeric (e.g. /apps/123456)")
+    raise ConfigError("PUSHER_URL", "must end with /apps/APP_ID, the numeric app id "
+                                    f"(its path is {path[:60]!r})")
+
+
+def _with_app_id(parts: SplitResult, port: int | None, timeout: float) -> PusherTarget:
+    app_id = _app_id_of(parts.path)
     ssl = parts.scheme == "https"
     return PusherTarget(
-        app_id=match.group(1),
+        app_id=app_id,
         key=unquote(parts.username),
         secret=unquote(parts.password),
         host=parts.hostname,

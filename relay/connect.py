@@ -22,8 +22,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import SentinelConnectionPool
 
-from relay import redis_url
-from relay.retry import Outage, describe
+from relay import explain, redis_url
+from relay.retry import Outage
 
 # Above the worker's blocking-pop wake-up (worker.BLOCK_S, 1 s), so an idle pop is never
 # a socket timeout; redis-py 8.1 would otherwise default it to 5 s anyway.
@@ -89,7 +89,7 @@ def _cluster_until_up(spec: redis_url.RedisSpec, max_connections: int, wait: boo
             return client
         except (RedisClusterException, redis.RedisError) as exc:
             if not wait:
-                raise redis.ConnectionError(f"no cluster node answers ({describe(exc)})"
+                raise redis.ConnectionError(f"no cluster node answers ({explain.reason(exc)})"
                                             ) from None
             time.sleep(outage.failed(exc))
 

@@ -54,11 +54,16 @@ class Episode:
             log.info("shedding over: %d dropped (%s)", self.total, self.what)
             self.last_at = None
 
+    def state(self) -> dict[str, Any]:
+        return {"active": self.last_at is not None, "dropped": self.total}
+
 
 class Housekeeper:
     def __init__(self, config: Config, queue: RedisQueue, metrics: Metrics, outage: Outage,
                  circuit_open: Callable[[], bool], inflight: Callable[[], int],
+                 report: Callable[[], dict[str, Any]] = dict,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.report = report  # the process's state for the dashboard, in each heartbeat
         self.config = config
         self.queue = queue
         self.metrics = metrics
@@ -93,7 +98,8 @@ class Housekeeper:
                 log.exception("housekeeping step %s failed", getattr(action, "__name__", action))
 
     def heartbeat(self) -> None:
-        if not self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size):
+        if not self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size,
+                                    self.report()):
             # Frozen past the TTL (a paused VM, a stopped process): others recovered what it
             # held, so what it still sends may be sent twice, never lost.
             log.warning("this worker had been declared dead (missed heartbeats); "

@@ -14,14 +14,14 @@ import redis
 from gevent import monkey
 from redis.exceptions import NoPermissionError
 
-from relay import admin
+from relay import admin, explain, redis_url
 from relay.config import Config
 from relay.connect import redis_client
 from relay.delivery import Delivery
 from relay.health import HealthServer, Report, Watchdog
+from relay.history import Tally
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
-from relay.retry import describe
 from relay.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,14 @@ def run(cfg: Config, burst: bool = False) -> int:
     metrics = Metrics()
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order)
-    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=metrics.observe_call,
-                        http_client=cfg.http_client)
-    worker = Worker(cfg, queue, delivery, metrics, burst=burst)
+    tally = Tally()  # the dashboard's call figures, riding on settle steps (history.py)
+
+    def on_call(status: int | None, seconds: float) -> None:
+        metrics.observe_call(status, seconds)
+        tally.call(status, seconds)
+
+    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=on_call, http_client=cfg.http_client)
+    worker = Worker(cfg, queue, delivery, metrics, burst=burst, tally=tally)
     watchdog = server = None
     try:
         if cfg.metrics_addr != "off":
@@ -52,7 +57,7 @@ def run(cfg: Config, burst: bool = False) -> int:
     except NoPermissionError as exc:
         log.error("Redis refused a command the worker needs (%s); grant it to the REDIS_URL "
                   "user (README, \"Redis deployments\"); nothing was taken from the queue",
-                  describe(exc))
+                  explain.reason(exc))
         return EXIT_CONFIG
     finally:
         for part in (server, watchdog):
@@ -81,7 +86,8 @@ def run_admin(command: str, args: argparse.Namespace, cfg: Config) -> int:
     try:
         client = redis_client(cfg.redis_url, SPARE_CONNECTIONS, wait=False)
     except redis.RedisError as exc:
-        sys.stdout.write(f"redis error: {describe(exc)}\n")
+        where = redis_url.mask(cfg.redis_url)
+        sys.stdout.write(f"{command} failed: {explain.redis_error(exc, where)}\n")
         return admin.EXIT_UNHEALTHY
     try:
         return admin.run(command, args, cfg, client)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import gevent
 
+from relay.history import Tally
 from relay.queue import RedisQueue
 from relay.redis_shared import REDIS_DOWN
 from relay.retry import Outage
@@ -29,8 +30,10 @@ T = TypeVar("T")
 class Lease:
     def __init__(self, queue: RedisQueue, slot: int, outage: Outage,
                  on_redis_error: Callable[[], None],
-                 sleep: Callable[[float], Any] = gevent.sleep) -> None:
+                 sleep: Callable[[float], Any] = gevent.sleep,
+                 tally: Tally | None = None) -> None:
         self.queue = queue
+        self.tally = tally or Tally()
         self.slot = slot
         self.outage = outage
         self.on_redis_error = on_redis_error
@@ -45,17 +48,25 @@ class Lease:
         self.eager = len(items) > 1
         return items
 
+    # Each settle step carries the dashboard's figures gathered since the last one (taken
+    # once, so a step retried through an outage carries them once; see history.Tally).
+
     def ack(self, raws: Sequence[bytes], stat: str = "delivered") -> int:
-        return self._persist(lambda: self.queue.ack(self.slot, raws, stat))
+        extra = self.tally.take()
+        return self._persist(lambda: self.queue.ack(self.slot, raws, stat, extra))
 
     def requeue(self, raws: Sequence[bytes]) -> int:
-        return self._persist(lambda: self.queue.requeue(self.slot, raws))
+        extra = self.tally.take()
+        return self._persist(lambda: self.queue.requeue(self.slot, raws, extra))
 
     def dead(self, raw: bytes, entry: dict[str, Any]) -> bool:
-        return self._persist(lambda: self.queue.dead_letter(self.slot, raw, entry))
+        extra = self.tally.take()
+        return self._persist(lambda: self.queue.dead_letter(self.slot, raw, entry, extra))
 
     def retry(self, raw: bytes, wrapper: str, delay_s: float) -> bool:
-        return self._persist(lambda: self.queue.retry_later(self.slot, raw, wrapper, delay_s))
+        extra = self.tally.take()
+        return self._persist(lambda: self.queue.retry_later(self.slot, raw, wrapper, delay_s,
+                                                            extra))
 
     def _persist(self, step: Callable[[], T]) -> T:
         while True:

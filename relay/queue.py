@@ -15,6 +15,9 @@ send to an arbitrary node.
 - `Q:dead`                 list: dead letters, JSON {payload, error, failed_at, attempts, ...}
 - `Q:stats`                hash: running totals (delivered, dead, retried, shed_*) for `stats`
 - `Q:ratelimit`            string: the shared rate limiter's state (see ratelimit.py)
+- `Q:history:s:<sec>`      hash: counts settled in that second (Redis clock), 16 min TTL
+- `Q:history:m:<min>`      hash: the same per minute, 25 h TTL (see history.py, _TALLY)
+- `Q:probe`                any: used for an instant at start by `probe` (ACL rights check)
 
 How nothing is lost:
 1. Fetch moves items atomically into the greenlet's own in-flight list (BLMOVE, then a
@@ -67,40 +70,71 @@ end
 return redis.call('LRANGE', KEYS[2], 0, -1)
 """
 
-# KEYS: slot list, stats hash. ARGV: stats field, raw items...
-ACK = """
+# The dashboard's history rides on the settle scripts, so counting costs no round trip:
+# tally(prefix, field, n, extra) adds n to `field` and the "name=count ..." pairs of `extra`
+# (failed calls, latency histogram buckets; see history.Tally) to this second's and this
+# minute's hash under the declared key prefix (KEYS, last), on Redis's clock. The bucket keys
+# extend that prefix, so under Cluster they share its hash tag and slot.
+_TALLY = _NOW + """
+local function tally(prefix, field, n, extra)
+  if n == 0 and extra == '' then return end
+  local sec = math.floor(now)
+  local skey = prefix .. ':s:' .. sec
+  local mkey = prefix .. ':m:' .. math.floor(sec / 60)
+  local function add(f, v)
+    redis.call('HINCRBY', skey, f, v)
+    redis.call('HINCRBY', mkey, f, v)
+  end
+  if n > 0 then add(field, n) end
+  for f, v in string.gmatch(extra, '([%w_:]+)=(%d+)') do add(f, tonumber(v)) end
+  redis.call('EXPIRE', skey, 960)
+  redis.call('EXPIRE', mkey, 90000)
+end
+"""
+
+# KEYS: slot list, stats hash, history prefix. ARGV: stats field, history extra, raw items...
+ACK = _TALLY + """
 local n = 0
-for i = 2, #ARGV do n = n + redis.call('LREM', KEYS[1], 1, ARGV[i]) end
+for i = 3, #ARGV do n = n + redis.call('LREM', KEYS[1], 1, ARGV[i]) end
 if n > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
+local field = 'shed'
+if ARGV[1] == 'delivered' then field = 'delivered' end
+tally(KEYS[3], field, n, ARGV[2])
 return n
 """
 
-# KEYS: slot list, dead list, stats hash. ARGV: raw item, dead-letter entry.
-DEAD = """
+# KEYS: slot list, dead list, stats hash, history prefix.
+# ARGV: raw item, dead-letter entry, history extra.
+DEAD = _TALLY + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'dead', 1)
+tally(KEYS[4], 'dead', 1, ARGV[3])
 return 1
 """
 
-# KEYS: slot list, retry zset, stats hash. ARGV: raw item, retry wrapper, delay seconds.
-RETRY_LATER = _NOW + """
+# KEYS: slot list, retry zset, stats hash, history prefix.
+# ARGV: raw item, retry wrapper, delay seconds, history extra.
+RETRY_LATER = _TALLY + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'retried', 1)
+tally(KEYS[4], 'retried', 1, ARGV[4])
 return 1
 """
 
-# KEYS: slot list, queue. ARGV: push command (where the next pop happens), raw items...
+# KEYS: slot list, queue, history prefix.
+# ARGV: push command (where the next pop happens), history extra, raw items...
 # Walks the items backwards so that they come out again in the order they went in.
-REQUEUE = """
+REQUEUE = _TALLY + """
 local n = 0
-for i = #ARGV, 2, -1 do
+for i = #ARGV, 3, -1 do
   if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
     redis.call(ARGV[1], KEYS[2], ARGV[i])
     n = n + 1
   end
 end
+tally(KEYS[3], 'requeued', n, ARGV[2])
 return n
 """
 
@@ -181,14 +215,17 @@ end
 return 1
 """
 
-# KEYS: queue, stats hash. ARGV: the longest the queue may be. Drops the oldest excess.
-TRIM = """
+# KEYS: queue, stats hash, history prefix. ARGV: the longest the queue may be.
+# Drops the oldest excess.
+TRIM = _TALLY + """
 local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[1])
 if excess <= 0 then return 0 end
 redis.call('LTRIM', KEYS[1], excess, -1)
 redis.call('HINCRBY', KEYS[2], 'shed_backlog', excess)
+tally(KEYS[3], 'shed', excess, '')
 return excess
 """
+
 
 def has_hash_tag(name: str) -> bool:
     """True when Redis Cluster would hash only part of name: a `{...}` with something in it
@@ -223,9 +260,11 @@ redis.call('LREM', k, 0, 'p')
 redis.call('ZADD', k, now, 'p')
 redis.call('ZSCORE', k, 'p')
 redis.call('ZRANGEBYSCORE', k, '-inf', now, 'LIMIT', 0, 1)
+redis.call('ZCOUNT', k, '-inf', now)
 redis.call('ZREM', k, 'p')
 redis.call('HSET', k, 'p', '1')
 redis.call('HINCRBY', k, 'p', 1)
+redis.call('EXPIRE', k, 60)
 redis.call('HDEL', k, 'p')
 redis.call('SET', k, 'p', 'PX', 1000)
 redis.call('GET', k)
@@ -275,6 +314,11 @@ class Keys:
     @property
     def ratelimit(self) -> str:
         return f"{self.prefix}:ratelimit"
+
+    @property
+    def history(self) -> str:
+        """Prefix of the dashboard's per-second and per-minute buckets (see history.py)."""
+        return f"{self.prefix}:history"
 
     @property
     def probe(self) -> str:
@@ -380,27 +424,32 @@ class RedisQueue:
             raise WorkerReaped(self.worker_id)
         return list(items)
 
-    def ack(self, slot: int, raws: Sequence[bytes], stat: str = "delivered") -> int:
+    # `extra` on each settle step: the dashboard's figures riding along (history.Tally).
+
+    def ack(self, slot: int, raws: Sequence[bytes], stat: str = "delivered",
+            extra: str = "") -> int:
         """Forget delivered (or deliberately dropped) items; `stat` names the total to count."""
         if not raws:
             return 0
-        return int(self._ack(keys=[self.slot_key(slot), self.keys.stats], args=[stat, *raws]))
+        keys = [self.slot_key(slot), self.keys.stats, self.keys.history]
+        return int(self._ack(keys=keys, args=[stat, extra, *raws]))
 
-    def dead_letter(self, slot: int, raw: bytes, entry: dict[str, Any]) -> bool:
+    def dead_letter(self, slot: int, raw: bytes, entry: dict[str, Any], extra: str = "") -> bool:
         text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-        keys = [self.slot_key(slot), self.keys.dead, self.keys.stats]
-        return bool(self._dead(keys=keys, args=[raw, text]))
+        keys = [self.slot_key(slot), self.keys.dead, self.keys.stats, self.keys.history]
+        return bool(self._dead(keys=keys, args=[raw, text, extra]))
 
-    def retry_later(self, slot: int, raw: bytes, wrapper: str, delay_s: float) -> bool:
-        keys = [self.slot_key(slot), self.keys.retry, self.keys.stats]
-        return bool(self._retry_later(keys=keys, args=[raw, wrapper, delay_s]))
+    def retry_later(self, slot: int, raw: bytes, wrapper: str, delay_s: float,
+                    extra: str = "") -> bool:
+        keys = [self.slot_key(slot), self.keys.retry, self.keys.stats, self.keys.history]
+        return bool(self._retry_later(keys=keys, args=[raw, wrapper, delay_s, extra]))
 
-    def requeue(self, slot: int, raws: Sequence[bytes]) -> int:
+    def requeue(self, slot: int, raws: Sequence[bytes], extra: str = "") -> int:
         """Put items back where the next pop happens, without counting an attempt."""
         if not raws:
             return 0
-        keys = [self.slot_key(slot), self.keys.queue]
-        return int(self._requeue(keys=keys, args=[self.push_cmd, *raws]))
+        keys = [self.slot_key(slot), self.keys.queue, self.keys.history]
+        return int(self._requeue(keys=keys, args=[self.push_cmd, extra, *raws]))
 
     # -- housekeeping, per process -----------------------------------------------------------
 
@@ -409,10 +458,13 @@ class RedisQueue:
         return int(self._promote(keys=[self.keys.retry, self.keys.queue],
                                  args=[self.push_cmd, limit]))
 
-    def heartbeat(self, ttl_s: float, slots: int) -> bool:
-        """Register or refresh this worker; False means it had been reaped (or is new)."""
-        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slots": slots,
-                           "ttl": ttl_s, "started_at": self._started_at})
+    def heartbeat(self, ttl_s: float, slots: int, state: dict[str, Any] | None = None) -> bool:
+        """Register or refresh this worker; False means it had been reaped (or is new).
+
+        `state` (busy greenlets, gates) rides in the info JSON for the dashboard: no extra
+        round trip."""
+        info = json.dumps({**(state or {}), "host": socket.gethostname(), "pid": os.getpid(),
+                           "slots": slots, "ttl": ttl_s, "started_at": self._started_at})
         return bool(self._heartbeat(keys=[self.keys.workers, self.keys.info],
                                     args=[self.worker_id, ttl_s, info]))
 
@@ -478,7 +530,8 @@ class RedisQueue:
 
     def trim(self, max_backlog: int) -> int:
         """Drop the oldest items beyond max_backlog; returns how many were dropped."""
-        return int(self._trim(keys=[self.keys.queue, self.keys.stats], args=[max_backlog]))
+        keys = [self.keys.queue, self.keys.stats, self.keys.history]
+        return int(self._trim(keys=keys, args=[max_backlog]))
 
     def idle(self, slots: int) -> bool:
         """Nothing queued, nothing due for a retry, nothing in this worker's slots."""

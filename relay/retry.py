@@ -15,6 +15,8 @@ import random
 import time
 from collections.abc import Callable
 
+from relay import explain
+
 log = logging.getLogger(__name__)
 
 BASE_DELAY_S = 1.0
@@ -37,12 +39,6 @@ def should_give_up(attempts: int, first_failed_at: float, now: float, max_attemp
                    retry_for_s: float) -> bool:
     """True once `attempts` failures were made, or the first one is retry_for_s old."""
     return attempts >= max_attempts or now - first_failed_at >= retry_for_s
-
-
-def describe(error: BaseException, limit: int = 200) -> str:
-    """The error's class and the first line of its text (a TLS failure says why there)."""
-    text = str(error).strip().splitlines()[0][:limit] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class Outage:
@@ -78,7 +74,7 @@ class Outage:
                                    or now - self.since > self.FLAP_S):
             self.announced = True
             log.error("%s unreachable%s (%s); backing off and retrying", self.name,
-                      self.where, describe(error))
+                      self.where, explain.reason(error))
         self.failures += 1
         return min(self.cap_s, self.base_s * (2 ** min(self.failures - 1, 16)))
 

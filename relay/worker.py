@@ -47,6 +47,7 @@ from relay.fate import (
     decide,
     verdict,
 )
+from relay.history import Tally
 from relay.housekeeping import MAINTENANCE_S, Housekeeper
 from relay.lease import Lease
 from relay.message import InvalidMessage, Notification, parse
@@ -66,8 +67,11 @@ SHUTDOWN_GRACE_S = 1.0
 class Worker:
     def __init__(self, config: Config, queue: RedisQueue, delivery: Delivery,
                  metrics: Metrics, clock: Callable[[], float] = time.time,
-                 burst: bool = False) -> None:
+                 burst: bool = False, tally: Tally | None = None) -> None:
         self.config = config
+        # The dashboard's figures without a settle step of their own (Pusher calls, latency);
+        # they ride on the next settle script (see history.py). cli feeds it Delivery's calls.
+        self.tally = tally or Tally()
         self.queue = queue
         self.delivery = delivery
         self.metrics = metrics
@@ -91,11 +95,12 @@ class Worker:
                                        on_wait=metrics.rate_waits.inc)
             self.batch = min(MAX_BATCH, self.limiter.burst)
         self.inflight = 0
+        self.busy = 0  # greenlets handling a batch now
         self.housekeeper = Housekeeper(config, queue, metrics, self.redis_outage,
                                        circuit_open=lambda: self.circuit.is_open,
-                                       inflight=lambda: self.inflight)
+                                       inflight=lambda: self.inflight, report=self.report)
         self.carrier = Carrier(config, queue.worker_id, metrics,
-                               self.housekeeper.stale_shedding, clock)
+                               self.housekeeper.stale_shedding, clock, tally=self.tally)
         metrics.pool_size.set(config.pool_size)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -109,7 +114,8 @@ class Worker:
         log.info("worker %s started%s: %s", self.queue.worker_id,
                  " (burst: exits once drained)" if self.burst else "", self.config.describe())
         for slot in range(self.config.pool_size):
-            lease = Lease(self.queue, slot, self.redis_outage, self.metrics.redis_errors.inc)
+            lease = Lease(self.queue, slot, self.redis_outage, self.metrics.redis_errors.inc,
+                          tally=self.tally)
             self.pool.spawn(self._slot_loop, lease)
         self.services = self.housekeeper.start(self.stopping)
         if self.burst:
@@ -153,7 +159,8 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 self.queue.probe()  # an ACL user missing a right is refused here, at start
-                self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size)
+                self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size,
+                                     self.report())
                 self.redis_outage.succeeded()
                 return True
             except NoPermissionError:
@@ -161,6 +168,19 @@ class Worker:
             except REDIS_ERRORS as exc:
                 self.stopping.wait(self.redis_outage.failed(exc))
         return False
+
+    def report(self) -> dict[str, Any]:
+        """What the dashboard shows of this process; rides in the heartbeat's info JSON."""
+        c, now = self.circuit, self.circuit.clock()
+        house = self.housekeeper
+        return {"busy": self.busy, "inflight": self.inflight,
+                "circuit": {"open": c.is_open, "reason": c.reason,
+                            "next_probe_in_s": round(max(0.0, c.next_probe_at - now), 1)
+                            if c.is_open else None},
+                "paused_for_s": round(max(0.0, c.paused_until - now), 1),
+                "rate_limit": {"per_s": self.config.rate_limit, "burst": self.config.rate_burst},
+                "shedding": {"backlog": house.backlog_shedding.state(),
+                             "max_age": house.stale_shedding.state()}}
 
     def health(self) -> tuple[list[str], dict[str, Any]]:
         """Problems and facts for /healthz (relay.health adds the event loop's)."""
@@ -224,6 +244,7 @@ class Worker:
     def _carry(self, lease: Lease, items: Sequence[bytes], parsed: Sequence[Item],
                probing: bool, budget: int, ticket: Ticket | None) -> None:
         self.inflight += len(items)
+        self.busy += 1
         self.metrics.inflight.inc(len(items))
         try:
             # The gate may have closed while this greenlet was blocked in its pop.
@@ -231,6 +252,7 @@ class Worker:
             self._handle(lease, items, parsed, gate, budget, ticket, probing)
         finally:
             self.inflight -= len(items)
+            self.busy -= 1
             self.metrics.inflight.dec(len(items))
             if probing and self.circuit.probing:
                 # The probe ended without a verdict (nothing sent, a suspect, a 429, an error).

@@ -144,7 +144,30 @@ def test_admin_commands_need_no_pusher_credentials_and_fail_cleanly_without_redi
                          env={"REDIS_URL": "redis://127.0.0.1:1/0", "RELAY_QUEUE": queue_name},
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
-    assert "redis error" in out.stdout
+    assert out.stdout.startswith("stats failed: Redis at redis://127.0.0.1:1/0: ConnectionError")
+    assert "refused" in out.stdout.lower()
+
+
+def test_admin_redis_failure_masks_the_password(queue_name):
+    out = subprocess.run([sys.executable, str(ROOT / "worker.py"), "dead", "list"], cwd=ROOT,
+                         env={"REDIS_URL": "redis://u:hunter2-secret@127.0.0.1:1/0",
+                              "RELAY_QUEUE": queue_name}, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 1
+    assert "dead failed: Redis at redis://***@127.0.0.1:1/0" in out.stdout
+    assert "hunter2" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("verb", [("requeue", "--match", "nomatch"), ("requeue", "--all"),
+                                  ("purge", "--older-than", "7d"), ("purge",)])
+def test_requeue_or_purge_that_moves_nothing_exits_1(r, redis_server, queue_name, verb):
+    if verb[0] != "purge" or len(verb) > 1:  # leave one entry that matches no filter
+        r.rpush(f"{queue_name}:dead", _dead_entry('{"channel":"a"}', failed_at=time.time()))
+    if verb == ("requeue", "--all"):
+        r.delete(f"{queue_name}:dead")
+    out = admin(redis_server, queue_name, "dead", *verb)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert " 0 dead letter(s)" in out.stdout
 
 
 def test_stats_watch_refreshes_in_place_until_interrupted(r, redis_server, queue_name,
@@ -156,8 +179,11 @@ def test_stats_watch_refreshes_in_place_until_interrupted(r, redis_server, queue
     out = tmp_path / "watch.out"
     env = {"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name, "RELAY_METRICS_ADDR": "off"}
     with open(out, "wb") as sink:
+        # A suite started in the background by a script runs with SIGINT ignored, and the
+        # child would inherit that (Python then installs no KeyboardInterrupt): reset it.
         proc = subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "stats", "--watch"],
-                                cwd=ROOT, env=env, stdout=sink)
+                                cwd=ROOT, env=env, stdout=sink,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_for(lambda: out.read_bytes().count(b"\x1b[H\x1b[2J") >= 1, 20, "a frame")
             r.rpush(queue_name, "x", "y")

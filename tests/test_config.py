@@ -124,6 +124,10 @@ CASES: list[tuple[str, str, str, str, Getter, Any, Any]] = [
     ("RELAY_LOG_LEVEL", "--log-level", "debug", "ERROR", lambda c: c.log_level, "debug", "error"),
     ("RELAY_LOG_FORMAT", "--log-format", "json", "text", lambda c: c.log_format, "json", "text"),
     ("RELAY_HEARTBEAT_TTL", "--heartbeat-ttl", "2", "30", lambda c: c.heartbeat_ttl, 2.0, 30.0),
+    ("RELAY_DASHBOARD_ADDR", "--dashboard-addr", "0.0.0.0:8080", "[::1]:9400",
+     lambda c: c.dashboard_addr, "0.0.0.0:8080", "[::1]:9400"),
+    ("RELAY_DASHBOARD_AUTH", "--dashboard-auth", "ops:pw", "a:b:c",
+     lambda c: c.dashboard_auth, "ops:pw", "a:b:c"),
 ]
 
 
@@ -180,6 +184,25 @@ def test_pusher_url_default_ports() -> None:
     assert (plain.port, plain.ssl, plain.app_id) == (80, False, "123")
 
 
+@pytest.mark.parametrize("path,says", [
+    ("/apps/abc", "has app id 'abc' after /apps/, but Pusher app ids are numeric"),
+    ("/apps/abc/", "has app id 'abc' after /apps/, but Pusher app ids are numeric"),
+    ("/1", "must end with /apps/APP_ID, the numeric app id (its path is '/1')"),
+    ("", "must end with /apps/APP_ID, the numeric app id (its path is '')"),
+    ("/apps/1/extra", "must end with /apps/APP_ID"),
+    ("/apps/1//", "must end with /apps/APP_ID"),
+])
+def test_pusher_url_path_problems_say_what_is_wrong(path: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_pusher_url(f"https://k:{SECRET}@h.example{path}", 5)
+    assert says in str(caught.value)
+    assert_no_secret(str(caught.value))
+
+
+def test_pusher_url_one_trailing_slash_is_accepted_on_purpose() -> None:
+    assert parse_pusher_url("https://k:s@h.example/apps/7/", 5).app_id == "7"
+
+
 def test_pusher_url_percent_encoded_key_and_secret() -> None:
     p = parse_pusher_url("https://my%20key:s%2Fe%40c%3Ar%25et@h.example:8443/apps/77", 5)
     assert p.key == "my key"
@@ -220,6 +243,9 @@ BAD: list[tuple[dict[str, str], str]] = [
     ({**CREDS, "RELAY_MAX_BACKLOG": "-1"}, "RELAY_MAX_BACKLOG"),
     ({**CREDS, "RELAY_MAX_AGE": "soon"}, "RELAY_MAX_AGE"),
     ({**CREDS, "RELAY_HEARTBEAT_TTL": "0"}, "RELAY_HEARTBEAT_TTL"),
+    ({**CREDS, "RELAY_DASHBOARD_ADDR": "9400"}, "RELAY_DASHBOARD_ADDR"),
+    ({**CREDS, "RELAY_DASHBOARD_AUTH": "nocolon"}, "RELAY_DASHBOARD_AUTH"),
+    ({**CREDS, "RELAY_DASHBOARD_AUTH": ":pw"}, "RELAY_DASHBOARD_AUTH"),
     ({**CREDS, "RELAY_QUEUE": "two words"}, "RELAY_QUEUE"),
     ({**CREDS, "RELAY_MAX_DATA_BYTES": "0"}, "RELAY_MAX_DATA_BYTES"),
     ({**CREDS, "RELAY_MAX_DATA_BYTES": "1048577"}, "RELAY_MAX_DATA_BYTES"),

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
+import certifi
 import pytest
+from gevent.server import StreamServer
 
 from relay.config import PusherTarget, parse_pusher_url
-from relay.delivery import DEFAULT_RETRY_AFTER_S, MAX_BATCH, Answer, Delivery, Kind, classify
+from relay.delivery import (
+    BACKENDS,
+    DEFAULT_RETRY_AFTER_S,
+    MAX_BATCH,
+    Answer,
+    Delivery,
+    GeventHttpBackend,
+    Kind,
+    Urllib3Backend,
+    classify,
+)
 from relay.message import Notification, parse
 from relay.pusher_server import LocalPusher
 
@@ -83,9 +98,9 @@ def note(text: str) -> Notification:
     return parse(text.encode(), "hit")
 
 
-@pytest.fixture(params=["urllib3", "requests"])
+@pytest.fixture(params=sorted(BACKENDS))
 def http_client(request: pytest.FixtureRequest) -> str:
-    """Every delivery test runs over both transports."""
+    """Every delivery test runs over every transport."""
     return request.param
 
 
@@ -335,3 +350,120 @@ def test_calls_follow_the_order_of_the_notes(pusher: LocalPusher, delivery: Deli
     assert [(e["channel"], json.loads(e["data"])["n"]) for e in events] == [
         ("a", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 3)]
     assert paths(pusher) == ["events", "events", "batch_events"]
+
+
+# -- geventhttpclient: settings read once, like the other transports ---------------------------
+
+
+def https_target() -> PusherTarget:
+    return parse_pusher_url("https://k:s@api-eu.pusher.com/apps/1", 5.0)
+
+
+def test_geventhttpclient_reads_proxy_and_ca_bundle_and_verifies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:p%40ss@127.0.0.1:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    d = Delivery(https_target(), pool_size=7, http_client="geventhttpclient")
+    try:
+        backend = d.client.http
+        assert isinstance(backend, GeventHttpBackend)
+        pool = backend.http._connection_pool
+        assert (pool._connection_host, pool._connection_port) == ("127.0.0.1", 3128)
+        assert (pool._request_host, pool._request_port) == ("api-eu.pusher.com", 443)
+        assert pool.size == 7  # one keep-alive connection per greenlet
+        assert pool.ssl_options["ca_certs"] == certifi.where()
+        assert pool.ssl_context.verify_mode == ssl.CERT_REQUIRED
+        assert pool.ssl_context.check_hostname
+    finally:
+        d.close()
+
+
+def test_geventhttpclient_ignores_the_proxy_for_no_proxy_hosts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", "pusher.com")
+    d = Delivery(https_target(), pool_size=2, http_client="geventhttpclient")
+    try:
+        assert d.client.http.http._connection_pool._connection_host == "api-eu.pusher.com"
+    finally:
+        d.close()
+
+
+def test_geventhttpclient_falls_back_to_urllib3_for_an_https_proxy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "https://proxy.example:3128")
+    d = Delivery(https_target(), pool_size=2, http_client="geventhttpclient")
+    try:
+        assert isinstance(d.client.http, Urllib3Backend)
+    finally:
+        d.close()
+
+
+class ForwardProxy:
+    """A minimal HTTP forward proxy: takes absolute-URI requests (what clients send to a
+    proxy for an http:// target), forwards them in origin form, and counts them."""
+
+    def __init__(self) -> None:
+        self.forwarded: list[str] = []
+        self.server = StreamServer(("127.0.0.1", 0), self.handle)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def handle(self, client: socket.socket, _address: object) -> None:
+        upstream: socket.socket | None = None
+        with client, client.makefile("rb") as reader:
+            while True:
+                line = reader.readline()
+                if not line:
+                    break
+                method, target, version = line.decode("latin-1").split()
+                head, length = [], 0
+                while (header := reader.readline()) not in (b"\r\n", b""):
+                    head.append(header)
+                    name, _, value = header.decode("latin-1").partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                body = reader.read(length)
+                url = urlsplit(target)
+                self.forwarded.append(f"{method} {url.scheme}://{url.netloc}")
+                if upstream is None:
+                    upstream = socket.create_connection((url.hostname, url.port))
+                path = url.path + (f"?{url.query}" if url.query else "")
+                upstream.sendall(f"{method} {path} {version}\r\n".encode("latin-1")
+                                 + b"".join(head) + b"\r\n" + body)
+                client.sendall(read_answer(upstream))
+        if upstream is not None:
+            upstream.close()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP answer with a Content-Length (what the local server sends)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest
+
+
+def test_delivery_goes_through_an_http_proxy(pusher: LocalPusher, target: PusherTarget,
+                                             http_client: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = ForwardProxy()
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "")
+    d = Delivery(target, pool_size=2, http_client=http_client)
+    try:
+        assert d.send([note('{"channel":"a"}'), note('{"channel":"b"}')]) == [None, None]
+        assert d.send([note('{"channel":"c"}')]) == [None]
+    finally:
+        d.close()
+        proxy.stop()
+    assert [e["channel"] for e in pusher.wait_for_events(3)] == ["a", "b", "c"]
+    assert proxy.forwarded == [f"POST http://{target.host}:{target.port}"] * 2

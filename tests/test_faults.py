@@ -15,12 +15,19 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from relay.delivery import BACKENDS
 from relay.redis_server import RedisServer
 from tests.support import dead as _dead
 from tests.support import delivered as _delivered
 from tests.support import inflight as _inflight
 from tests.support import pending, wait_for, wait_settled
 from tests.support import push as _push
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def worker_env(worker_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str, str]:
+    """Every fault test runs over every transport (PUSHER_HTTP_CLIENT)."""
+    return {**worker_env, "PUSHER_HTTP_CLIENT": request.param}
 
 
 def _all_delivered(pusher, count, timeout=60.0) -> Counter:

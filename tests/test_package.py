@@ -56,6 +56,11 @@ def test_lock_pins_every_listed_requirement_with_hashes(lock: str) -> None:
     assert text.count("--hash=sha256:") >= len(pins)
 
 
+# What the Python 2.7-readable modules (relay/redis_url.py...) import when Python 3's name
+# is missing: the standard library there, not a package to declare.
+PYTHON2_STDLIB = frozenset({"urlparse", "urllib2", "httplib", "Queue"})
+
+
 def _third_party_imports() -> set[str]:
     """Top-level modules that relay's own code imports, outside the standard library."""
     found = set()
@@ -65,8 +70,8 @@ def _third_party_imports() -> set[str]:
                 found.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-    return {name for name in found
-            if name not in sys.stdlib_module_names and name not in ("relay", "__future__")}
+    return {name for name in found if name not in sys.stdlib_module_names
+            and name not in ("relay", "__future__") and name not in PYTHON2_STDLIB}
 
 
 def test_every_imported_package_is_declared() -> None:
@@ -155,3 +160,33 @@ def test_installed_relay_delivers_and_administers(
     where = subprocess.run([str(installed / "python"), "-c", "import relay; print(relay.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert where.stdout.startswith(str(installed.parent)), where.stdout
+
+
+def test_installed_relay_burst_drains_and_exits_0(
+        installed: Path, tmp_path: Path, relay_env: dict[str, str],
+        pusher_server: LocalPusher, redis_server: RedisServer) -> None:
+    """`relay --burst` from a fresh venv: what is queued goes out, then it exits 0 by itself."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete("package-test")
+    client.rpush("package-test", *[json.dumps({"channel": "burst", "n": n}) for n in range(25)])
+    try:
+        done = run_relay(installed, tmp_path, "--burst", env=relay_env)
+        assert done.returncode == 0, done.stderr
+        assert sorted(json.loads(e["data"])["n"] for e in pusher_server.events()) == list(
+            range(25))
+        assert client.llen("package-test") == 0
+    finally:
+        client.close()
+
+
+def test_installed_package_ships_the_dashboard_files(installed: Path, tmp_path: Path) -> None:
+    """The page's JavaScript and CSS are package data: an install without them has a page
+    that cannot draw."""
+    listed = subprocess.run(
+        [str(installed / "python"), "-c",
+         "import importlib.resources as r, json; print(json.dumps([p.name for p in "
+         "r.files('relay.dashboard').joinpath('static').iterdir()]))"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    shipped = set(json.loads(listed.stdout))
+    assert {p.name for p in (ROOT / "relay" / "dashboard" / "static").iterdir()} <= shipped

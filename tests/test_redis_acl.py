@@ -20,14 +20,18 @@ from tests.support import ROOT, wait_for
 WORKER_PW, PRODUCER_PW = "w0rker-secret", "pr0ducer-secret"
 
 
-def readme_rules(queue: str) -> dict[str, list[str]]:
-    """The `ACL SETUSER relay-...` lines of the README, for this queue, as arguments."""
+def readme_rules(queue: str, cluster: bool = False) -> dict[str, list[str]]:
+    """The `ACL SETUSER relay-...` lines of the README (those for a cluster, or the others),
+    for this queue, as arguments."""
     text = (ROOT / "README.md").read_text()
     rules = {}
     for line in re.findall(r"^ACL SETUSER relay-\S+ .*$", text, re.MULTILINE):
+        if ("+cluster|slots" in line) != cluster:
+            continue
         line = line.replace("WORKER_PASSWORD", WORKER_PW).replace("PRODUCER_PASSWORD",
                                                                   PRODUCER_PW)
-        words = [re.sub(r"^~notifications", "~" + queue, w) for w in line.split()]
+        words = [w.replace("notifications", queue) if w.startswith("~") else w
+                 for w in line.split()]
         rules[words[2]] = words[3:]
     assert set(rules) == {"relay-worker", "relay-producer"}, rules
     return rules

@@ -19,6 +19,7 @@ from relay import producer
 from relay.connect import redis_client
 from relay.queue import Keys, RedisQueue
 from tests.support import ROOT, wait_for
+from tests.test_redis_acl import PRODUCER_PW, WORKER_PW, readme_rules
 from tests.topology import ClusterSet, require
 
 
@@ -167,3 +168,29 @@ def test_the_queue_slot_migrating_mid_drain_loses_nothing(cluster, rc, pusher, s
     moved_to.close()
     assert rc.llen(queue_name) == 0 and rc.llen("{" + queue_name + "}:dead") == 0
     assert worker.alive and "unexpected error" not in worker.log(), worker.log()
+
+
+def test_the_readme_acl_users_on_the_cluster(cluster, rc, pusher, start_worker, queue_name,
+                                             monkeypatch) -> None:
+    rules = readme_rules(queue_name, cluster=True)
+    for node in cluster.nodes:
+        client = redis.Redis(port=node.port)
+        for name, args in rules.items():
+            client.execute_command("ACL", "SETUSER", name, *args)
+        client.close()
+    hosts = cluster.url.split("://", 1)[1]
+    monkeypatch.setenv("REDIS_URL", f"redis+cluster://relay-producer:{PRODUCER_PW}@{hosts}")
+    producer.notify("c", {"n": 1}, queue=queue_name)
+    url = f"redis+cluster://relay-worker:{WORKER_PW}@{hosts}"
+    worker = start_worker(REDIS_URL=url)
+    wait_for(lambda: len(pusher.events()) == 1, timeout=30, what="delivery as the ACL user")
+    stats = _admin(url, queue_name, "stats", "--json")
+    assert stats.returncode == 0 and json.loads(stats.stdout)["totals"]["delivered"] == 1, \
+        stats.stdout + stats.stderr
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert "NoPermission" not in worker.log() and WORKER_PW not in worker.log()
+    for node in cluster.nodes:
+        client = redis.Redis(port=node.port)
+        client.execute_command("ACL", "DELUSER", *rules)
+        client.close()

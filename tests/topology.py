@@ -147,6 +147,14 @@ class SentinelSet:
         self.dir = tempfile.mkdtemp(prefix="relay-sentinel-")
 
     def start(self) -> SentinelSet:
+        """Started and settled; on a failure part-way, everything started is stopped."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> SentinelSet:
         self.master.start()
         self.replica.start()
         for n in range(3):
@@ -214,6 +222,14 @@ class ClusterSet:
                       for _ in range(3)]
 
     def start(self) -> ClusterSet:
+        """Joined and serving every slot; on a failure part-way, the nodes are stopped."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> ClusterSet:
         for node in self.nodes:
             node.start()
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]

@@ -1,0 +1,226 @@
+"""What the page shows, read from Redis; and the dead-letter actions it may take.
+
+1. `Board.overview()`: the queue now (length, trend and ETA, retries and the next due, dead
+   letters), every registered worker (from its heartbeat info: busy greenlets, in flight,
+   gates) and the shared rate limit's use; two pipelined round trips.
+2. `Board.dead_page()`: a filtered page of dead letters, each with a stable id (a hash of its
+   exact bytes), so an action names exactly the entry the operator saw.
+3. `Board.requeue()` / `Board.purge()`: through DeadLetters.requeue / purge, which
+   remove each entry by its exact bytes: two operators at once never move one twice.
+
+No secret is ever part of an answer: only queue names, counts, and what workers publish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from relay.deadletters import DeadLetters
+from relay.history import recent_rate
+from relay.queue import RedisQueue
+
+log = logging.getLogger(__name__)
+
+DEAD_SCAN_MAX = 10000  # dead letters read per page or action; the page says when it stopped
+HEAD_CHARS = 160
+TREND_SPAN_S = 10.0  # queue-length samples this far apart give growing/draining
+ERROR_CLASSES = ("invalid", "rejected", "exhausted")
+
+
+@dataclass(frozen=True)
+class DeadFilter:
+    """Which dead letters an operator means: a reason class and/or text in payload or error."""
+
+    text: str = ""
+    error_class: str = ""
+
+    def matches(self, entry: dict[str, Any]) -> bool:
+        if self.error_class and entry.get("error_class") != self.error_class:
+            return False
+        if not self.text:
+            return True
+        needle = self.text.lower()
+        return needle in str(entry.get("payload", "")).lower() or \
+            needle in str(entry.get("error", "")).lower()
+
+
+def entry_id(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:20]
+
+
+def parse_entry(raw: bytes) -> dict[str, Any]:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return {"payload": raw.decode("utf-8", errors="replace"), "error": "not relay's JSON"}
+    return entry if isinstance(entry, dict) else {"payload": str(entry), "error": "?"}
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+class Board:
+    """The dashboard's view of one queue; keeps a few queue-length samples for the trend."""
+
+    def __init__(self, queue: RedisQueue) -> None:
+        self.queue = queue
+        self.keys = queue.keys
+        self.dead = DeadLetters(queue.client, queue.keys)
+        self._lengths: deque[tuple[float, int]] = deque(maxlen=64)
+
+    # -- overview ------------------------------------------------------------------------------
+
+    def overview(self) -> dict[str, Any]:
+        k, client = self.keys, self.queue.client
+        now = self.queue.now()  # Redis's clock, on the queue's node
+        pipe = client.pipeline(transaction=False)
+        pipe.llen(k.queue)
+        pipe.zcard(k.retry)
+        pipe.zrange(k.retry, 0, 0, withscores=True)
+        pipe.llen(k.dead)
+        pipe.zrange(k.workers, 0, -1, withscores=True)
+        pipe.hgetall(k.info)
+        pipe.get(k.ratelimit)
+        pipe.hgetall(k.stats)
+        length, retry, first_due, dead, beats, infos, tat, stats = pipe.execute()
+        outflow = recent_rate(client, k, now)
+        workers = [self._worker(wid.decode(), deadline, infos.get(wid), now)
+                   for wid, deadline in beats]
+        return {
+            "queue": k.queue, "now": now,
+            "length": int(length), "trend": self._trend(now, int(length), outflow),
+            "outflow_per_s": round(outflow, 2),
+            "retry": {"scheduled": int(retry),
+                      "next_due_in_s": round(first_due[0][1] - now, 1) if first_due else None},
+            "dead": int(dead),
+            "inflight": sum(w["inflight"] for w in workers),
+            "workers": workers,
+            "gates": self._gates(workers, tat, now),
+            "totals": {key.decode(): int(v) for key, v in stats.items()},
+        }
+
+    def _trend(self, now: float, length: int, outflow: float) -> dict[str, Any]:
+        """growing / draining / steady / empty, the net change per second and the ETA."""
+        self._lengths.append((now, length))
+        old = next((s for s in reversed(self._lengths) if now - s[0] >= TREND_SPAN_S),
+                   self._lengths[0])
+        change = (length - old[1]) / (now - old[0]) if now > old[0] else 0.0
+        if length == 0:
+            state, eta = "empty", None
+        elif change < 0:
+            state, eta = "draining", length / -change
+        elif change > 0:
+            state, eta = "growing", None
+        else:  # no change seen yet: the outflow alone gives an estimate
+            state, eta = "steady", (length / outflow if outflow > 0 else None)
+        return {"state": state, "change_per_s": round(change, 2),
+                "eta_s": round(eta, 1) if eta is not None else None}
+
+    def _worker(self, wid: str, deadline: float, raw: bytes | None, now: float
+                ) -> dict[str, Any]:
+        try:
+            info = json.loads(raw) if raw else {}
+        except ValueError:
+            info = {}
+        ttl = _num(info.get("ttl"), 10.0)
+        age = now - (deadline - ttl)
+        return {
+            "id": wid, "host": info.get("host"), "pid": info.get("pid"),
+            "started_at": info.get("started_at"), "heartbeat_age_s": round(age, 1),
+            # Heartbeats come every ttl/4: two missed ones make it late, the deadline dead.
+            "late": age > ttl / 2, "expired": deadline < now,
+            "slots": int(_num(info.get("slots"))), "busy": int(_num(info.get("busy"))),
+            "inflight": int(_num(info.get("inflight"))),
+            "circuit": info.get("circuit") or {"open": False},
+            "paused_for_s": _num(info.get("paused_for_s")),
+            "rate_limit": info.get("rate_limit") or {},
+            "shedding": info.get("shedding") or {},
+        }
+
+    @staticmethod
+    def _gates(workers: list[dict[str, Any]], tat: bytes | None, now: float) -> dict[str, Any]:
+        """The gates in front of Pusher, over every live worker."""
+        live = [w for w in workers if not w["expired"]]
+        opened = [{"worker": w["id"], "reason": w["circuit"].get("reason"),
+                   "next_probe_in_s": w["circuit"].get("next_probe_in_s")}
+                  for w in live if w["circuit"].get("open")]
+        paused = max((w["paused_for_s"] for w in live), default=0.0)
+        rate = max((_num(w["rate_limit"].get("per_s")) for w in live), default=0.0)
+        burst = max((_num(w["rate_limit"].get("burst")) for w in live), default=0.0)
+        ahead = max(0.0, _num(tat) - now) if tat else 0.0
+        shedding = {policy: any(w["shedding"].get(policy, {}).get("active") for w in live)
+                    for policy in ("backlog", "max_age")}
+        return {"circuit": {"open": bool(opened), "open_in": opened},
+                "paused_for_s": round(paused, 1),
+                "rate_limit": {"per_s": rate, "burst": burst,
+                               "in_use": round(min(burst, ahead * rate), 1) if rate else 0.0},
+                "shedding": shedding}
+
+    # -- dead letters ---------------------------------------------------------------------------
+
+    def _dead_scan(self, start: int = 0, stop: int = DEAD_SCAN_MAX - 1
+                   ) -> tuple[list[bytes], int]:
+        pipe = self.queue.client.pipeline(transaction=False)
+        pipe.lrange(self.keys.dead, start, stop)
+        pipe.llen(self.keys.dead)
+        raws, total = pipe.execute()
+        return list(raws), int(total)
+
+    def dead_page(self, wanted: DeadFilter, offset: int, limit: int) -> dict[str, Any]:
+        if not wanted.text and not wanted.error_class:  # unfiltered: read just the page
+            raws, total = self._dead_scan(offset, offset + limit - 1)
+            rows = [(raw, parse_entry(raw)) for raw in raws]
+            matched, scanned = total, total
+        else:
+            raws, total = self._dead_scan()
+            rows = [(raw, entry) for raw in raws if wanted.matches(entry := parse_entry(raw))]
+            matched, scanned = len(rows), len(raws)
+            rows = rows[offset:offset + limit]
+        now = time.time()
+        page = []
+        for raw, entry in rows:
+            payload = str(entry.get("payload", ""))
+            failed_at = _num(entry.get("failed_at"), now)
+            page.append({"id": entry_id(raw), "error_class": entry.get("error_class"),
+                         "error": str(entry.get("error", "")), "attempts": entry.get("attempts"),
+                         "failed_at": failed_at, "age_s": round(now - failed_at, 1),
+                         "head": payload[:HEAD_CHARS], "size": len(payload)})
+        return {"total": total, "matched": matched, "offset": offset, "limit": limit,
+                "scanned": scanned, "entries": page}
+
+    def dead_entry(self, ident: str) -> dict[str, Any] | None:
+        for raw in self._dead_scan()[0]:
+            if entry_id(raw) == ident:
+                return {"id": ident, **parse_entry(raw)}
+        return None
+
+    def requeue_one(self, ident: str) -> int:
+        chosen = [raw for raw in self._dead_scan()[0] if entry_id(raw) == ident][:1]
+        return self.dead.requeue(chosen)
+
+    def requeue(self, wanted: DeadFilter) -> int:
+        chosen = [raw for raw in self._dead_scan()[0] if wanted.matches(parse_entry(raw))]
+        moved = self.dead.requeue(chosen)
+        log.info("dashboard: requeued %d dead letter(s) (filter %s)", moved, wanted)
+        return moved
+
+    def purge(self, wanted: DeadFilter, older_than_s: float) -> int:
+        cutoff = time.time() - older_than_s
+        chosen = []
+        for raw in self._dead_scan()[0]:
+            entry = parse_entry(raw)
+            if wanted.matches(entry) and _num(entry.get("failed_at")) < cutoff:
+                chosen.append(raw)
+        purged = self.dead.purge(chosen)
+        log.info("dashboard: purged %d dead letter(s) older than %.0f s", purged, older_than_s)
+        return purged
