@@ -4,10 +4,11 @@ Greenlets send concurrently, so without a rule a batch taken later can reach Pus
 a subscriber sees "shipped" before "packed". The rule, and why it cannot deadlock:
 
 1. **Tickets in taking order.** A greenlet fetches, parses and takes its ticket inside
-   `OrderBook.taking()`, one greenlet at a time, so tickets are handed out in exactly the
-   order Redis handed out the items (each greenlet takes a contiguous run of the queue).
-   The lock is needed because the replies of concurrent fetches wake their greenlets in an
-   order that has nothing to do with the order Redis served them.
+   `OrderBook.taking()`, one greenlet at a time and in the order they asked (a fair lock),
+   so tickets are handed out in exactly the order Redis handed out the items (each greenlet
+   takes a contiguous run of the queue). The lock is needed because the replies of
+   concurrent fetches wake their greenlets in an order that has nothing to do with the
+   order Redis served them. Only one blocking pop per process is then pending at a time.
 2. **Per channel, waiting points backwards.** A ticket remembers, for each of its channels,
    the ticket taken last on that channel before it, and becomes the last one itself. A
    notification is sent once, on each of its channels, every earlier ticket has released
@@ -15,9 +16,9 @@ a subscriber sees "shipped" before "packed". The rule, and why it cannot deadloc
    cycle: the oldest ticket never waits.
 3. **Channels are released one by one.** `send_in_turn` sends, in one call, every
    notification of the batch whose channels are free (keeping the batch's own order per
-   channel), releases each channel that has nothing left in the batch, and waits for the
-   rest. So a batch held up on one channel does not hold up its other channels, and no chain
-   of waiting batches forms across channels.
+   channel), releases each channel that has nothing left in the batch, then waits for the
+   rest and sends it in a second call. So a batch held up on one channel does not hold up
+   its other channels, and long chains of waiting batches do not form across channels.
 4. **Released whatever happens.** Sent, failed, dead-lettered, put back, or its greenlet
    killed at shutdown: the ticket is released in a `finally`. A notification that failed
    goes to the retry set and its channel moves on (no head-of-line blocking); it comes back
