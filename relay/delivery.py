@@ -51,6 +51,7 @@ from pusher.pusher_client import PusherClient
 from pusher.util import validate_channel, validate_socket_id
 from requests.adapters import HTTPAdapter
 
+from relay import explain
 from relay.config import PusherTarget
 from relay.message import Notification
 
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 10  # Pusher's batch_events limit
 DEFAULT_RETRY_AFTER_S = 1.0
 PERMANENT_STATUSES = frozenset({400, 413, 422})  # 422: Laravel Reverb's validation failure
+PROBE_TIMEOUT_S = 1.0  # the once-per-outage look at what listens at the Pusher port
 TIMESTAMP_EXPIRED = "timestamp expired"  # Pusher's 401 body when the clocks disagree > 600 s
 # sockudo's error codes are names (crates/sockudo-server/src/http_handler/errors.rs)
 NAMED_CODES = {
@@ -299,7 +301,8 @@ class Delivery:
     def __init__(self, target: PusherTarget, pool_size: int,
                  on_call: Callable[[int | None, float], None] | None = None,
                  http_client: str = "geventhttpclient") -> None:
-        """on_call(status or None for a network error, seconds) observes every HTTP call."""
+        """on_call(status, seconds) observes every HTTP call: the status of the outcome acted
+        on (an error inside a 200 counts as its code), None for a network error."""
         self.on_call = on_call
         # PusherClient is the part of pusher.Pusher that triggers (Pusher would also build
         # an authentication client, with a second connection pool we never use).
@@ -309,6 +312,7 @@ class Delivery:
             encryption_master_key_base64=target.encryption_master_key_base64,
             backend=BACKENDS[http_client], pool_size=pool_size)
         self.master_key = parse_master_key(None, target.encryption_master_key_base64)
+        self.network_down = False  # a network failure since the last success: probed once
         self.clock_skew_s: float | None = None
         """Server clock minus ours, set by a timestamp-expired 401 (nan: no Date header),
         None again after a success: what /healthz reports."""
@@ -385,16 +389,35 @@ class Delivery:
             answer = send()
         except NETWORK_ERRORS as exc:
             self._observe(None, started)
-            return Failure(Kind.TRANSIENT, f"network: {type(exc).__name__}")
+            return Failure(Kind.TRANSIENT, self._network_failure(exc))
         except (ValueError, TypeError) as exc:  # the library's own validation
             return Failure(Kind.PERMANENT, f"refused by the pusher library: {exc}"[:300])
-        self._observe(answer.status, started)
         failure = classify(answer)
+        # Counted by the outcome acted on: an error inside a 200 (soketi) is that error.
+        self._observe(answer.status if failure is None or failure.status is None
+                      else failure.status, started)
         if failure is None:
             self.clock_skew_s = None
+            self.network_down = False
         elif failure.reason.startswith("clock skew"):
             self._clock_skew(answer.date)
         return failure
+
+    def _network_failure(self, exc: BaseException) -> str:
+        """The reason naming host:port and the cause; the first failure after a success is
+        logged, and the server is probed once for the PUSHER_SSL mistake (TLS spoken to a
+        plain-HTTP port, or the reverse), which otherwise looks like a timeout or a reset."""
+        host, port = self.client.host, int(self.client.port)
+        reason = explain.network_error(exc, f"{host}:{port}")
+        if not self.network_down:
+            self.network_down = True
+            log.warning("Pusher call failed: %s", reason)
+            if explain.may_be_scheme_mismatch(exc):
+                found = explain.probe(host, port, min(PROBE_TIMEOUT_S, self.client.timeout))
+                hint = explain.tls_hint(self.client.ssl, found, f"{host}:{port}")
+                if hint is not None:
+                    log.error("%s", hint)
+        return reason
 
     def _clock_skew(self, date: str | None) -> None:
         try:

@@ -125,6 +125,17 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_clean(str(exc))}"
 
 
+# Causes that rule out a PUSHER_SSL mistake: nothing listens, no such host, or the server
+# did speak TLS (it presented a certificate). Probing then would only cost a connection.
+_NOT_A_SCHEME_MISMATCH = ("connection refused", "DNS lookup failed", "TLS certificate")
+
+
+def may_be_scheme_mismatch(exc: BaseException) -> bool:
+    """Whether this failed call may be TLS spoken to a plain-HTTP port (or the reverse):
+    then, and only then, `probe` is worth its connection."""
+    return not _cause(exc).startswith(_NOT_A_SCHEME_MISMATCH)
+
+
 def network_error(exc: BaseException, where: str) -> str:
     """e.g. 'calling 127.0.0.1:6001: connection refused (nothing listening there?)'."""
     return f"calling {where}: {_cause(exc)}"

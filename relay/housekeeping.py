@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAINTENANCE_S = 0.5
 SUMMARY_S = 10.0
+LOW_COUNT = 10  # below this many in an interval, the summary says the count, not a rate
 
 
 class Episode:
@@ -125,6 +126,16 @@ class Housekeeper:
         self.metrics.circuit_open.set(1 if self.circuit_open() else 0)
 
 
+def per_interval(count: int, elapsed: float) -> str:
+    """A rate that means something at low traffic: "2 in 10 s" below LOW_COUNT (where a
+    per-second figure rounds to 0), "1,234/s" above it. Never negative: callers say the
+    direction in words."""
+    count = abs(count)
+    if count < LOW_COUNT:
+        return f"{count:,} in {elapsed:.0f} s"
+    return f"{count / elapsed:,.0f}/s"
+
+
 class Summary:
     """The periodic progress line: counts since the last line, backlog, rate and ETA."""
 
@@ -138,12 +149,13 @@ class Summary:
         self.last_at = clock()
         self.last_backlog: int | None = None
 
-    def _counts(self) -> dict[str, float]:
+    def _counts(self) -> dict[str, int]:
         m = self.metrics
-        return {"delivered": Metrics.total(m.delivered), "dead": Metrics.total(m.dead),
-                "retried": Metrics.total(m.retried), "shed": Metrics.total(m.shed),
-                "failed_calls": Metrics.total(m.calls) - Metrics.total(m.calls, status="2xx"),
-                "errors": Metrics.total(m.redis_errors)}
+        return {k: round(v) for k, v in {
+            "delivered": Metrics.total(m.delivered), "dead": Metrics.total(m.dead),
+            "retried": Metrics.total(m.retried), "shed": Metrics.total(m.shed),
+            "failed_calls": Metrics.total(m.calls) - Metrics.total(m.calls, status="2xx"),
+            "errors": Metrics.total(m.redis_errors)}.items()}
 
     def tick(self) -> None:
         m = self.metrics
@@ -156,9 +168,9 @@ class Summary:
         elapsed = max(now - self.last_at, 1e-6)
         backlog = lengths["queue"]
         if any(delta.values()) or backlog or self.inflight():
-            log.info("delivered %d (%.0f/s), dead-lettered %d, retried %d, shed %d, "
+            log.info("delivered %d (%s), dead-lettered %d, retried %d, shed %d, "
                      "failed Pusher calls %d, redis errors %d; %s", delta["delivered"],
-                     delta["delivered"] / elapsed, delta["dead"], delta["retried"],
+                     per_interval(delta["delivered"], elapsed), delta["dead"], delta["retried"],
                      delta["shed"], delta["failed_calls"], delta["errors"],
                      self._progress(backlog, elapsed))
         self.last, self.last_at, self.last_backlog = counts, now, backlog
@@ -166,7 +178,10 @@ class Summary:
     def _progress(self, backlog: int, elapsed: float) -> str:
         if self.last_backlog is None or backlog == 0:
             return f"backlog {backlog:,}"
-        change = (self.last_backlog - backlog) / elapsed
-        if change > 0:
-            return f"backlog {backlog:,}, draining {change:,.0f}/s, ETA {backlog / change:,.0f} s"
-        return f"backlog {backlog:,}, growing {-change:,.0f}/s"
+        change = self.last_backlog - backlog  # > 0: draining
+        if change == 0:
+            return f"backlog {backlog:,}, unchanged"
+        if change < 0:
+            return f"backlog {backlog:,}, growing {per_interval(change, elapsed)}"
+        text = f"backlog {backlog:,}, draining {per_interval(change, elapsed)}"
+        return f"{text}, ETA {backlog * elapsed / change:,.0f} s"

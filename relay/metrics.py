@@ -56,8 +56,10 @@ class Metrics:
         Info("relay_build", "relay version", registry=r).info({"version": __version__})
 
     def observe_call(self, status: int | None, seconds: float) -> None:
-        """Delivery's on_call hook: one count by status class and one latency sample."""
-        self.calls.labels("error" if status is None else f"{status // 100}xx").inc()
+        """Delivery's on_call hook: one count by the outcome relay acted on (the status class
+        of the code it read, so an error inside a 200 is a 4xx; "network" when no answer came)
+        and one latency sample."""
+        self.calls.labels("network" if status is None else f"{status // 100}xx").inc()
         self.call_seconds.observe(seconds)
 
     @staticmethod

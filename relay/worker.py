@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -109,10 +110,14 @@ class Worker:
         """Serve until asked to stop (or, in burst mode, until drained); the exit status."""
         gevent.signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self.stop, "SIGINT")
+        # The effective configuration first: if Redis does not answer, the operator sees
+        # what relay was told to use, then the outage line with the address and the reason.
+        log.info("worker %s starting%s: %s", self.queue.worker_id,
+                 " (burst: exits once drained)" if self.burst else "", self.config.describe())
         if not self._register():
             return 0
-        log.info("worker %s started%s: %s", self.queue.worker_id,
-                 " (burst: exits once drained)" if self.burst else "", self.config.describe())
+        log.info("worker %s started: registered in Redis, %d greenlets serving",
+                 self.queue.worker_id, self.config.pool_size)
         for slot in range(self.config.pool_size):
             lease = Lease(self.queue, slot, self.redis_outage, self.metrics.redis_errors.inc,
                           tally=self.tally)
@@ -194,9 +199,18 @@ class Worker:
         circuit = self.circuit
         if circuit.is_open:
             problems.append("circuit")
+        skew = self.delivery.clock_skew_s
+        if skew is not None:  # a timestamp-expired 401 since the last success
+            problems.append("clock skew: server clock offset unknown (no Date header)"
+                            if math.isnan(skew) else
+                            f"clock skew: server clock off by {skew:+.0f} s")
+        # The same counters as /metrics and the summary line: an error inside a 200 is failed.
+        calls = Metrics.total(self.metrics.calls)
         return problems, {
             "worker": self.queue.worker_id, "redis": redis_state,
             "circuit": f"open: {circuit.reason}" if circuit.is_open else "closed",
+            "pusher_calls": {"total": int(calls), "failed": int(
+                calls - Metrics.total(self.metrics.calls, status="2xx"))},
             "inflight": self.inflight, "stopping": self.stopping.is_set()}
 
     # -- the greenlets ------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def test_refused_names_the_address_and_says_refused(call: object) -> None:
     exc = call(f"http://127.0.0.1:{port}/apps/1/events")  # type: ignore[operator]
     line = explain.network_error(exc, f"127.0.0.1:{port}")
     assert line == f"calling 127.0.0.1:{port}: connection refused (nothing listening there?)"
+    assert not explain.may_be_scheme_mismatch(exc)  # nothing listens: no probe
 
 
 @pytest.mark.parametrize("call", [_urllib3_error, _requests_error])
@@ -97,6 +98,7 @@ def test_tls_client_against_plain_http_fails_the_handshake(call: object, plain_h
                                                           ) -> None:
     exc = call(f"https://127.0.0.1:{plain_http}/apps/1/events")  # type: ignore[operator]
     assert "TLS handshake failed" in explain.network_error(exc, "x")
+    assert explain.may_be_scheme_mismatch(exc)
 
 
 def test_probe_tells_plain_http_from_tls_from_nothing(plain_http: int, tls_http: int,
@@ -121,18 +123,21 @@ def test_untrusted_certificate_says_so(tls_http: int) -> None:
     exc = _urllib3_error(f"https://127.0.0.1:{tls_http}/", cert_reqs="CERT_REQUIRED",
                          ca_certs=ssl.get_default_verify_paths().cafile)
     assert "TLS certificate not trusted" in explain.network_error(exc, "x")
+    assert not explain.may_be_scheme_mismatch(exc)  # the server did speak TLS
 
 
 @pytest.mark.parametrize("call", [_urllib3_error, _requests_error])
 def test_silent_server_is_a_read_timeout(call: object, silent: int) -> None:
     exc = call(f"http://127.0.0.1:{silent}/")  # type: ignore[operator]
     assert explain.network_error(exc, "h:1") == "calling h:1: timed out waiting for the answer"
+    assert explain.may_be_scheme_mismatch(exc)  # how soketi meets a TLS client
 
 
 def test_dns_failure_is_named() -> None:
     exc = urllib3.exceptions.NameResolutionError("nohost.invalid", None,  # type: ignore[arg-type]
                                                  socket.gaierror(-2, "Name or service not known"))
     assert "DNS lookup failed" in explain.network_error(exc, "nohost.invalid:443")
+    assert not explain.may_be_scheme_mismatch(exc)
 
 
 def test_redis_error_names_address_and_reason_without_secret() -> None:

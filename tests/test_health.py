@@ -155,7 +155,7 @@ def test_summary_line_counts_this_interval(caplog):
     metrics.delivered.inc(30)
     metrics.calls.labels("2xx").inc(3)
     metrics.calls.labels("5xx").inc(2)
-    metrics.calls.labels("error").inc(1)
+    metrics.calls.labels("network").inc(1)
     with caplog.at_level("INFO", logger="relay.housekeeping"):
         summary.tick()
         summary.tick()  # nothing new: no second line
