@@ -71,7 +71,8 @@ def redis_client(url: str, max_connections: int, wait: bool = True) -> Client:
 
 def _sentinel_client(spec: redis_url.RedisSpec, max_connections: int) -> redis.Redis:
     sentinels = redis_url.sentinel_for(spec, {"socket_timeout": SENTINEL_TIMEOUT_S,
-                                              "socket_connect_timeout": SENTINEL_TIMEOUT_S})
+                                              "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+                                              "retry": Retry(NoBackoff(), 0)})
     return sentinels.master_for(
         spec.service, connection_pool_class=BlockingSentinelPool, db=spec.db,
         max_connections=max_connections, timeout=None, retry=Retry(NoBackoff(), 0),

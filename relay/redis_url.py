@@ -244,14 +244,17 @@ def plain_client(url, **kwargs):
 
 
 def sentinel_for(spec, kwargs):
-    """The Sentinel manager for spec; its own connections get the socket timeouts too."""
+    """The Sentinel manager for spec; its own connections get the socket timeouts too, and
+    a `retry` when given (redis-py's default retries a refused sentinel 3 times with
+    backoff, seconds per sentinel before the next one is asked)."""
     try:
         from redis.sentinel import Sentinel
     except ImportError:
         Sentinel = None
     if Sentinel is None:
         raise RedisUrlError("needs redis-py with Sentinel support (pip install -U redis)")
-    timeouts = dict((k, v) for k, v in kwargs.items() if k.startswith("socket_"))
+    timeouts = dict((k, v) for k, v in kwargs.items()
+                    if k.startswith("socket_") or k == "retry")
     return Sentinel(spec.hosts, sentinel_kwargs=_merge(spec.sentinel_kwargs(), timeouts))
 
 

@@ -4,8 +4,12 @@
    by it, and a second CA that signed nothing (the "wrong CA"), with the openssl CLI.
 2. `tls_server`: a TLS-only redis-server (`--port 0 --tls-port P`).
 3. `SentinelSet`: a master and a replica (appendonly) and three sentinels watching them,
-   tuned to fail over within a few seconds.
-4. `ClusterSet`: three masters joined with `redis-cli --cluster create`.
+   tuned to fail over within a few seconds. With `certs`, every one of them is TLS-only
+   (replication and the sentinels' own links too); with `password`, the master and the
+   replica require it of the default user and the sentinels require `sentinel_password`.
+4. `ClusterSet`: three masters joined with `redis-cli --cluster create`; with `certs`,
+   TLS-only nodes (`tls-cluster yes`: the bus and the slot map are TLS too); with
+   `replicas=1`, a replica (appendonly) for each master, which takes over when it dies.
 
 Each needs redis-server (and redis-cli, openssl); `require` skips a test with the reason
 when the machine lacks one.
@@ -107,6 +111,44 @@ def _tls_answers(port: int, certs: Certs) -> bool:
         return False
 
 
+def _tls_replies(port: int, certs: Certs) -> bool:
+    """A TLS handshake and any reply to PING (a server requiring a password says NOAUTH)."""
+    context = ssl.create_default_context(cafile=certs.ca)
+    context.load_cert_chain(certs.client_cert, certs.client_key)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16)[:1] in (b"+", b"-")
+    except OSError:
+        return False
+
+
+def tls_args(certs: Certs, port: int) -> list[str]:
+    """TLS only on port, outgoing links (replication, sentinels) over TLS too."""
+    return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", certs.server_cert,
+            "--tls-key-file", certs.server_key, "--tls-ca-cert-file", certs.ca,
+            "--tls-auth-clients", "no", "--tls-replication", "yes"]
+
+
+def _server(certs: Certs | None, extra: list[str], appendonly: bool = False,
+            conf: str | None = None) -> RedisServer:
+    """A plain server, or a TLS-only one on a port of its own when certs are given."""
+    if certs is None:
+        return RedisServer(appendonly=appendonly, extra=extra, conf=conf)
+    port = free_port()
+    return RedisServer(port=port, appendonly=appendonly, conf=conf, plain_port=False,
+                       extra=[*tls_args(certs, port), *extra],
+                       ready=lambda: _tls_replies(port, certs))
+
+
+def admin_client(port: int, certs: Certs | None = None, password: str | None = None,
+                 **kwargs: object) -> redis.Redis:
+    """The test's own client to one server of a deployment (TLS and password as it has)."""
+    tls = {} if certs is None else {"ssl": True, "ssl_ca_certs": certs.ca}
+    return redis.Redis(host="127.0.0.1", port=port, password=password, **tls, **kwargs)
+
+
 def tls_server(certs: Certs, auth_clients: bool) -> RedisServer:
     """Started; skips the test when this redis-server was built without TLS."""
     port = free_port()
@@ -139,10 +181,17 @@ FAILOVER_TIMEOUT_MS = 4000
 class SentinelSet:
     """A master, a replica and three sentinels; `kill_master` is the crash to survive."""
 
-    def __init__(self) -> None:
-        self.master = RedisServer(appendonly=True)
-        self.replica = RedisServer(appendonly=True, extra=[
-            "--replicaof", "127.0.0.1", str(self.master.port)])
+    def __init__(self, certs: Certs | None = None, password: str | None = None,
+                 sentinel_password: str | None = None) -> None:
+        if certs is not None and not tls_supported(find_binary()):
+            pytest.skip(f"{find_binary()} has no TLS support (built without BUILD_TLS)")
+        self.certs = certs
+        self.password = password
+        self.sentinel_password = sentinel_password
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
+        self.master = _server(certs, auth, appendonly=True)
+        self.replica = _server(certs, [*auth, "--replicaof", "127.0.0.1",
+                                       str(self.master.port)], appendonly=True)
         self.sentinels: list[RedisServer] = []
         self.dir = tempfile.mkdtemp(prefix="relay-sentinel-")
 
@@ -159,24 +208,39 @@ class SentinelSet:
         self.replica.start()
         for n in range(3):
             conf = os.path.join(self.dir, f"sentinel{n}.conf")
-            Path(conf).write_text(
-                f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n")
-            sentinel = RedisServer(conf=conf, extra=["--sentinel"])
+            lines = [f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2",
+                     f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
+                     f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
+                     f"sentinel parallel-syncs {SERVICE} 1"]
+            if self.password:
+                lines.append(f"sentinel auth-pass {SERVICE} {self.password}")
+            if self.sentinel_password:  # asked of clients, and of each other
+                lines += [f"requirepass {self.sentinel_password}",
+                          f"sentinel sentinel-pass {self.sentinel_password}"]
+            Path(conf).write_text("\n".join(lines) + "\n")
+            sentinel = _server(self.certs, ["--sentinel"], conf=conf)
             self.sentinels.append(sentinel.start())
         wait_for(self._replica_synced, timeout=20, what="the replica to sync")
         wait_for(lambda: all(self._sentinel_sees_replica(s) for s in self.sentinels),
                  timeout=20, what="the sentinels to find the replica and each other")
         return self
 
+    def node(self, server: RedisServer, **kwargs: object) -> redis.Redis:
+        """The test's own client to the master or the replica (as the default user)."""
+        return admin_client(server.port, self.certs, self.password, **kwargs)
+
+    def _sentinel(self, server: RedisServer) -> redis.Redis:
+        return admin_client(server.port, self.certs, self.sentinel_password)
+
     def _replica_synced(self) -> bool:
-        info = redis.Redis(port=self.replica.port).info("replication")
-        return info.get("master_link_status") == "up"
+        client = self.node(self.replica)
+        try:
+            return client.info("replication").get("master_link_status") == "up"
+        finally:
+            client.close()
 
     def _sentinel_sees_replica(self, sentinel: RedisServer) -> bool:
-        client = redis.Redis(port=sentinel.port)
+        client = self._sentinel(sentinel)
         try:
             master = client.sentinel_master(SERVICE)
             return int(master.get("num-slaves", 0)) >= 1 and \
@@ -187,14 +251,28 @@ class SentinelSet:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+        scheme = "redis+sentinel" if self.certs is None else "rediss+sentinel"
+        query = "" if self.certs is None else f"?ssl_ca_certs={self.certs.ca}"
+        return f"{scheme}://{hosts}/{SERVICE}/0{query}"
 
     def master_port(self) -> int:
-        client = redis.Redis(port=self.sentinels[0].port)
+        client = self._sentinel(self.sentinels[0])
         try:
             return int(client.sentinel_get_master_addr_by_name(SERVICE)[1])
         finally:
             client.close()
+
+    def replicated(self) -> bool:
+        """The replica has every write the master took (its acknowledged offset is the
+        master's). `WAIT` would not say it: it counts only the asking connection's writes."""
+        master = self.node(self.master)
+        try:
+            info = master.info("replication")
+        finally:
+            master.close()
+        replica = info.get("slave0")
+        return isinstance(replica, dict) and \
+            int(replica["offset"]) == int(info["master_repl_offset"])
 
     def kill_master(self) -> None:
         self.master.kill()
@@ -212,14 +290,20 @@ class SentinelSet:
 
 
 class ClusterSet:
-    """Three masters, no replicas: every slot served, joined by redis-cli."""
+    """Three masters (and `replicas` replicas each): every slot served, joined by redis-cli."""
 
-    def __init__(self) -> None:
+    def __init__(self, certs: Certs | None = None, replicas: int = 0) -> None:
+        if certs is not None and not tls_supported(find_binary()):
+            pytest.skip(f"{find_binary()} has no TLS support (built without BUILD_TLS)")
+        self.certs = certs
+        self.replicas = replicas
         # The bus port is given too: by default it is port + 10000, maybe taken or > 65535.
-        self.nodes = [RedisServer(extra=["--cluster-enabled", "yes", "--cluster-config-file",
-                                         "nodes.conf", "--cluster-node-timeout", "2000",
-                                         "--cluster-port", str(free_port())])
-                      for _ in range(3)]
+        tls = [] if certs is None else ["--tls-cluster", "yes"]
+        self.nodes = [_server(certs, ["--cluster-enabled", "yes", "--cluster-config-file",
+                                      "nodes.conf", "--cluster-node-timeout", "2000",
+                                      "--cluster-port", str(free_port()), *tls],
+                              appendonly=replicas > 0)
+                      for _ in range(3 * (1 + replicas))]
 
     def start(self) -> ClusterSet:
         """Joined and serving every slot; on a failure part-way, the nodes are stopped."""
@@ -233,14 +317,36 @@ class ClusterSet:
         for node in self.nodes:
             node.start()
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
-        subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-yes"],
+        tls = [] if self.certs is None else ["--tls", "--cacert", self.certs.ca]
+        subprocess.run(["redis-cli", *tls, "--cluster", "create", *addrs, "--cluster-yes",
+                        "--cluster-replicas", str(self.replicas)],
                        check=True, capture_output=True, timeout=60)
         wait_for(self._ok, timeout=30, what="cluster_state:ok on every node")
+        if self.replicas:
+            wait_for(self._replicas_synced, timeout=30, what="every replica in sync")
         return self
+
+    def _replicas_synced(self) -> bool:
+        for node in self.nodes:
+            client = self.node(node.port)
+            try:
+                info = client.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    return False
+            finally:
+                client.close()
+        return True
+
+    def by_port(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def node(self, port: int, **kwargs: object) -> redis.Redis:
+        """The test's own plain client to one node."""
+        return admin_client(port, self.certs, **kwargs)
 
     def _ok(self) -> bool:
         for node in self.nodes:
-            client = redis.Redis(port=node.port)
+            client = self.node(node.port)
             try:
                 if client.cluster("info").get("cluster_state") != "ok":
                     return False
@@ -250,9 +356,11 @@ class ClusterSet:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+        if self.certs is None:
+            return "redis+cluster://" + hosts
+        return f"rediss+cluster://{hosts}?ssl_ca_certs={self.certs.ca}"
 
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
