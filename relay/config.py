@@ -204,6 +204,9 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds; older envelopes are dropped as stale (0 = off)"),
     Setting("RELAY_ORDER", "order", "fifo", _choice("fifo", "lifo"),
             "fifo, or lifo to deliver the newest first"),
+    Setting("RELAY_CHANNEL_ORDER", "channel_order", "true", _bool,
+            "a channel's notifications reach Pusher in the order this process took them; "
+            "false sends every batch at once (faster on a few busy channels, unordered)"),
     Setting("RELAY_METRICS_ADDR", "metrics_addr", "127.0.0.1:9300", _metrics_addr,
             "HOST:PORT for /metrics and /healthz, or off"),
     Setting("RELAY_LOG_LEVEL", "log_level", "info",
@@ -256,6 +259,7 @@ class Config:
     max_backlog: int
     max_age: float
     order: str
+    channel_order: bool
     metrics_addr: str
     log_level: str
     log_format: str

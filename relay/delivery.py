@@ -318,16 +318,30 @@ class Delivery:
         None again after a success: what /healthz reports."""
 
     def send(self, notes: Sequence[Notification]) -> list[Failure | None]:
-        """Deliver; one result per notification, in order (None = Pusher accepted it)."""
-        batchable = [n for n in notes if len(n.channels) == 1 and not n.attempts]
-        results: dict[int, Failure | None] = {}
-        if len(batchable) > 1:
-            for note, result in zip(batchable, self._batch(batchable), strict=True):
-                results[id(note)] = result
+        """Deliver in the given order; one result per notification (None = Pusher accepted it).
+
+        Consecutive one-channel notifications that are not retries share batch calls; the
+        rest go alone through /events (an envelope with several channels, and a retried
+        notification, so that a suspect never fails a whole batch). Calls follow the
+        notifications' order, so a channel's notifications leave in the order they were
+        taken (see ordering.py).
+        """
+        results: list[Failure | None] = []
+        run: list[Notification] = []
         for note in notes:
-            if id(note) not in results:
-                results[id(note)] = self._single(note)
-        return [results[id(n)] for n in notes]
+            if len(note.channels) == 1 and not note.attempts:
+                run.append(note)
+                continue
+            results.extend(self._run(run))
+            run = []
+            results.append(self._single(note))
+        results.extend(self._run(run))
+        return results
+
+    def _run(self, notes: Sequence[Notification]) -> list[Failure | None]:
+        if len(notes) > 1:
+            return self._batch(notes)
+        return [self._single(n) for n in notes]
 
     def _single(self, note: Notification) -> Failure | None:
         return self._call(lambda: self.client.http.send_request(self._trigger(note)))

@@ -3,6 +3,9 @@
 1. Each of RELAY_POOL_SIZE greenlets holds a Lease on its own in-flight list and loops:
    wait for the gate (circuit, 429 pause, rate limit) -> fetch up to a batch -> parse ->
    send -> carry out each notification's fate, which relay.fate.decide chooses.
+   With RELAY_CHANNEL_ORDER (the default), fetching and parsing happen one greenlet at a
+   time and end with a ticket, and the send waits for the earlier batches of the same
+   channels (relay.ordering).
 2. Housekeeping (heartbeat, due retries, reaping, trimming, the summary) runs beside them
    (relay.housekeeping); with `--burst` a watcher ends the run once nothing is left.
 3. SIGTERM/SIGINT: gevent runs `stop` in a greenlet (never inside the signal handler), which
@@ -18,6 +21,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import gevent
@@ -32,7 +36,7 @@ from relay.carrier import Carrier, Item
 from relay.circuit import Circuit
 from relay.config import Config
 from relay.connect import disconnect_all
-from relay.delivery import MAX_BATCH, Delivery
+from relay.delivery import MAX_BATCH, Delivery, Failure
 from relay.fate import (
     DELIVERED,
     UNSENT,
@@ -49,12 +53,15 @@ from relay.housekeeping import MAINTENANCE_S, Housekeeper
 from relay.lease import Lease
 from relay.message import InvalidMessage, Notification, parse
 from relay.metrics import Metrics
+from relay.ordering import OrderBook, Ticket
 from relay.queue import RedisQueue, WorkerReaped
 from relay.ratelimit import RateLimiter
 from relay.redis_shared import BLOCK_S, REDIS_DOWN, REDIS_ERRORS
 from relay.retry import Outage
 
 log = logging.getLogger(__name__)
+
+HELD = object()  # an answer meaning: not sent, the gate closed while it waited for its turn
 
 SHUTDOWN_GRACE_S = 1.0
 # While the circuit is open or paused, a greenlet looks again this often (another one's
@@ -75,6 +82,7 @@ class Worker:
         self.clock = clock
         self.burst = burst
         self.circuit = Circuit()
+        self.order = OrderBook() if config.channel_order else None
         self.redis_outage = Outage("Redis",
                                    where=f" at REDIS_URL={redis_url.mask(config.redis_url)}")
         self.stopping = gevent.event.Event()
@@ -234,15 +242,32 @@ class Worker:
         probing = self.circuit.is_open
         # A probe takes one notification: if Pusher still refuses, one attempt is spent.
         budget = self._budget(1 if probing else self.batch)
-        items = lease.fetch(budget, BLOCK_S, self.housekeeper.backlog > 0) if budget else []
-        self.redis_outage.succeeded()
+        ticket: Ticket | None = None
+        try:
+            with self._taking():
+                items: list[bytes] = []
+                # Greenlets queued here when a stop came must not fetch, one pop after another.
+                if budget and not self.stopping.is_set():
+                    items = lease.fetch(budget, BLOCK_S, self.housekeeper.backlog > 0)
+                    self.redis_outage.succeeded()
+                parsed = [self._parse(raw) for raw in items]
+                if self.order is not None and items:
+                    ticket = self.order.take(c for n in parsed if isinstance(n, Notification)
+                                             for c in n.channels)
+            self._carry(lease, items, parsed, probing, budget, ticket)
+        finally:
+            if ticket is not None:
+                self.order.release(ticket)  # type: ignore[union-attr]
+
+    def _carry(self, lease: Lease, items: Sequence[bytes], parsed: Sequence[Item],
+               probing: bool, budget: int, ticket: Ticket | None) -> None:
         self.inflight += len(items)
         self.busy += 1
         self.metrics.inflight.inc(len(items))
         try:
             # The gate may have closed while this greenlet was blocked in its pop.
             gate = Gate(holding=not probing and self.circuit.holding())
-            self._handle(lease, items, gate, budget)
+            self._handle(lease, items, parsed, gate, budget, ticket, probing)
         finally:
             self.inflight -= len(items)
             self.busy -= 1
@@ -250,6 +275,10 @@ class Worker:
             if probing and self.circuit.probing:
                 # The probe ended without a verdict (nothing sent, a suspect, a 429, an error).
                 self.circuit.abandon_probe()
+
+    def _taking(self) -> AbstractContextManager[Any]:
+        """With ordering, one greenlet at a time fetches, so tickets follow Redis's order."""
+        return nullcontext() if self.order is None else self.order.taking()
 
     def _budget(self, want: int) -> int:
         """How many to fetch: `want`, or what the shared rate limit grants (waits for it)."""
@@ -268,13 +297,13 @@ class Worker:
 
     # -- one batch ---------------------------------------------------------------------------
 
-    def _handle(self, lease: Lease, raws: Sequence[bytes], gate: Gate, budget: int) -> None:
-        """Parse, decide, send what may go, then carry out every notification's fate."""
+    def _handle(self, lease: Lease, raws: Sequence[bytes], items: Sequence[Item], gate: Gate,
+                budget: int, ticket: Ticket | None, probing: bool = False) -> None:
+        """Decide, send what may go (in its channels' turn), then carry out every fate."""
         now = self.clock()
         fates: list[tuple[bytes, Item, Fate]] = []
         to_send: list[Notification] = []
-        for raw in raws:
-            item = self._parse(raw)
+        for raw, item in zip(raws, items, strict=True):
             fate = decide(item, UNSENT, gate, now, self.policy)
             if isinstance(fate, Send) and isinstance(item, Notification):
                 to_send.append(item)
@@ -282,14 +311,38 @@ class Worker:
                 fates.append((raw, item, fate))
         self._reconcile(budget, sum(n.cost for n in to_send))
         if to_send:
-            answers = self.delivery.send(to_send)
+            answers = self._send(to_send, ticket, probing)
+            sent = [(n, a) for n, a in zip(to_send, answers, strict=True) if a is not HELD]
             now = self.clock()
-            self._tell_circuit(verdict(to_send, answers, self.last_success_at, now))
+            if sent:
+                self._tell_circuit(verdict([n for n, _ in sent], [a for _, a in sent],
+                                           self.last_success_at, now))
+            held = Gate(holding=True)
             for note, answer in zip(to_send, answers, strict=True):
-                fate = decide(note, DELIVERED if answer is None else answer, gate, now,
-                              self.policy)
+                if answer is HELD:
+                    fate = decide(note, UNSENT, held, now, self.policy)
+                else:
+                    fate = decide(note, DELIVERED if answer is None else answer, gate, now,
+                                  self.policy)
                 fates.append((note.raw, note, fate))
+            if self.limiter is not None and len(sent) < len(to_send):
+                self.limiter.refund(sum(n.cost for n in to_send) - sum(n.cost for n, _ in sent))
         self.carrier.carry_out(lease, fates)
+
+    def _send(self, notes: list[Notification], ticket: Ticket | None, probing: bool
+              ) -> Sequence[Failure | None | object]:
+        """Send now, or in the notes' channels' turn. A part whose turn came while the gate
+        was closing (the circuit opened, or a 429 paused everyone, meanwhile) is not sent:
+        HELD, so it goes back untouched, as it would had it been fetched a moment later."""
+        if ticket is None:
+            return self.delivery.send(notes)
+
+        def send_part(part: list[Notification]) -> Sequence[Failure | None | object]:
+            if not probing and self.circuit.holding():
+                return [HELD] * len(part)
+            return self.delivery.send(part)
+
+        return self.order.send_in_turn(ticket, notes, send_part)  # type: ignore[union-attr]
 
     def _parse(self, raw: bytes) -> Item:
         try:

@@ -168,3 +168,22 @@ class WorkerProcess:
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+
+def behind_a_later_one(events: list[dict[str, Any]], key: str = "s") -> list[dict[str, Any]]:
+    """Events that arrived after an event of their channel pushed later.
+
+    Each event's data carries `{key: {channel: sequence number}}` (an envelope over several
+    channels carries one number per channel)."""
+    import json
+
+    highest: dict[str, int] = {}
+    late = []
+    for event in events:
+        channel = event["channel"]
+        seq = json.loads(event["data"])[key][channel]
+        if seq < highest.get(channel, -1):
+            late.append(event)
+        else:
+            highest[channel] = seq
+    return late

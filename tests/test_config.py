@@ -46,6 +46,7 @@ def test_defaults_match_the_contract() -> None:
     assert cfg.max_backlog == 0
     assert cfg.max_age == 0
     assert cfg.order == "fifo"
+    assert cfg.channel_order is True
     assert cfg.metrics_addr == "127.0.0.1:9300"
     assert cfg.log_level == "info"
     assert cfg.log_format == "text"
@@ -116,6 +117,8 @@ CASES: list[tuple[str, str, str, str, Getter, Any, Any]] = [
     ("RELAY_MAX_BACKLOG", "--max-backlog", "1000", "5", lambda c: c.max_backlog, 1000, 5),
     ("RELAY_MAX_AGE", "--max-age", "30", "0.5", lambda c: c.max_age, 30.0, 0.5),
     ("RELAY_ORDER", "--order", "lifo", "FIFO", lambda c: c.order, "lifo", "fifo"),
+    ("RELAY_CHANNEL_ORDER", "--channel-order", "false", "on", lambda c: c.channel_order,
+     False, True),
     ("RELAY_METRICS_ADDR", "--metrics-addr", "0.0.0.0:9400", "off",
      lambda c: c.metrics_addr, "0.0.0.0:9400", "off"),
     ("RELAY_LOG_LEVEL", "--log-level", "debug", "ERROR", lambda c: c.log_level, "debug", "error"),

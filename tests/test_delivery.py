@@ -344,6 +344,18 @@ def test_results_keep_the_order_of_the_input(pusher: LocalPusher, delivery: Deli
     assert len(calls) == len(pusher.stats()["requests"])
 
 
+def test_calls_follow_the_order_of_the_notes(pusher: LocalPusher, delivery: Delivery) -> None:
+    """An envelope between one-channel notes is not overtaken by a batch taken after it."""
+    notes = [note('{"channel":"a","n":0}'),
+             note('{"relay":1,"channels":["a","b"],"event":"hit","data":{"n":1}}'),
+             note('{"channel":"a","n":2}'), note('{"channel":"b","n":3}')]
+    assert delivery.send(notes) == [None] * 4
+    events = pusher.wait_for_events(5)
+    assert [(e["channel"], json.loads(e["data"])["n"]) for e in events] == [
+        ("a", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 3)]
+    assert paths(pusher) == ["events", "events", "batch_events"]
+
+
 # -- geventhttpclient: settings read once, like the other transports ---------------------------
 
 

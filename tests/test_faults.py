@@ -142,7 +142,9 @@ def test_hanging_server_costs_a_timeout_and_sigterm_still_exits_in_time(r, pushe
                                                                         queue_name):
     pusher.set_mode(hang=True)
     w = start_worker(PUSHER_TIMEOUT="1")
-    _push(r, queue_name, 30)
+    # One channel each: calls of one channel go one at a time (per-channel order), and the
+    # point here is calls hanging side by side, as those of unrelated channels do.
+    r.rpush(queue_name, *[json.dumps({"channel": f"c{i}", "n": i}) for i in range(30)])
     wait_for(lambda: pusher.stats()["requests_total"] >= 3, what="calls to hang")
     # The calls time out (1 s), fail transiently, and the circuit opens after a run of them.
     wait_for(lambda: "circuit open" in w.log(), timeout=10, what="timeouts to open the circuit")
