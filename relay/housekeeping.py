@@ -1,11 +1,12 @@
 """The worker's housekeeping: given the queue, the metrics and a clock, never the Worker.
 
 1. Heartbeat every RELAY_HEARTBEAT_TTL/4: this process stays registered in `Q:workers`.
-2. In one script, every MAINTENANCE_S while there is a backlog, every IDLE_MAINTENANCE_S
-   while there is none (or when the next retry is due, if sooner): move due retries back
-   to the queue, trim an over-long backlog (RELAY_MAX_BACKLOG), note the backlog, list the
-   workers whose heartbeat expired (every TTL/2) and return their in-flight items; then end
-   quiet shedding episodes and publish the circuit gauge.
+2. In one script, every MAINTENANCE_S while there is work (a backlog, or anything in
+   flight), every IDLE_MAINTENANCE_S while there is none (or at the next retry's due time,
+   if sooner): move due retries back to the queue, trim an over-long backlog
+   (RELAY_MAX_BACKLOG), note the backlog, list the workers whose heartbeat expired (every
+   TTL/2) and return their in-flight items; then end quiet shedding episodes and publish
+   the circuit gauge.
 3. Every SUMMARY_S: one progress line while there is work (`Summary`).
 A Redis error in any of these is counted and shared with the worker's outage tracker; the
 next round tries again.
@@ -145,13 +146,14 @@ class Housekeeper:
         for episode in (self.backlog_shedding, self.stale_shedding):
             episode.maybe_end()
         self.metrics.circuit_open.set(1 if self.circuit_open() else 0)
-        return next_round_s(round_.length, round_.next_due_s)
+        return next_round_s(round_.length + self.inflight(), round_.next_due_s)
 
 
-def next_round_s(backlog: int, next_due_s: float | None) -> float:
-    """How long housekeeping waits: short while there is work, long while there is none, and
-    never past the next retry's due time (by more than MIN_WAIT_S)."""
-    wait = MAINTENANCE_S if backlog else IDLE_MAINTENANCE_S
+def next_round_s(work: int, next_due_s: float | None) -> float:
+    """How long housekeeping waits: short while there is work (a backlog or notifications in
+    flight: at moderate rates a backlog is then seen as soon as before), long while there is
+    none, and never past the next retry's due time (by more than MIN_WAIT_S)."""
+    wait = MAINTENANCE_S if work else IDLE_MAINTENANCE_S
     if next_due_s is not None:
         wait = min(wait, max(next_due_s, MIN_WAIT_S))
     return wait
