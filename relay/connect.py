@@ -25,8 +25,8 @@ from redis.sentinel import SentinelConnectionPool
 from relay import explain, redis_url
 from relay.retry import Outage
 
-# Above the worker's blocking-pop wake-up (worker.BLOCK_S, 1 s), so an idle pop is never
-# a socket timeout; redis-py 8.1 would otherwise default it to 5 s anyway.
+# Above the worker's blocking-pop wake-up (redis_shared.BLOCK_S, 3 s), so an idle pop is
+# never a socket timeout; redis-py 8.1 would otherwise default it to 5 s anyway.
 REDIS_SOCKET_TIMEOUT_S = 5.0
 REDIS_CONNECT_TIMEOUT_S = 3.0
 # The sentinels answer one small question; a dead one must not hold up the next.

@@ -1,9 +1,12 @@
 """The worker's housekeeping: given the queue, the metrics and a clock, never the Worker.
 
 1. Heartbeat every RELAY_HEARTBEAT_TTL/4: this process stays registered in `Q:workers`.
-2. Every MAINTENANCE_S: move due retries back to the queue, note the backlog, return the
-   in-flight items of workers whose heartbeat expired (every TTL/2), trim an over-long
-   backlog (RELAY_MAX_BACKLOG), end quiet shedding episodes, publish the circuit gauge.
+2. In one script, every MAINTENANCE_S while there is work (a backlog, or anything in
+   flight), every IDLE_MAINTENANCE_S while there is none (or at the next retry's due time,
+   if sooner): move due retries back to the queue, trim an over-long backlog
+   (RELAY_MAX_BACKLOG), note the backlog, list the workers whose heartbeat expired (every
+   TTL/2) and return their in-flight items; then end quiet shedding episodes and publish
+   the circuit gauge.
 3. Every SUMMARY_S: one progress line while there is work (`Summary`).
 A Redis error in any of these is counted and shared with the worker's outage tracker; the
 next round tries again.
@@ -27,7 +30,11 @@ from relay.retry import Outage
 
 log = logging.getLogger(__name__)
 
-MAINTENANCE_S = 0.5
+MAINTENANCE_S = 0.5  # while there is a backlog
+# Idle, one script a second is all the housekeeping costs Redis (issue 11: at most 3 round
+# trips a second for an idle worker); a retry due sooner is promoted on time all the same.
+IDLE_MAINTENANCE_S = 1.0
+MIN_WAIT_S = 0.02
 SUMMARY_S = 10.0
 LOW_COUNT = 10  # below this many in an interval, the summary says the count, not a rate
 
@@ -83,7 +90,7 @@ class Housekeeper:
         summary = Summary(self.metrics, self.queue, self.inflight)
         return [
             gevent.spawn(self.every, stopping, self.config.heartbeat_ttl / 4, self.heartbeat),
-            gevent.spawn(self.every, stopping, MAINTENANCE_S, self.maintain),
+            gevent.spawn(self.paced, stopping, self.maintain),
             gevent.spawn(self.every, stopping, SUMMARY_S, summary.tick),
         ]
 
@@ -98,6 +105,19 @@ class Housekeeper:
             except Exception:
                 log.exception("housekeeping step %s failed", getattr(action, "__name__", action))
 
+    def paced(self, stopping: gevent.event.Event, action: Callable[[], float]) -> None:
+        """Like `every`, but `action` says how long to wait before its next round."""
+        interval_s = MAINTENANCE_S
+        while not stopping.wait(interval_s):
+            interval_s = IDLE_MAINTENANCE_S
+            try:
+                interval_s = action()
+            except REDIS_ERRORS as exc:
+                self.metrics.redis_errors.inc()
+                self.outage.failed(exc)
+            except Exception:
+                log.exception("housekeeping step %s failed", getattr(action, "__name__", action))
+
     def heartbeat(self) -> None:
         if not self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size,
                                     self.report()):
@@ -106,24 +126,37 @@ class Housekeeper:
             log.warning("this worker had been declared dead (missed heartbeats); "
                         "registered again")
 
-    def maintain(self) -> None:
-        self.queue.promote_due()
-        self.backlog = self.queue.length()
+    def maintain(self) -> float:
+        """One round (one script while nothing needs recovering); the wait until the next:
+        MAINTENANCE_S while there is a backlog, until the next retry is due if that is
+        sooner than IDLE_MAINTENANCE_S, else IDLE_MAINTENANCE_S."""
         now = self.clock()
-        if now >= self._next_reap:
+        reap = now >= self._next_reap
+        if reap:
             self._next_reap = now + self.config.heartbeat_ttl / 2
-            for wid, n in self.queue.reap_expired().items():
-                self.metrics.recovered.inc(n)
-                log.warning("worker %s missed its heartbeat: %d in-flight notification(s) "
-                            "returned to the queue", wid, n)
-        if self.config.max_backlog:
-            dropped = self.queue.trim(self.config.max_backlog)
-            if dropped:
-                self.metrics.shed.labels("backlog").inc(dropped)
-                self.backlog_shedding.dropped(dropped)
+        round_ = self.queue.maintain(self.config.max_backlog, reap)
+        self.backlog = round_.length
+        for wid, n in round_.recovered.items():
+            self.metrics.recovered.inc(n)
+            log.warning("worker %s missed its heartbeat: %d in-flight notification(s) "
+                        "returned to the queue", wid, n)
+        if round_.dropped:
+            self.metrics.shed.labels("backlog").inc(round_.dropped)
+            self.backlog_shedding.dropped(round_.dropped)
         for episode in (self.backlog_shedding, self.stale_shedding):
             episode.maybe_end()
         self.metrics.circuit_open.set(1 if self.circuit_open() else 0)
+        return next_round_s(round_.length + self.inflight(), round_.next_due_s)
+
+
+def next_round_s(work: int, next_due_s: float | None) -> float:
+    """How long housekeeping waits: short while there is work (a backlog or notifications in
+    flight: at moderate rates a backlog is then seen as soon as before), long while there is
+    none, and never past the next retry's due time (by more than MIN_WAIT_S)."""
+    wait = MAINTENANCE_S if work else IDLE_MAINTENANCE_S
+    if next_due_s is not None:
+        wait = min(wait, max(next_due_s, MIN_WAIT_S))
+    return wait
 
 
 def per_interval(count: int, elapsed: float) -> str:

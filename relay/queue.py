@@ -47,6 +47,7 @@ from typing import Any
 import redis
 
 from relay.errors import RelayError
+from relay.popper import PopCut, PopGate
 from relay.redis_shared import NOW_LUA
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ return n
 
 # KEYS: retry zset, queue. ARGV: push command, most to move.
 # At the head (fifo) the latest-due is pushed first, so the earliest-due is popped first.
-PROMOTE = _NOW + """
+_PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local first, last, step = 1, #due, 1
 if ARGV[1] == 'LPUSH' then first, last, step = #due, 1, -1 end
@@ -148,8 +149,8 @@ for i = first, last, step do
   redis.call('ZREM', KEYS[1], due[i])
   redis.call(ARGV[1], KEYS[2], due[i])
 end
-return #due
 """
+PROMOTE = _NOW + _PROMOTE + "return #due\n"
 
 # KEYS: workers zset, info hash. ARGV: worker id, ttl seconds, info JSON.
 # Returns 1 when the worker was registered already, 0 when it had been reaped (or is new).
@@ -184,6 +185,37 @@ else
   redis.call('ZADD', KEYS[4], now, ARGV[1])
 end
 return n
+"""
+
+# The housekeeping of one round in one script, so an idle worker costs one round trip for
+# it (issue 11). KEYS: retry zset, queue, stats hash, history prefix, workers zset, reaped
+# zset. ARGV: push command, most retries to move, longest backlog (0: no limit), reap (1:
+# list the expired and the lately reaped workers, for REAP and SWEEP).
+# Returns {promoted, dropped, queue length, ms until the next retry is due (-1: none),
+# expired worker ids, reaped worker ids}.
+MAINTAIN = _TALLY + _PROMOTE + """
+local promoted = #due
+local dropped = 0
+local limit = tonumber(ARGV[3])
+if limit > 0 then
+  dropped = math.max(0, redis.call('LLEN', KEYS[2]) - limit)
+  if dropped > 0 then
+    redis.call('LTRIM', KEYS[2], dropped, -1)
+    redis.call('HINCRBY', KEYS[3], 'shed_backlog', dropped)
+    tally(KEYS[4], 'shed', dropped, '')
+  end
+end
+local next_due = -1
+local earliest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if earliest[2] then
+  next_due = math.max(0, math.floor((tonumber(earliest[2]) - now) * 1000))
+end
+local expired, reaped = {}, {}
+if ARGV[4] == '1' then
+  expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
+  reaped = redis.call('ZRANGE', KEYS[6], 0, -1)
+end
+return {promoted, dropped, redis.call('LLEN', KEYS[2]), next_due, expired, reaped}
 """
 
 # A reaped worker may only have been frozen: if it thaws, pops, and dies again before its
@@ -345,6 +377,17 @@ def new_worker_id() -> str:
 REAPED_GRACE_S = 3600.0
 
 
+@dataclass(frozen=True)
+class Maintenance:
+    """What one housekeeping round did and saw (RedisQueue.maintain)."""
+
+    promoted: int  # due retries moved back to the queue
+    dropped: int  # oldest items trimmed off an over-long backlog
+    length: int  # the queue's length after both
+    next_due_s: float | None  # until the earliest retry left is due; None: no retry
+    recovered: dict[str, int]  # worker id -> items returned from its in-flight lists
+
+
 class RedisDemoted(redis.ConnectionError):
     """A blocking pop was cut short because the server turned replica (a Sentinel failover
     demoting it): Redis is away, as far as this worker is concerned, until it finds the
@@ -372,12 +415,14 @@ class RedisQueue:
         self.pop_side = "LEFT" if order == "fifo" else "RIGHT"
         self.push_cmd = "LPUSH" if order == "fifo" else "RPUSH"
         self._started_at = time.time()
+        self.pops = PopGate()  # the process's one blocking pop (see relay.popper)
         self._fetch = client.register_script(FETCH)
         self._ack = client.register_script(ACK)
         self._dead = client.register_script(DEAD)
         self._retry_later = client.register_script(RETRY_LATER)
         self._requeue = client.register_script(REQUEUE)
         self._promote = client.register_script(PROMOTE)
+        self._maintain = client.register_script(MAINTAIN)
         self._heartbeat = client.register_script(HEARTBEAT)
         self._reap = client.register_script(REAP)
         self._sweep = client.register_script(SWEEP)
@@ -395,12 +440,15 @@ class RedisQueue:
     def fetch(self, slot: int, batch: int, block_s: float, eager: bool = True) -> list[bytes]:
         """Up to `batch` items for this slot; waits up to block_s when the queue is empty.
 
+        Only one greenlet of the process is in the blocking pop at a time; the others wait
+        for it without a Redis command (relay.popper). A stop cuts the pop short: [].
+
         eager (there is a backlog, or the slot must adopt what a lost reply left in it):
         the non-blocking script first, one round trip a batch. Otherwise straight to the
         blocking pop, and a lone item goes out without a second round trip. When the pop
         wakes up empty-handed, the script runs once anyway: it adopts an item that a
         command with a lost reply moved into the slot, even on a quiet queue (one cheap
-        call per slot per block_s while idle).
+        call per block_s per process while idle: the slots take the pop in turn).
         """
         key = self.slot_key(slot)
         if eager:
@@ -408,7 +456,11 @@ class RedisQueue:
             if items or block_s <= 0:
                 return items
         try:
-            moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side, "RIGHT")
+            with self.pops.popping():  # one greenlet of the process blocks here at a time
+                moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side,
+                                           "RIGHT")
+        except PopCut:
+            return []  # stopping: what the pop moved is in the slot; shutdown returns it
         except redis.ResponseError as exc:
             if str(exc).startswith("UNBLOCKED"):  # "... instance state changed (master ->
                 raise RedisDemoted(str(exc)) from None  # replica?)": not the item's fault
@@ -468,17 +520,34 @@ class RedisQueue:
         return bool(self._heartbeat(keys=[self.keys.workers, self.keys.info],
                                     args=[self.worker_id, ttl_s, info]))
 
+    def maintain(self, max_backlog: int, reap: bool, limit: int = 500) -> Maintenance:
+        """One housekeeping round in one script: promote due retries, trim the backlog to
+        max_backlog (0: no limit), read the queue's length and when the next retry is due;
+        with `reap`, also return the items of expired and lately reaped workers (a script
+        per such worker: none on a healthy queue)."""
+        keys = [self.keys.retry, self.keys.queue, self.keys.stats, self.keys.history,
+                self.keys.workers, self.keys.reaped]
+        promoted, dropped, length, next_due_ms, expired, reaped = self._maintain(
+            keys=keys, args=[self.push_cmd, limit, max_backlog, "1" if reap else "0"])
+        recovered = self._recover(expired, reaped) if expired or reaped else {}
+        return Maintenance(int(promoted), int(dropped), int(length),
+                           None if int(next_due_ms) < 0 else int(next_due_ms) / 1000,
+                           recovered)
+
     def reap_expired(self) -> dict[str, int]:
         """Return the in-flight items of every worker whose heartbeat deadline passed, and
         anything that turned up since in the lists of workers reaped lately."""
         expired = self._expired(keys=[self.keys.workers])
+        return self._recover(expired, self.client.zrange(self.keys.reaped, 0, -1))
+
+    def _recover(self, expired: Sequence[bytes], reaped: Sequence[bytes]) -> dict[str, int]:
         recovered: dict[str, int] = {}
         for raw_id in expired:
             wid = raw_id.decode()
             n = self._run_on_worker(self._reap, wid, "0")
             if n >= 0:
                 recovered[wid] = n
-        for raw_id in self.client.zrange(self.keys.reaped, 0, -1):
+        for raw_id in reaped:
             wid = raw_id.decode()
             n = self._run_on_worker(self._sweep, wid, str(REAPED_GRACE_S))
             if n > 0:

@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 HELD = object()  # an answer meaning: not sent, the gate closed while it waited for its turn
 
 SHUTDOWN_GRACE_S = 1.0
+# While the circuit is open or paused, a greenlet looks again this often (another one's
+# probe may have closed it meanwhile).
+GATE_RECHECK_S = 1.0
 
 class Worker:
     def __init__(self, config: Config, queue: RedisQueue, delivery: Delivery,
@@ -133,6 +136,7 @@ class Worker:
         if not self.stopping.is_set():
             log.info("%s: finishing in-flight work, then exiting", why)
             self.stopping.set()
+            self.queue.pops.close()  # the blocking pop ends now, not when it times out
 
     def _end_burst(self) -> None:
         """Burst: stop once the queue is empty, no retry is due and nothing is in flight."""
@@ -233,7 +237,7 @@ class Worker:
     def _step(self, lease: Lease) -> None:
         wait = self.circuit.wait_s()
         if wait > 0:
-            self.stopping.wait(min(wait, BLOCK_S))
+            self.stopping.wait(min(wait, GATE_RECHECK_S))
             return
         probing = self.circuit.is_open
         # A probe takes one notification: if Pusher still refuses, one attempt is spent.

@@ -1,0 +1,110 @@
+"""Housekeeping in one script (RedisQueue.maintain) and its pace; an idle worker's Redis load."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gevent
+import pytest
+import redis
+
+from relay.housekeeping import IDLE_MAINTENANCE_S, MAINTENANCE_S, MIN_WAIT_S, next_round_s
+from relay.redis_server import RedisServer
+from tests.support import WorkerProcess, wait_for
+from tests.test_queue import items, redis_now, registered
+
+
+@pytest.mark.parametrize("order", ["fifo", "lifo"])
+def test_one_round_promotes_trims_and_measures(r: redis.Redis, queue_name: str,
+                                               order: str) -> None:
+    q = registered(r, queue_name, order=order)
+    waiting = items(5)
+    r.rpush(queue_name, *waiting)
+    now = redis_now(r)
+    r.zadd(f"{queue_name}:retry", {b"due": now - 1, b"later": now + 30})
+    round_ = q.maintain(max_backlog=4, reap=False)
+    assert round_.promoted == 1
+    assert round_.dropped == 2  # 6 after the promotion, 4 allowed: the 2 oldest go
+    assert round_.length == 4
+    assert round_.next_due_s is not None and 25 < round_.next_due_s <= 30
+    assert round_.recovered == {}
+    expected = [b"due", *waiting][2:] if order == "fifo" else waiting[2:] + [b"due"]
+    assert r.lrange(queue_name, 0, -1) == expected
+    assert r.hget(f"{queue_name}:stats", "shed_backlog") == b"2"
+    assert r.zrange(f"{queue_name}:retry", 0, -1) == [b"later"]
+
+
+def test_no_limit_no_retry(r: redis.Redis, queue_name: str) -> None:
+    q = registered(r, queue_name)
+    r.rpush(queue_name, *items(3))
+    round_ = q.maintain(max_backlog=0, reap=True)
+    assert (round_.promoted, round_.dropped, round_.length) == (0, 0, 3)
+    assert round_.next_due_s is None
+
+
+def test_reaping_rounds_recover_expired_workers_once(r: redis.Redis, queue_name: str) -> None:
+    dead = registered(r, queue_name, slots=2)
+    pushed = items(3)
+    r.rpush(queue_name, *pushed)
+    assert dead.fetch(1, 3, 0) == pushed
+    dead.heartbeat(-1, 2)  # its deadline is now in the past
+    alive = registered(r, queue_name)
+    assert alive.maintain(0, reap=False).recovered == {}  # not a reaping round
+    assert r.llen(queue_name) == 0
+    round_ = alive.maintain(0, reap=True)
+    assert round_.recovered == {dead.worker_id: 3}
+    assert r.lrange(queue_name, 0, -1) == pushed
+    assert alive.maintain(0, reap=True).recovered == {}  # once only
+    # A zombie's later pop into its old list is swept by the next reaping round.
+    r.rpush(dead.slot_key(0), b"late")
+    assert alive.maintain(0, reap=True).recovered == {dead.worker_id: 1}
+
+
+def test_the_pace() -> None:
+    assert next_round_s(0, None) == IDLE_MAINTENANCE_S
+    assert next_round_s(10, None) == MAINTENANCE_S
+    assert next_round_s(0, 0.3) == 0.3  # a retry due soon is promoted on time
+    assert next_round_s(0, 0.0) == MIN_WAIT_S  # overdue: soon, without spinning
+    assert next_round_s(10, 5.0) == MAINTENANCE_S
+
+
+def test_an_idle_worker_is_nearly_silent_on_redis(redis_server: RedisServer, queue_name: str,
+                                                  start_worker: Callable[..., WorkerProcess]
+                                                  ) -> None:
+    """Defaults (50 greenlets): at most 3 Redis round trips a second while nothing happens.
+
+    MONITOR shows the worker's top-level commands (a script's own are marked `lua`). The
+    window is measured by the worker's own heartbeats (every TTL/4), not by a sleep: a slow
+    machine makes the worker send fewer commands in it, never more. Before issue 11, the 50
+    greenlets' one-second pops alone made 50 a second."""
+    start_worker(RELAY_POOL_SIZE="50", RELAY_HEARTBEAT_TTL="4")  # a heartbeat a second
+    poll = redis.Redis.from_url(redis_server.url, single_connection_client=True)
+    mine = poll.client_info()["addr"]
+    [wid] = [w.decode() for w in poll.zrange(f"{queue_name}:workers", 0, -1)]
+    seen: list[tuple[float, str]] = []  # (time, command) of everyone else's top-level ones
+
+    def watch() -> None:
+        with redis.Redis.from_url(redis_server.url).monitor() as feed:
+            for entry in feed.listen():
+                addr = f"{entry['client_address']}:{entry['client_port']}"
+                if entry.get("client_type") != "lua" and addr != mine:
+                    seen.append((float(entry["time"]), entry["command"]))
+
+    def deadline() -> float:
+        return float(poll.zscore(f"{queue_name}:workers", wid) or 0)
+
+    watcher = gevent.spawn(watch)
+    try:
+        # Past the start (the first fetches, the pop handed round): one heartbeat more.
+        first = deadline()
+        wait_for(lambda: deadline() > first, 20, "a heartbeat")
+        since, start_at = deadline(), len(seen)
+        wait_for(lambda: deadline() >= since + 6, 60, "six seconds of heartbeats")
+        window = seen[start_at:]
+        elapsed = deadline() - since  # on Redis's clock, between two heartbeats
+    finally:
+        watcher.kill()
+        poll.close()
+    assert window, "MONITOR saw nothing: the test would pass whatever the worker did"
+    assert len(window) <= 3 * elapsed, (f"{len(window)} commands in {elapsed:.1f} s: "
+                                         f"{[c[:60] for _, c in window[:12]]}")
