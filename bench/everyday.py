@@ -62,7 +62,7 @@ WITHOUT_HIREDIS = ("import runpy, sys; sys.modules['hiredis'] = None; "
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kind: str  # "seed" or "relay"
+    kind: str  # "seed", "relay" or "floor"
     env: Mapping[str, str] = field(default_factory=dict)
     hiredis: bool = True
     about: str = ""
@@ -79,6 +79,12 @@ VARIANTS = {v.name: v for v in (
     Variant("relay-ghc-hiredis", "relay", {"PUSHER_HTTP_CLIENT": "geventhttpclient"},
             about="geventhttpclient with hiredis"),
     Variant("relay", "relay", about="relay's defaults with requirements.txt installed"),
+    Variant("relay-unordered", "relay", {"RELAY_CHANNEL_ORDER": "false"},
+            about="relay's defaults but RELAY_CHANNEL_ORDER=false"),
+    Variant("floor", "floor", about="bench/floor.py: one greenlet, BLMOVE + sign + POST + "
+            "ack, on relay's stack; the least a reliable relay in Python does"),
+    Variant("floor-noack", "floor", {"FLOOR_ARGS": "--no-ack"},
+            about="bench/floor.py --no-ack: BLPOP + sign + POST, the seed's own work"),
 )}
 DEFAULT_VARIANTS = ("seed", "relay-baseline", "relay")
 
@@ -161,6 +167,10 @@ class Everyday:
                 "PUSHER_HOST": target.hostname or "", "PUSHER_PORT": str(target.port)})
             command = [shutil.which("ruby") or "ruby", str(SEED_SCRIPT)]
             marker = NEVER
+        elif variant.kind == "floor":
+            env = self.bench.child_env({"RELAY_QUEUE": QUEUE})
+            command = [sys.executable, "bench/floor.py", *variant.env.get("FLOOR_ARGS", "").split()]
+            marker = "started:"
         else:
             env = self.bench.child_env({"RELAY_QUEUE": QUEUE, "RELAY_METRICS_ADDR": "off",
                                         **variant.env})

@@ -295,6 +295,12 @@ def client_base_url(client: Any) -> str:
     return f"{client.scheme}://{client.host}:{client.port}"
 
 
+def goes_alone(note: Notification) -> bool:
+    """Sent in a call of its own (never in a batch): an envelope with several channels, or a
+    retried notification (so a suspect never fails a whole batch)."""
+    return len(note.channels) > 1 or bool(note.attempts)
+
+
 class Delivery:
     """One Pusher client for the process; safe to share between greenlets."""
 
@@ -329,7 +335,7 @@ class Delivery:
         results: list[Failure | None] = []
         run: list[Notification] = []
         for note in notes:
-            if len(note.channels) == 1 and not note.attempts:
+            if not goes_alone(note):
                 run.append(note)
                 continue
             results.extend(self._run(run))

@@ -1,33 +1,35 @@
-"""Per-channel order within one worker process: a call waits for earlier calls of its channels.
+"""Per-channel order within one worker process: each channel has a lane, one call at a time.
 
 Greenlets send concurrently, so without a rule a batch taken later can reach Pusher first, and
 a subscriber sees "shipped" before "packed". The rule, and why it cannot deadlock:
 
-1. **Tickets in taking order.** A greenlet fetches, parses and takes its ticket inside
-   `OrderBook.taking()`, one greenlet at a time and in the order they asked (a fair lock),
-   so tickets are handed out in exactly the order Redis handed out the items (each greenlet
-   takes a contiguous run of the queue). The lock is needed because the replies of
-   concurrent fetches wake their greenlets in an order that has nothing to do with the
-   order Redis served them. Only one blocking pop per process is then pending at a time.
-2. **Per channel, waiting points backwards.** A ticket remembers, for each of its channels,
-   the ticket taken last on that channel before it, and becomes the last one itself. A
-   notification is sent once, on each of its channels, every earlier ticket has released
-   that channel. A ticket only ever waits for tickets taken before it, so the waits form no
-   cycle: the oldest ticket never waits.
-3. **Channels are released one by one.** `send_in_turn` sends, in one call, every
-   notification of the batch whose channels are free (keeping the batch's own order per
-   channel), releases each channel that has nothing left in the batch, then waits for the
-   rest and sends it in a second call. So a batch held up on one channel does not hold up
-   its other channels, and long chains of waiting batches do not form across channels.
-4. **Released whatever happens.** Sent, failed, dead-lettered, put back, or its greenlet
-   killed at shutdown: the ticket is released in a `finally`. A notification that failed
-   goes to the retry set and its channel moves on (no head-of-line blocking); it comes back
-   later with a new ticket, so it may arrive after later notifications of its channel. The
-   same holds for anything put back (a 429 pause, the circuit, a stop) or recovered from a
-   dead worker: it is taken again, later, with a new ticket, and nothing waits for it. A
-   ticket released before its turn passes its own wait on to whoever waited for it.
-5. **Cheap.** A few dictionary and set operations per channel of a batch, an event object
-   only when somebody has to wait, no greenlet of its own, no Redis round trip.
+1. **Lanes in taking order.** A greenlet fetches, parses and takes its ticket inside
+   `OrderBook.taking()`, one greenlet at a time and in the order they asked (a fair lock), so
+   each notification joins the lane of each of its channels in exactly the order Redis handed
+   it out. The lock is needed because the replies of concurrent fetches wake their greenlets
+   in an order that has nothing to do with the order Redis served them.
+2. **One call per lane at a time, from the front.** A call takes notifications from the front
+   of lanes that have no call under way, and keeps the lane busy until Pusher has answered.
+   A notification with several channels (an envelope) goes once it is at the front of each of
+   its lanes and all of them are free. So a channel's calls reach Pusher one after the other,
+   in lane order, and the oldest notification waiting is always at the front of its lanes:
+   the waits form no cycle.
+3. **Calls are shared out, not owned.** Any greenlet waiting for its own notifications sends
+   whatever lane is ready, its own or another's: a call carries up to a batch of one lane's
+   front (then of the next ready lanes, if there is room), whoever fetched them. So a backlog
+   on a few channels goes out as one full batch per channel per round trip, side by side,
+   instead of each greenlet's batch (a slice of every channel) waiting for the one before.
+   The sender hands each result to the notification's own greenlet, which settles it in
+   Redis (its in-flight list) as before.
+4. **Removed whatever happens.** Sent, failed, dead-lettered, put back, or its greenlet
+   killed: a notification leaves its lanes in a `finally`. A notification that failed goes to
+   the retry set and its channel moves on (no head-of-line blocking); it comes back later
+   behind what was taken meanwhile. The same holds for anything put back (a 429 pause, the
+   circuit, a stop) or recovered from a dead worker. A sender killed mid-call answers its
+   notifications HELD (not sent), so their greenlets put them back.
+5. **Cheap.** A trickle notification finds its lane empty and goes at once: a few deque and
+   set operations, an event only when a greenlet has to wait, no greenlet of its own, no
+   Redis round trip.
 
 Across processes nothing is ordered: two processes on one queue can interleave a channel
 (see the README's delivery promise).
@@ -36,11 +38,14 @@ Across processes nothing is ordered: two processes on one queue can interleave a
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol, TypeVar
+from itertools import islice
+from typing import Generic, Protocol, TypeVar
 
 import gevent.event
+
+from relay.fairlock import FairLock
 
 
 class HasChannels(Protocol):
@@ -51,110 +56,50 @@ class HasChannels(Protocol):
 N = TypeVar("N", bound=HasChannels)
 R = TypeVar("R")
 
-
-class Ticket:
-    """One batch's place in its channels' order; the OrderBook releases it channel by channel."""
-
-    __slots__ = ("channels", "_prev", "_open", "_event")
-
-    def __init__(self, channels: tuple[str, ...], prev: dict[str, Ticket]) -> None:
-        self.channels = channels
-        # Per channel, the ticket taken last on it before this one. Forgotten once this
-        # ticket's turn on the channel has come (all earlier ones had released it then);
-        # kept while it has not, so that a ticket released before its turn (put back unsent,
-        # or its greenlet killed while waiting) passes its wait on to whoever waits for it.
-        self._prev = prev
-        self._open = set(channels)  # channels not released yet
-        self._event: gevent.event.Event | None = None  # pulsed whenever a channel is released
-
-    @property
-    def done(self) -> bool:
-        return not self._open
-
-    def blocker(self, channel: str) -> Ticket | None:
-        """The newest earlier ticket still holding `channel` (None: this ticket's turn)."""
-        earlier = _holder(self._prev.get(channel), channel)
-        if earlier is None:
-            self._prev.pop(channel, None)
-        return earlier
-
-    def blockers(self) -> list[Ticket]:
-        """Every earlier ticket this one still waits for, on any channel."""
-        found: list[Ticket] = []
-        for channel in self.channels:
-            earlier = self.blocker(channel)
-            if earlier is not None and earlier not in found:
-                found.append(earlier)
-        return found
-
-    def wait(self) -> None:
-        """Block until this ticket's turn has come on every one of its channels."""
-        while blockers := self.blockers():
-            blockers[0]._wait_release()
-
-    def _wait_release(self) -> None:
-        """Block until this ticket releases one more channel."""
-        if self._event is None:
-            self._event = gevent.event.Event()
-        self._event.wait()
-
-    def _pulse(self) -> None:
-        event, self._event = self._event, None
-        if event is not None:
-            event.set()
+RESERVED, PENDING, INFLIGHT, DONE = range(4)
+NOT_SENT = object()  # the result of a notification whose sender was killed before an answer
 
 
-def _holder(ticket: Ticket | None, channel: str) -> Ticket | None:
-    """The newest ticket from `ticket` back that still holds `channel` (None: nobody)."""
-    while ticket is not None and channel not in ticket._open:
-        ticket = ticket._prev.get(channel)
-    return ticket
+class Entry(Generic[N]):
+    """One notification's place in its lanes."""
+
+    __slots__ = ("note", "ticket", "state", "result")
+
+    def __init__(self, note: N, ticket: Ticket[N]) -> None:
+        self.note = note
+        self.ticket = ticket
+        self.state = RESERVED  # in its lanes, not sendable until its greenlet submits it
+        self.result: object = None
 
 
-class FairLock:
-    """A lock handed to its waiters in the order they came.
+class Ticket(Generic[N]):
+    """One greenlet's batch: its notifications' entries, and how to wake that greenlet."""
 
-    gevent's Semaphore lets the greenlet that just released it take it again before a waiter
-    wakes up; a greenlet that loops straight back to fetch would then keep the fetch to
-    itself, and the others would never look at their own in-flight lists.
-    """
+    __slots__ = ("entries", "probing", "_event")
 
     def __init__(self) -> None:
-        self._held = False
-        self._waiters: deque[gevent.event.Event] = deque()
+        self.entries: list[Entry[N]] = []
+        self.probing = False
+        self._event: gevent.event.Event | None = None
 
-    def acquire(self) -> None:
-        if not self._held and not self._waiters:
-            self._held = True
-            return
-        turn = gevent.event.Event()
-        self._waiters.append(turn)
-        try:
-            turn.wait()
-        except BaseException:  # killed while waiting (shutdown)
-            if turn.is_set():
-                self.release()  # it had been handed over: pass it on
-            else:
-                self._waiters.remove(turn)
-            raise
-
-    def release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # handed over: it stays held
-        else:
-            self._held = False
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
+    def _wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
 
 
-class OrderBook:
-    """The process's tickets: which batch was taken last on each channel, still unreleased."""
+class OrderBook(Generic[N]):
+    """The process's lanes: per channel, the notifications taken and not yet answered."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch: int = 10,
+                 alone: Callable[[N], bool] = lambda note: len(note.channels) > 1) -> None:
+        """batch: the most notifications a call carries; alone(note): it needs a call (one
+        HTTP request) of its own, as Delivery.send would send it."""
+        self.batch = batch
+        self._alone = alone
         self._taking = FairLock()
-        self._last: dict[str, Ticket] = {}
+        self._lanes: dict[str, deque[Entry[N]]] = {}  # per channel, in taking order
+        self._ready: deque[str] = deque()  # lanes whose front may go now (checked again)
+        self._queued: set[str] = set()  # what _ready holds
 
     @contextmanager
     def taking(self) -> Iterator[None]:
@@ -166,75 +111,156 @@ class OrderBook:
         finally:
             self._taking.release()
 
-    def take(self, channels: Iterable[str]) -> Ticket:
-        """A ticket after every ticket taken so far that shares one of these channels."""
-        mine = tuple(dict.fromkeys(channels))
-        last = self._last
-        ticket = Ticket(mine, {ch: last[ch] for ch in mine if ch in last})
-        for channel in mine:
-            last[channel] = ticket
+    def take(self, notes: Sequence[N]) -> Ticket[N]:
+        """Each note's place at the back of its channels' lanes, held until it is submitted
+        (send_in_turn) or released."""
+        ticket: Ticket[N] = Ticket()
+        for note in notes:
+            entry = Entry(note, ticket)
+            ticket.entries.append(entry)
+            for channel in dict.fromkeys(note.channels):
+                self._lanes.setdefault(channel, deque()).append(entry)
         return ticket
 
-    def release(self, ticket: Ticket, channels: Iterable[str] | None = None) -> None:
-        """These channels (default: all) of the ticket are over, however they ended.
-
-        Idempotent. A channel released before the ticket's turn on it leaves the channel to
-        the newest earlier ticket that still holds it.
-        """
-        released = False
-        last = self._last
-        for channel in ticket.channels if channels is None else channels:
-            if channel not in ticket._open:
-                continue
-            ticket._open.discard(channel)
-            released = True
-            if last.get(channel) is ticket:
-                elder = _holder(ticket._prev.get(channel), channel)
-                if elder is None:
-                    del last[channel]
-                else:
-                    last[channel] = elder
-        if released:
-            ticket._pulse()
-
-    def send_in_turn(self, ticket: Ticket, notes: Sequence[N],
-                     send: Callable[[list[N]], Sequence[R]]) -> list[R]:
-        """Send the notes in at most two calls that respect the order; release as they finish.
-
-        First, in one `send`, every note whose channels are this ticket's turn and that no
-        earlier note of the batch holds back on a shared channel; each channel with nothing
-        left in the batch is released at once. Then, once the ticket's turn has come on
-        every channel, the rest in a second `send`. Returns one result per note, in order.
-        """
-        now, later, held = [], [], set()
-        for i, note in enumerate(notes):
-            channels = note.channels
-            if held.isdisjoint(channels) and all(ticket.blocker(c) is None for c in channels):
-                now.append(i)
-            else:
-                later.append(i)
-                held.update(channels)
-        results: list[R | None] = [None] * len(notes)
-        for part in (now, later):
-            if not part:
-                continue
-            if part is later:
-                ticket.wait()
-            for i, result in zip(part, send([notes[i] for i in part]), strict=True):
-                results[i] = result
-            self.release(ticket, {c for i in part for c in notes[i].channels} - held)
-            held = set()
-        return results  # type: ignore[return-value]
-
-    @contextmanager
-    def held(self, ticket: Ticket) -> Iterator[Ticket]:
-        """Release the whole ticket however the block ends (a failure, a kill, a put-back)."""
+    def send_in_turn(self, ticket: Ticket[N], notes: Sequence[N],
+                     send: Callable[[list[N], bool], Sequence[R]], probing: bool = False
+                     ) -> list[R | object]:
+        """Send these notes (a subset of the ticket's, in order) in their lanes' turn; one
+        result per note. This greenlet sends ready lanes (its own or others') until every one
+        of its notes has an answer; send(notes, probing) makes one call."""
+        wanted = {id(n) for n in notes}
+        ticket.probing = probing
+        mine: list[Entry[N]] = []
+        for entry in ticket.entries:
+            if id(entry.note) in wanted:
+                entry.state = PENDING
+                mine.append(entry)
+        self._remove([e for e in ticket.entries if e.state == RESERVED])
+        for entry in mine:
+            self._check(entry.note.channels)
         try:
-            yield ticket
+            while not all(e.state == DONE for e in mine):
+                call = self._form()
+                if call:
+                    self._send(call, send)
+                    continue
+                ticket._event = gevent.event.Event()
+                try:
+                    ticket._event.wait()
+                finally:
+                    ticket._event = None
         finally:
-            self.release(ticket)
+            self._handover()
+        return [e.result for e in mine]
+
+    def release(self, ticket: Ticket[N]) -> None:
+        """The batch is over, however it ended: what of it was not sent leaves its lanes.
+        (What another greenlet is sending for it finishes, and its answer is dropped.)"""
+        self._remove([e for e in ticket.entries if e.state in (RESERVED, PENDING)])
 
     @property
     def channels_held(self) -> int:
-        """Channels with an unreleased ticket (for tests and metrics)."""
-        return len(self._last)
+        """Lanes with a notification in them, taken or under way (for tests and metrics)."""
+        return len(self._lanes)
+
+    # -- lanes -------------------------------------------------------------------------------
+
+    def _front_goes(self, channel: str) -> Entry[N] | None:
+        """The front of this lane, if it may be sent now. A call's notifications stay at the
+        front of their lanes until it is answered, so a lane is busy when its front is."""
+        lane = self._lanes.get(channel)
+        if not lane or lane[0].state != PENDING:
+            return None
+        front = lane[0]
+        for other in front.note.channels:
+            if other != channel and self._lanes[other][0] is not front:
+                return None
+        return front
+
+    def _check(self, channels: Sequence[str]) -> None:
+        """Queue each of these lanes whose front may go now, and wake that front's greenlet."""
+        for channel in channels:
+            front = self._front_goes(channel)
+            if front is not None and channel not in self._queued:
+                self._queued.add(channel)
+                self._ready.append(channel)
+                front.ticket._wake()
+
+    def _form(self) -> list[Entry[N]]:
+        """One call, which is one HTTP request: the front run of the oldest ready lane, then
+        of the next ones while there is room; or one notification that goes alone (an
+        envelope, a retry). Its notifications stay at the front of their lanes, so the lanes
+        are busy until the answer."""
+        call: list[Entry[N]] = []
+        passed: list[str] = []  # ready lanes whose front must go alone: for another call
+        while self._ready and len(call) < self.batch:
+            channel = self._ready.popleft()
+            self._queued.discard(channel)
+            front = self._front_goes(channel)
+            if front is None:
+                continue
+            if self._alone(front.note):
+                if call:
+                    passed.append(channel)
+                    continue
+                front.state = INFLIGHT
+                call.append(front)
+                break
+            run = [front]
+            for entry in islice(self._lanes[channel], 1, self.batch - len(call)):
+                if entry.state != PENDING or self._alone(entry.note):
+                    break
+                run.append(entry)
+            for entry in run:
+                entry.state = INFLIGHT
+            call.extend(run)
+        for channel in reversed(passed):
+            self._queued.add(channel)
+            self._ready.appendleft(channel)
+            self._lanes[channel][0].ticket._wake()  # its own greenlet may send it meanwhile
+        return call
+
+    def _send(self, call: list[Entry[N]], send: Callable[[list[N], bool], Sequence[R]]) -> None:
+        results: Sequence[object] = ()
+        try:
+            results = send([e.note for e in call], any(e.ticket.probing for e in call))
+        finally:
+            touched: dict[str, None] = {}
+            for i, entry in enumerate(call):
+                entry.result = results[i] if i < len(results) else NOT_SENT
+                entry.state = DONE
+                touched.update(dict.fromkeys(entry.note.channels))
+                self._drop(entry)
+                if entry.ticket._event is not None:
+                    entry.ticket._wake()
+            self._check(list(touched))
+
+    def _remove(self, entries: Sequence[Entry[N]]) -> None:
+        touched: dict[str, None] = {}
+        for entry in entries:
+            entry.state = DONE
+            self._drop(entry)
+            touched.update(dict.fromkeys(entry.note.channels))
+        self._check(list(touched))
+
+    def _drop(self, entry: Entry[N]) -> None:
+        for channel in dict.fromkeys(entry.note.channels):
+            lane = self._lanes.get(channel)
+            if lane is None:
+                continue
+            if lane[0] is entry:
+                lane.popleft()
+            else:
+                try:
+                    lane.remove(entry)
+                except ValueError:
+                    pass
+            if not lane:
+                del self._lanes[channel]
+
+    def _handover(self) -> None:
+        """Leaving with lanes still ready: wake the greenlets waiting at their fronts."""
+        for channel in self._ready:
+            lane = self._lanes.get(channel)
+            if lane:
+                lane[0].ticket._wake()

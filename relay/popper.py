@@ -15,12 +15,12 @@
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import gevent
-import gevent.event
+
+from relay.fairlock import FairLock
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,15 @@ class PopGate:
 
     def __init__(self) -> None:
         self._holder: gevent.Greenlet | None = None  # the greenlet in the pop, if any
-        self._held = False
-        self._waiters: deque[gevent.event.Event] = deque()
+        self._turns = FairLock()
         self.closed = False
 
     @contextmanager
     def popping(self) -> Iterator[None]:
         """Hold the pop for the `with` body; raises PopCut once the gate is closed."""
-        self._acquire()
+        if self.closed:
+            raise PopCut
+        self._turns.acquire()
         try:
             if self.closed:  # closed while this greenlet waited for its turn
                 raise PopCut
@@ -51,7 +52,7 @@ class PopGate:
             finally:
                 self._holder = None
         finally:
-            self._release()
+            self._turns.release()
 
     def close(self) -> None:
         """Stop: no pop begins from now on, and the one under way ends at once."""
@@ -62,37 +63,12 @@ class PopGate:
         if holder is not None:
             # Thrown from the hub: if the holder has left the pop by then, it is not thrown.
             gevent.get_hub().loop.run_callback(self._cut, holder)
-        waiters, self._waiters = list(self._waiters), deque()
-        for turn in waiters:
-            turn.set()  # each raises PopCut on waking (see popping)
+        self._turns.close()  # each waiter raises PopCut on waking (see popping)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return self._turns.waiting
 
     def _cut(self, holder: gevent.Greenlet) -> None:
         if self._holder is holder:
             holder.throw(PopCut)
-
-    def _acquire(self) -> None:
-        if self.closed:
-            raise PopCut
-        if not self._held and not self._waiters:
-            self._held = True
-            return
-        turn = gevent.event.Event()
-        self._waiters.append(turn)
-        try:
-            turn.wait()
-        except BaseException:  # killed while waiting
-            if turn.is_set() and not self.closed:
-                self._release()  # it had been handed over: pass it on
-            elif turn in self._waiters:
-                self._waiters.remove(turn)
-            raise
-
-    def _release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # handed over: it stays held
-        else:
-            self._held = False

@@ -4,8 +4,8 @@
    wait for the gate (circuit, 429 pause, rate limit) -> fetch up to a batch -> parse ->
    send -> carry out each notification's fate, which relay.fate.decide chooses.
    With RELAY_CHANNEL_ORDER (the default), fetching and parsing happen one greenlet at a
-   time and end with a ticket, and the send waits for the earlier batches of the same
-   channels (relay.ordering).
+   time and end with a ticket (a place in each channel's lane), and the send goes in the
+   lanes' turn, in calls any waiting greenlet may carry (relay.ordering).
 2. Housekeeping (heartbeat, due retries, reaping, trimming, the summary) runs beside them
    (relay.housekeeping); with `--burst` a watcher ends the run once nothing is left.
 3. SIGTERM/SIGINT: gevent runs `stop` in a greenlet (never inside the signal handler), which
@@ -36,7 +36,7 @@ from relay.carrier import Carrier, Item
 from relay.circuit import Circuit
 from relay.config import Config
 from relay.connect import disconnect_all
-from relay.delivery import MAX_BATCH, Delivery, Failure
+from relay.delivery import MAX_BATCH, Delivery, Failure, goes_alone
 from relay.fate import (
     DELIVERED,
     UNSENT,
@@ -53,7 +53,7 @@ from relay.housekeeping import MAINTENANCE_S, Housekeeper
 from relay.lease import Lease
 from relay.message import InvalidMessage, Notification, parse
 from relay.metrics import Metrics
-from relay.ordering import OrderBook, Ticket
+from relay.ordering import NOT_SENT, OrderBook, Ticket
 from relay.queue import RedisQueue, WorkerReaped
 from relay.ratelimit import RateLimiter
 from relay.redis_shared import BLOCK_S, REDIS_DOWN, REDIS_ERRORS
@@ -61,7 +61,9 @@ from relay.retry import Outage
 
 log = logging.getLogger(__name__)
 
-HELD = object()  # an answer meaning: not sent, the gate closed while it waited for its turn
+# An answer meaning: not sent (the gate closed while it waited for its turn, or the greenlet
+# sending its channel's call was killed): it goes back untouched.
+HELD = NOT_SENT
 
 SHUTDOWN_GRACE_S = 1.0
 # While the circuit is open or paused, a greenlet looks again this often (another one's
@@ -82,7 +84,8 @@ class Worker:
         self.clock = clock
         self.burst = burst
         self.circuit = Circuit()
-        self.order = OrderBook() if config.channel_order else None
+        self.order: OrderBook[Notification] | None = (
+            OrderBook(MAX_BATCH, goes_alone) if config.channel_order else None)
         self.redis_outage = Outage("Redis",
                                    where=f" at REDIS_URL={redis_url.mask(config.redis_url)}")
         self.stopping = gevent.event.Event()
@@ -252,8 +255,7 @@ class Worker:
                     self.redis_outage.succeeded()
                 parsed = [self._parse(raw) for raw in items]
                 if self.order is not None and items:
-                    ticket = self.order.take(c for n in parsed if isinstance(n, Notification)
-                                             for c in n.channels)
+                    ticket = self.order.take([n for n in parsed if isinstance(n, Notification)])
             self._carry(lease, items, parsed, probing, budget, ticket)
         finally:
             if ticket is not None:
@@ -331,18 +333,21 @@ class Worker:
 
     def _send(self, notes: list[Notification], ticket: Ticket | None, probing: bool
               ) -> Sequence[Failure | None | object]:
-        """Send now, or in the notes' channels' turn. A part whose turn came while the gate
-        was closing (the circuit opened, or a 429 paused everyone, meanwhile) is not sent:
-        HELD, so it goes back untouched, as it would had it been fetched a moment later."""
+        """Send now, or in the notes' channels' turn (this greenlet may carry other batches'
+        notes in the same calls: relay.ordering). A call whose turn came while the gate was
+        closing (the circuit opened, or a 429 paused everyone, meanwhile) is not sent: HELD,
+        so its notes go back untouched, as they would had they been fetched a moment later."""
         if ticket is None:
             return self.delivery.send(notes)
 
-        def send_part(part: list[Notification]) -> Sequence[Failure | None | object]:
-            if not probing and self.circuit.holding():
-                return [HELD] * len(part)
-            return self.delivery.send(part)
+        def send_call(call: list[Notification], probe: bool
+                      ) -> Sequence[Failure | None | object]:
+            if not probe and self.circuit.holding():
+                return [HELD] * len(call)
+            return self.delivery.send(call)
 
-        return self.order.send_in_turn(ticket, notes, send_part)  # type: ignore[union-attr]
+        return self.order.send_in_turn(  # type: ignore[union-attr]
+            ticket, notes, send_call, probing)
 
     def _parse(self, raw: bytes) -> Item:
         try:
