@@ -103,10 +103,11 @@ class Circuit:
         """The probe found nothing to send; the next greenlet may probe."""
         self.probing = False
 
-    def pause(self, seconds: float) -> None:
+    def pause(self, seconds: float, why: str = "HTTP 429") -> None:
+        """why: the answer that asked for it (a 429, or sockudo's 503 with Retry-After)."""
         until = self.clock() + seconds
         if until > self.paused_until:
             if self.clock() >= self.paused_until:
-                log.warning("Pusher asked to slow down (429): every greenlet waits %.1f s",
-                            seconds)
+                log.warning("Pusher asked to slow down (%s): every greenlet waits %.1f s",
+                            why, seconds)
             self.paused_until = until

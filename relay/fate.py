@@ -137,6 +137,7 @@ class Verdict:
     pause_s: float | None = None  # a 429: everybody waits this long (0: not at all)
     systemic: str | None = None  # open the circuit
     transient: str | None = None  # one more failure in a row
+    pause_why: str = "HTTP 429"  # what asked for the pause (sockudo: 503 with Retry-After)
 
 
 def verdict(notes: Sequence[Notification], answers: Sequence[Failure | None],
@@ -145,12 +146,15 @@ def verdict(notes: Sequence[Notification], answers: Sequence[Failure | None],
     delivered = any(a is None for a in answers)
     recent = last_success_at is not None and now - last_success_at < RECENT_SUCCESS_S
     pause_s = systemic = transient = None
+    pause_why = "HTTP 429"
     for note, answer in zip(notes, answers, strict=True):
         if answer is None:
             continue
         if answer.kind is Kind.RATE_LIMITED:
             ra = answer.retry_after_s
             pause_s = max(pause_s or 0.0, ra if ra is not None else 1.0)
+            if answer.status is not None:
+                pause_why = f"HTTP {answer.status}"
         elif (answer.kind is Kind.PERMANENT or is_suspect(note, last_success_at)
               or (answer.shared > 1 and recent)):
             continue
@@ -161,4 +165,4 @@ def verdict(notes: Sequence[Notification], answers: Sequence[Failure | None],
     if delivered:
         # Others in the same send went through: the failures are about those notifications.
         systemic = transient = None
-    return Verdict(delivered, pause_s, systemic, transient)
+    return Verdict(delivered, pause_s, systemic, transient, pause_why)

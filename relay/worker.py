@@ -357,7 +357,7 @@ class Worker:
 
     def _tell_circuit(self, news: Verdict) -> None:
         if news.pause_s:  # Retry-After: 0 means no pause at all
-            self.circuit.pause(news.pause_s)
+            self.circuit.pause(news.pause_s, news.pause_why)
         if news.systemic is not None:
             self.circuit.systemic(news.systemic)
         elif news.delivered:

@@ -154,6 +154,13 @@ def test_a_success_between_transients_resets_the_count(clock: Clock) -> None:
     assert circuit.is_open
 
 
+def test_the_pause_log_names_the_answer(circuit: Circuit,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="relay.circuit")
+    circuit.pause(2.0, "HTTP 503")
+    assert "slow down (HTTP 503)" in caplog.text and "429" not in caplog.text
+
+
 def test_pause_blocks_for_the_given_seconds(circuit: Circuit, clock: Clock,
                                             caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="relay.circuit")

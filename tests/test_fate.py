@@ -175,6 +175,13 @@ def test_verdict(notes, answers, last_success, expected) -> None:
     assert (news.delivered, news.pause_s, news.systemic, news.transient) == expected
 
 
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_pause_says_which_answer_asked_for_it(status: int) -> None:
+    """sockudo's backpressure is a 503 with Retry-After: the log must not call it a 429."""
+    news = verdict([FRESH], [Failure(Kind.RATE_LIMITED, "slow", status, 2.0)], None, NOW)
+    assert (news.pause_s, news.pause_why) == (2.0, f"HTTP {status}")
+
+
 def test_suspect_needs_an_earlier_failure_and_a_later_success() -> None:
     assert not is_suspect(FRESH, NOW)
     assert not is_suspect(SUSPECT, None)
