@@ -43,8 +43,9 @@ class Lease:
         # blocking pop instead. See RedisQueue.fetch.
         self.eager = True
 
-    def fetch(self, budget: int, block_s: float, backlog: bool) -> list[bytes]:
-        items = self.queue.fetch(self.slot, budget, block_s, self.eager or backlog)
+    def fetch(self, budget: int, block_s: float, backlog: bool, linger: float = 0.0
+              ) -> list[bytes]:
+        items = self.queue.fetch(self.slot, budget, block_s, self.eager or backlog, linger)
         self.eager = len(items) > 1
         return items
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
 
+import gevent
 import redis
 
 from relay.errors import RelayError
@@ -437,7 +438,8 @@ class RedisQueue:
     def slot_key(self, slot: int) -> str:
         return self.keys.inflight(self.worker_id, slot)
 
-    def fetch(self, slot: int, batch: int, block_s: float, eager: bool = True) -> list[bytes]:
+    def fetch(self, slot: int, batch: int, block_s: float, eager: bool = True,
+              linger: float = 0.0) -> list[bytes]:
         """Up to `batch` items for this slot; waits up to block_s when the queue is empty.
 
         Only one greenlet of the process is in the blocking pop at a time; the others wait
@@ -449,25 +451,33 @@ class RedisQueue:
         wakes up empty-handed, the script runs once anyway: it adopts an item that a
         command with a lost reply moved into the slot, even on a quiet queue (one cheap
         call per block_s per process while idle: the slots take the pop in turn).
+
+        linger (RELAY_LINGER): after the pop brought one item, still holding the pop, wait
+        that long and top the batch up with whatever arrived meanwhile, so that a moderate
+        rate shares calls and round trips instead of paying them one notification each.
         """
         key = self.slot_key(slot)
         if eager:
             items = self._top_up(key, batch)
             if items or block_s <= 0:
                 return items
+        lingered = False
         try:
             with self.pops.popping():  # one greenlet of the process blocks here at a time
                 moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side,
                                            "RIGHT")
+                if moved is not None and linger > 0 and batch > 1:
+                    gevent.sleep(linger)  # a stop cuts this short too (PopCut)
+                    lingered = True
         except PopCut:
             return []  # stopping: what the pop moved is in the slot; shutdown returns it
         except redis.ResponseError as exc:
             if str(exc).startswith("UNBLOCKED"):  # "... instance state changed (master ->
                 raise RedisDemoted(str(exc)) from None  # replica?)": not the item's fault
             raise
-        if moved is None:
+        if moved is None or eager or lingered:
             return self._top_up(key, batch)
-        return self._top_up(key, batch) if eager else [moved]
+        return [moved]
 
     def _top_up(self, key: str, batch: int) -> list[bytes]:
         items = self._fetch(keys=[self.keys.queue, key, self.keys.workers],

@@ -251,7 +251,8 @@ class Worker:
                 items: list[bytes] = []
                 # Greenlets queued here when a stop came must not fetch, one pop after another.
                 if budget and not self.stopping.is_set():
-                    items = lease.fetch(budget, BLOCK_S, self.housekeeper.backlog > 0)
+                    items = lease.fetch(budget, BLOCK_S, self.housekeeper.backlog > 0,
+                                        self.config.linger)
                     self.redis_outage.succeeded()
                 parsed = [self._parse(raw) for raw in items]
                 if self.order is not None and items:

@@ -411,6 +411,29 @@ def test_lazy_fetch_takes_a_lone_item_in_one_blocking_pop(r, queue_name):
     assert q.fetch(0, 10, 1.0, eager=True) == [b"a", b"b", b"c"]  # adopts and tops up
 
 
+def test_linger_tops_the_lone_item_up_with_what_arrived(r, queue_name):
+    """RELAY_LINGER: the pop brings one item, then the batch is topped up after the wait
+    (here the others were already there: with no linger the pop would take one alone)."""
+    q = registered(r, queue_name, slots=1)
+    r.rpush(queue_name, *items(3))
+    assert q.fetch(0, 10, 1.0, eager=False, linger=0.01) == items(3)
+    assert q.fetch(0, 10, 1.0, eager=False, linger=0.01) == items(3)  # adopted again
+    r.delete(q.slot_key(0))
+    r.rpush(queue_name, *items(3))
+    assert q.fetch(0, 1, 1.0, eager=False, linger=0.01) == items(3)[:1]  # a probe: no wait
+
+
+def test_a_stop_cuts_the_linger_short(r, queue_name):
+    q = registered(r, queue_name, slots=1)
+    r.rpush(queue_name, *items(2))
+    fetch = gevent.spawn(q.fetch, 0, 10, 1.0, False, 30.0)
+    wait_for(lambda: r.llen(q.slot_key(0)) == 1, what="the pop")  # now lingering for 30 s
+    assert not fetch.ready()
+    q.pops.close()
+    assert fetch.get(timeout=5) == []  # what it moved stays in the slot for shutdown
+    assert r.lrange(q.slot_key(0), 0, -1) == items(2)[:1]
+
+
 def test_a_reaped_worker_hands_back_what_a_blocking_pop_put_in_its_slot(
         r: redis.Redis, queue_name: str) -> None:
     q = registered(r, queue_name)

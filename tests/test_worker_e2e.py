@@ -116,3 +116,28 @@ def test_401_dead_letters_nothing_and_opens_the_circuit(r, pusher, start_worker,
     assert calls_then <= 20  # one batch call per greenlet at most before the circuit opened
     assert w.log().count("circuit open") == 1
     wait_for(lambda: "circuit closed" in w.log(), what="the circuit to close")
+
+
+def test_linger_lets_a_quiet_spells_first_notification_share_its_call(r, pusher, start_worker,
+                                                                      queue_name):
+    """RELAY_LINGER: the pop that ends a quiet spell waits for what follows it closely, and
+    they leave in one batch call. Without it (RELAY_LINGER=0, checked below the same way)
+    the first goes alone at once. One greenlet, warmed up by a first notification, so that
+    its next fetch is the lone blocking pop of a quiet queue."""
+    for linger, calls in (("2", 1), ("0", None)):
+        pusher.reset()
+        w = start_worker(RELAY_LINGER=linger, RELAY_POOL_SIZE="1")
+        r.rpush(queue_name, json.dumps({"channel": "warm", "n": -1}))
+        pusher.wait_for_events(1)
+        pusher.reset()
+        wait_for(lambda: int(r.info("clients")["blocked_clients"]) >= 1, what="the pop")
+        with r.pipeline(transaction=False) as pipe:
+            for i in range(5):
+                pipe.rpush(queue_name, json.dumps({"channel": f"c{i}", "n": i}))
+            pipe.execute()
+        events = pusher.wait_for_events(5)
+        assert sorted(json.loads(e["data"])["n"] for e in events) == list(range(5))
+        made = pusher.stats()["requests_total"]
+        assert made == 1 if calls == 1 else made > 1, (linger, made)
+        w.signal()
+        assert w.wait() == 0
