@@ -81,6 +81,10 @@ VARIANTS = {v.name: v for v in (
     Variant("relay", "relay", about="relay's defaults with requirements.txt installed"),
     Variant("relay-unordered", "relay", {"RELAY_CHANNEL_ORDER": "false"},
             about="relay's defaults but RELAY_CHANNEL_ORDER=false"),
+    Variant("relay-linger5", "relay", {"RELAY_LINGER": "0.005"},
+            about="relay's defaults with RELAY_LINGER=0.005 (5 ms)"),
+    Variant("relay-linger20", "relay", {"RELAY_LINGER": "0.02"},
+            about="relay's defaults with RELAY_LINGER=0.02 (20 ms)"),
     Variant("floor", "floor", about="bench/floor.py: one greenlet, BLMOVE + sign + POST + "
             "ack, on relay's stack; the least a reliable relay in Python does"),
     Variant("floor-noack", "floor", {"FLOOR_ARGS": "--no-ack"},
