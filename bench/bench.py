@@ -89,6 +89,7 @@ class Plan:
     everyday_repeats: int = 3
     everyday_s: float = 20.0  # each steady rate, and the idle window
     everyday_probes: int = everyday.QUIET_PROBES
+    relay_env: tuple[tuple[str, str], ...] = ()  # --relay-env: for every relay child
 
     def timeout_s(self, count: int) -> float:
         return 60.0 + count / 100  # 100 events/s is far below anything worth measuring
@@ -159,7 +160,7 @@ class Bench:
             command = [sys.executable, "worker.py"]
             env = self.child_env({"RELAY_QUEUE": QUEUE, "RELAY_POOL_SIZE": str(self.plan.pool),
                                   "RELAY_METRICS_ADDR": "off", "RELAY_LOG_LEVEL": "info",
-                                  **(extra_env or {})})
+                                  **dict(self.plan.relay_env), **(extra_env or {})})
         with running(who, command, env, str(REPO)) as child:
             yield child
 
@@ -430,6 +431,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steady-rate", type=int, default=STEADY_RATE_PER_S,
                         help="notifications per second in the steady scenario")
     parser.add_argument("--quick", action="store_true", help="smaller counts: a smoke run")
+    parser.add_argument("--relay-env", action="append", default=[], metavar="NAME=VALUE",
+                        type=lambda text: tuple(text.split("=", 1)),
+                        help="a setting for every relay child of the drain, steady and rate "
+                             "scenarios, e.g. RELAY_CHANNEL_ORDER=false (repeatable)")
     args = parser.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
@@ -443,11 +448,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_plan(args: argparse.Namespace) -> Plan:
     chosen = tuple(s for s in SCENARIOS if s in args.scenarios.split(","))
     variants = tuple(args.everyday_variants.split(","))
+    relay_env = tuple(args.relay_env)
     if args.quick:
         return Plan(chosen, args.count or 3_000, args.pool, 20_000, 10.0, 10.0, 1,
-                    args.steady_rate, 1, variants, args.everyday_repeats or 1, 5.0, 2)
+                    args.steady_rate, 1, variants, args.everyday_repeats or 1, 5.0, 2, relay_env)
     return Plan(chosen, args.count or 20_000, args.pool, 100_000, 20.0, 20.0, 5, args.steady_rate,
-                3, variants, args.everyday_repeats or 3)
+                3, variants, args.everyday_repeats or 3, relay_env=relay_env)
 
 
 @contextmanager
