@@ -99,29 +99,27 @@ def make_certs(where: Path) -> Certs:
                  f"{p}/client.crt", f"{p}/client.key", f"{p}/wrongca.crt")
 
 
-def _tls_answers(port: int, certs: Certs) -> bool:
+def _tls_ping(port: int, certs: Certs) -> bytes:
+    """The start of the reply to PING over a TLS handshake with the client certificate;
+    b"" when the server does not answer yet."""
     context = ssl.create_default_context(cafile=certs.ca)
     context.load_cert_chain(certs.client_cert, certs.client_key)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw, \
                 context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16)
     except OSError:
-        return False
+        return b""
+
+
+def _tls_answers(port: int, certs: Certs) -> bool:
+    return _tls_ping(port, certs).startswith(b"+PONG")
 
 
 def _tls_replies(port: int, certs: Certs) -> bool:
-    """A TLS handshake and any reply to PING (a server requiring a password says NOAUTH)."""
-    context = ssl.create_default_context(cafile=certs.ca)
-    context.load_cert_chain(certs.client_cert, certs.client_key)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw, \
-                context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16)[:1] in (b"+", b"-")
-    except OSError:
-        return False
+    """Any reply to PING (a server requiring a password says NOAUTH)."""
+    return _tls_ping(port, certs)[:1] in (b"+", b"-")
 
 
 def tls_args(certs: Certs, port: int) -> list[str]:
