@@ -3,7 +3,7 @@
 gevent's Semaphore lets the greenlet that just released it take it again before a waiter
 wakes up; a greenlet that loops straight back to fetch would then keep the fetch (or the
 blocking pop) to itself, and the others would never look at their own in-flight lists.
-Used by relay.ordering (taking in turn) and relay.popper (the one blocking pop).
+Used by relay.popper (the one blocking pop).
 """
 
 from __future__ import annotations

@@ -49,6 +49,15 @@ class Lease:
         self.eager = len(items) > 1
         return items
 
+    @staticmethod
+    def fetch_round(wants: Sequence[tuple[Lease, int]]) -> list[list[bytes]]:
+        """Fetch for a round of leases of one queue at once (relay.turns): one round trip, no
+        blocking, the queue's items handed out in this order."""
+        batches = wants[0][0].queue.fetch_round([(lease.slot, budget) for lease, budget in wants])
+        for (lease, _), items in zip(wants, batches, strict=True):
+            lease.eager = len(items) > 1
+        return batches
+
     # Each settle step carries the dashboard's figures gathered since the last one (taken
     # once, so a step retried through an outage carries them once; see history.Tally).
 

@@ -3,11 +3,12 @@
 Greenlets send concurrently, so without a rule a batch taken later can reach Pusher first, and
 a subscriber sees "shipped" before "packed". The rule, and why it cannot deadlock:
 
-1. **Lanes in taking order.** A greenlet fetches, parses and takes its ticket inside
-   `OrderBook.taking()`, one greenlet at a time and in the order they asked (a fair lock), so
-   each notification joins the lane of each of its channels in exactly the order Redis handed
-   it out. The lock is needed because the replies of concurrent fetches wake their greenlets
-   in an order that has nothing to do with the order Redis served them.
+1. **Lanes in taking order.** Greenlets fetch, parse and take their tickets in turn, in the
+   order they asked (relay.turns: a round of them shares one fetch script, which hands the
+   queue's items out in that order), so each notification joins the lane of each of its
+   channels in exactly the order Redis handed it out. Turns are needed because the replies of
+   concurrent fetches wake their greenlets in an order that has nothing to do with the order
+   Redis served them.
 2. **One call per lane at a time, from the front.** A call takes notifications from the front
    of lanes that have no call under way, and keeps the lane busy until Pusher has answered.
    A notification with several channels (an envelope) goes once it is at the front of each of
@@ -38,14 +39,11 @@ Across processes nothing is ordered: two processes on one queue can interleave a
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Generic, Protocol, TypeVar
 
 import gevent.event
-
-from relay.fairlock import FairLock
 
 
 class HasChannels(Protocol):
@@ -96,24 +94,13 @@ class OrderBook(Generic[N]):
         HTTP request) of its own, as Delivery.send would send it."""
         self.batch = batch
         self._alone = alone
-        self._taking = FairLock()
         self._lanes: dict[str, deque[Entry[N]]] = {}  # per channel, in taking order
         self._ready: deque[str] = deque()  # lanes whose front may go now (checked again)
         self._queued: set[str] = set()  # what _ready holds
 
-    @contextmanager
-    def taking(self) -> Iterator[None]:
-        """Fetch and take() inside this, one greenlet at a time in the order they came (see
-        the module's point 1)."""
-        self._taking.acquire()
-        try:
-            yield
-        finally:
-            self._taking.release()
-
     def take(self, notes: Sequence[N]) -> Ticket[N]:
         """Each note's place at the back of its channels' lanes, held until it is submitted
-        (send_in_turn) or released."""
+        (send_in_turn) or released. Called in the order Redis handed the notes out."""
         ticket: Ticket[N] = Ticket()
         for note in notes:
             entry = Entry(note, ticket)
@@ -140,7 +127,7 @@ class OrderBook(Generic[N]):
             self._check(entry.note.channels)
         try:
             while not all(e.state == DONE for e in mine):
-                call = self._form()
+                call = self._form(mine)
                 if call:
                     self._send(call, send)
                     continue
@@ -181,17 +168,26 @@ class OrderBook(Generic[N]):
         """Queue each of these lanes whose front may go now, and wake that front's greenlet."""
         for channel in channels:
             front = self._front_goes(channel)
-            if front is not None and channel not in self._queued:
-                self._queued.add(channel)
-                self._ready.append(channel)
+            if front is not None:
+                if channel not in self._queued:
+                    self._queued.add(channel)
+                    self._ready.append(channel)
                 front.ticket._wake()
 
-    def _form(self) -> list[Entry[N]]:
-        """One call, which is one HTTP request: the front run of the oldest ready lane, then
-        of the next ones while there is room; or one notification that goes alone (an
-        envelope, a retry). Its notifications stay at the front of their lanes, so the lanes
-        are busy until the answer."""
+    def _form(self, mine: Sequence[Entry[N]] = ()) -> list[Entry[N]]:
+        """One call, which is one HTTP request: the front runs of the sender's own ready lanes
+        (so it seldom waits on another greenlet, nor wakes one), then of the oldest ready
+        lanes while there is room; or one notification that goes alone (an envelope, a
+        retry). Its notifications stay at the front of their lanes, so the lanes are busy
+        until the answer. Lanes taken out of turn stay in the ready queue: popped later, a
+        lane is checked again."""
         call: list[Entry[N]] = []
+        for entry in mine:
+            if entry.state == PENDING and self._front_goes(entry.note.channels[0]) is entry:
+                if self._take_run(call, entry.note.channels[0], entry):
+                    return call
+                if len(call) >= self.batch:
+                    return call
         passed: list[str] = []  # ready lanes whose front must go alone: for another call
         while self._ready and len(call) < self.batch:
             channel = self._ready.popleft()
@@ -199,26 +195,35 @@ class OrderBook(Generic[N]):
             front = self._front_goes(channel)
             if front is None:
                 continue
-            if self._alone(front.note):
-                if call:
-                    passed.append(channel)
-                    continue
-                front.state = INFLIGHT
-                call.append(front)
+            if self._alone(front.note) and call:
+                passed.append(channel)
+                continue
+            if self._take_run(call, channel, front):
                 break
-            run = [front]
-            for entry in islice(self._lanes[channel], 1, self.batch - len(call)):
-                if entry.state != PENDING or self._alone(entry.note):
-                    break
-                run.append(entry)
-            for entry in run:
-                entry.state = INFLIGHT
-            call.extend(run)
         for channel in reversed(passed):
             self._queued.add(channel)
             self._ready.appendleft(channel)
             self._lanes[channel][0].ticket._wake()  # its own greenlet may send it meanwhile
         return call
+
+    def _take_run(self, call: list[Entry[N]], channel: str, front: Entry[N]) -> bool:
+        """Add the front run of this lane to the call; True when the call is full (the front
+        goes alone: an envelope, a retry)."""
+        if self._alone(front.note):
+            if call:
+                return False
+            front.state = INFLIGHT
+            call.append(front)
+            return True
+        run = [front]
+        for entry in islice(self._lanes[channel], 1, self.batch - len(call)):
+            if entry.state != PENDING or self._alone(entry.note):
+                break
+            run.append(entry)
+        for entry in run:
+            entry.state = INFLIGHT
+        call.extend(run)
+        return False
 
     def _send(self, call: list[Entry[N]], send: Callable[[list[N], bool], Sequence[R]]) -> None:
         results: Sequence[object] = ()

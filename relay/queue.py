@@ -56,20 +56,28 @@ log = logging.getLogger(__name__)
 # Redis time, inside scripts, so that hosts with skewed clocks agree on deadlines.
 _NOW = NOW_LUA
 
-# KEYS: queue, slot list, workers zset. ARGV: batch size, pop side, worker id.
-# Returns the slot's whole list, or false when this worker has been reaped (see heartbeat):
-# then whatever a blocking pop just moved into the slot goes straight back to the queue, so
-# nothing waits in the list of a worker that nobody will reap again.
+# KEYS: queue, workers zset, then one or more slot lists. ARGV: pop side, worker id, then each
+# slot's batch size. Tops up the slots in that order (so a round of greenlets gets the queue's
+# items in their turn, relay.turns) and returns each slot's whole list; or false when this
+# worker has been reaped (see heartbeat): then whatever a blocking pop just moved into a slot
+# goes straight back to the queue, so nothing waits in the list of a worker that nobody will
+# reap again.
 FETCH = """
-if not redis.call('ZSCORE', KEYS[3], ARGV[3]) then
-  while redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', ARGV[2]) do end
+if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
+  for s = 3, #KEYS do
+    while redis.call('LMOVE', KEYS[s], KEYS[1], 'RIGHT', ARGV[1]) do end
+  end
   return false
 end
-local want = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[2])
-for i = 1, want do
-  if not redis.call('LMOVE', KEYS[1], KEYS[2], ARGV[2], 'RIGHT') then break end
+local out = {}
+for s = 3, #KEYS do
+  local want = tonumber(ARGV[s]) - redis.call('LLEN', KEYS[s])
+  for i = 1, want do
+    if not redis.call('LMOVE', KEYS[1], KEYS[s], ARGV[1], 'RIGHT') then break end
+  end
+  out[#out + 1] = redis.call('LRANGE', KEYS[s], 0, -1)
 end
-return redis.call('LRANGE', KEYS[2], 0, -1)
+return out
 """
 
 # The dashboard's history rides on the settle scripts, so counting costs no round trip:
@@ -479,12 +487,21 @@ class RedisQueue:
             return self._top_up(key, batch)
         return [moved]
 
+    def fetch_round(self, wants: Sequence[tuple[int, int]]) -> list[list[bytes]]:
+        """For each (slot, batch), in that order, up to `batch` items: one round trip for a
+        round of greenlets (relay.turns). Never blocks; what each slot already held comes
+        back too (see fetch)."""
+        return self._top_up_all([(self.slot_key(slot), batch) for slot, batch in wants])
+
     def _top_up(self, key: str, batch: int) -> list[bytes]:
-        items = self._fetch(keys=[self.keys.queue, key, self.keys.workers],
-                            args=[batch, self.pop_side, self.worker_id])
-        if items is None:
+        return self._top_up_all([(key, batch)])[0]
+
+    def _top_up_all(self, wants: Sequence[tuple[str, int]]) -> list[list[bytes]]:
+        lists = self._fetch(keys=[self.keys.queue, self.keys.workers, *(k for k, _ in wants)],
+                            args=[self.pop_side, self.worker_id, *(b for _, b in wants)])
+        if lists is None:
             raise WorkerReaped(self.worker_id)
-        return list(items)
+        return [list(items) for items in lists]
 
     # `extra` on each settle step: the dashboard's figures riding along (history.Tally).
 

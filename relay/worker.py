@@ -21,7 +21,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -58,6 +58,7 @@ from relay.queue import RedisQueue, WorkerReaped
 from relay.ratelimit import RateLimiter
 from relay.redis_shared import BLOCK_S, REDIS_DOWN, REDIS_ERRORS
 from relay.retry import Outage
+from relay.turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,30 @@ SHUTDOWN_GRACE_S = 1.0
 # While the circuit is open or paused, a greenlet looks again this often (another one's
 # probe may have closed it meanwhile).
 GATE_RECHECK_S = 1.0
+# At most this many greenlets' fetches share one round trip (relay.turns): 200 items a script.
+ROUND_MOST = 20
+
+@dataclass
+class Want:
+    """A greenlet's request to fetch (relay.turns): how many, and whether a backlog is seen."""
+
+    lease: Lease
+    budget: int
+    backlog: bool
+
+    def alone(self) -> bool:
+        """Nothing in view: this fetch may block in the pop, so it is a round of its own."""
+        return not (self.lease.eager or self.backlog)
+
+
+@dataclass
+class Taken:
+    """What a greenlet fetched, parsed, and its place in the lanes (with ordering)."""
+
+    items: list[bytes]
+    parsed: list[Item]
+    ticket: Ticket[Notification] | None
+
 
 class Worker:
     def __init__(self, config: Config, queue: RedisQueue, delivery: Delivery,
@@ -84,8 +109,11 @@ class Worker:
         self.clock = clock
         self.burst = burst
         self.circuit = Circuit()
-        self.order: OrderBook[Notification] | None = (
-            OrderBook(MAX_BATCH, goes_alone) if config.channel_order else None)
+        self.order: OrderBook[Notification] | None = None
+        self.turns: Turns[Want, Taken] | None = None
+        if config.channel_order:
+            self.order = OrderBook(MAX_BATCH, goes_alone)
+            self.turns = Turns(self._fetch_round, Want.alone, self._drop, ROUND_MOST)
         self.redis_outage = Outage("Redis",
                                    where=f" at REDIS_URL={redis_url.mask(config.redis_url)}")
         self.stopping = gevent.event.Event()
@@ -245,22 +273,44 @@ class Worker:
         probing = self.circuit.is_open
         # A probe takes one notification: if Pusher still refuses, one attempt is spent.
         budget = self._budget(1 if probing else self.batch)
-        ticket: Ticket | None = None
+        want = Want(lease, budget, self.housekeeper.backlog > 0)
+        if self.turns is None:
+            taken = self._fetch_round([want])[0]
+        else:
+            taken = self.turns.take_turn(want)  # in turn, so tickets follow Redis's order
         try:
-            with self._taking():
-                items: list[bytes] = []
-                # Greenlets queued here when a stop came must not fetch, one pop after another.
-                if budget and not self.stopping.is_set():
-                    items = lease.fetch(budget, BLOCK_S, self.housekeeper.backlog > 0,
-                                        self.config.linger)
-                    self.redis_outage.succeeded()
-                parsed = [self._parse(raw) for raw in items]
-                if self.order is not None and items:
-                    ticket = self.order.take([n for n in parsed if isinstance(n, Notification)])
-            self._carry(lease, items, parsed, probing, budget, ticket)
+            self._carry(lease, taken.items, taken.parsed, probing, budget, taken.ticket)
         finally:
-            if ticket is not None:
-                self.order.release(ticket)  # type: ignore[union-attr]
+            self._drop(taken)
+
+    def _fetch_round(self, wants: list[Want]) -> list[Taken]:
+        """Fetch, parse and take tickets for a round of greenlets (relay.turns), in order: one
+        alone may block in the pop; several share one non-blocking round trip."""
+        # Greenlets queued for their turn when a stop came must not fetch, one after another.
+        live = [] if self.stopping.is_set() else [w for w in wants if w.budget]
+        batches: list[list[bytes]] = []
+        if len(wants) == 1 and live:
+            batches = [live[0].lease.fetch(live[0].budget, BLOCK_S, live[0].backlog,
+                                           self.config.linger)]
+        elif live:
+            batches = Lease.fetch_round([(w.lease, w.budget) for w in live])
+        if live:
+            self.redis_outage.succeeded()
+        fetched = {id(w): items for w, items in zip(live, batches, strict=True)}
+        taken = []
+        for want in wants:
+            items = fetched.get(id(want), [])
+            parsed = [self._parse(raw) for raw in items]
+            ticket = None
+            if self.order is not None and items:
+                ticket = self.order.take([n for n in parsed if isinstance(n, Notification)])
+            taken.append(Taken(items, parsed, ticket))
+        return taken
+
+    def _drop(self, taken: Taken) -> None:
+        """The batch is over (or its greenlet was killed before it began): free its lanes."""
+        if taken.ticket is not None:
+            self.order.release(taken.ticket)  # type: ignore[union-attr]
 
     def _carry(self, lease: Lease, items: Sequence[bytes], parsed: Sequence[Item],
                probing: bool, budget: int, ticket: Ticket | None) -> None:
@@ -278,10 +328,6 @@ class Worker:
             if probing and self.circuit.probing:
                 # The probe ended without a verdict (nothing sent, a suspect, a 429, an error).
                 self.circuit.abandon_probe()
-
-    def _taking(self) -> AbstractContextManager[Any]:
-        """With ordering, one greenlet at a time fetches, so tickets follow Redis's order."""
-        return nullcontext() if self.order is None else self.order.taking()
 
     def _budget(self, want: int) -> int:
         """How many to fetch: `want`, or what the shared rate limit grants (waits for it)."""

@@ -61,8 +61,12 @@ def test_failing_notifications_do_not_stall_the_others(r, pusher, start_worker, 
     if status == 500:
         assert "circuit open" not in log  # partial failures are not Pusher's
     else:
-        # a refused lone notification may open it: a good one then closes it
-        assert log.count("circuit open") == log.count("circuit closed"), log
+        # A refused lone notification may open it: a good one then closes it, so it ends
+        # closed. (Counting the lines would not do: an identical "circuit open" line within
+        # seconds of the last is held back by relay.logs.RepeatFilter; "closed" lines differ.)
+        gate = [line for line in log.splitlines()
+                if "circuit open" in line or "circuit closed" in line]
+        assert not gate or "circuit closed" in gate[-1], log
 
 
 def test_an_item_stranded_in_a_slot_is_adopted_on_a_quiet_queue(r, pusher, start_worker,

@@ -43,7 +43,7 @@ def test_no_import_cycles() -> None:
 def test_the_bottom_imports_nothing_of_relay() -> None:
     g = graph()
     for module in ("health", "errors", "redis_shared", "circuit", "explain", "rules", "logs",
-                   "fairlock"):
+                   "fairlock", "turns"):
         assert g[module] == set(), f"relay/{module}.py imports {g[module]}"
 
 

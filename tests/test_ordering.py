@@ -12,7 +12,8 @@ import gevent
 import gevent.event
 import pytest
 
-from relay.ordering import NOT_SENT, OrderBook
+from relay.ordering import NOT_SENT, OrderBook, Ticket
+from relay.turns import Turns
 
 
 class Note:
@@ -47,8 +48,7 @@ def batch(book: OrderBook, sender: Sender, notes: list[Note], send: list[Note] |
           probing: bool = False) -> gevent.Greenlet:
     """A worker greenlet's batch: take in turn, send `send` (default: all) in the lanes' turn,
     release however it ends."""
-    with book.taking():
-        ticket = book.take(notes)
+    ticket = book.take(notes)
 
     def run() -> list[object]:
         try:
@@ -67,8 +67,7 @@ def settle() -> None:
 
 def test_a_lone_notification_goes_at_once_and_costs_no_event() -> None:
     book, sender = OrderBook(), Sender()
-    with book.taking():
-        ticket = book.take([Note("a0", "a")])
+    ticket = book.take([Note("a0", "a")])
     assert book.send_in_turn(ticket, ticket_notes := [e.note for e in ticket.entries],
                              sender) == ["ok a0"]
     assert ticket_notes[0].name == "a0"
@@ -270,13 +269,20 @@ def test_random_runs_keep_every_lane_in_taking_order_and_end(seed: int) -> None:
         arrived.extend(notes)
         return ["ok"] * len(notes)
 
+    def fetch_round(requests: list[list[Note]]) -> list[Ticket]:
+        gevent.sleep(0)  # a fetch: others queue up meanwhile
+        tickets = []
+        for notes in requests:
+            taken.extend(notes)
+            tickets.append(book.take(notes))
+        return tickets
+
+    turns = Turns(fetch_round, alone=lambda notes: len(notes) == 6, drop=book.release, most=3)
+
     def one_batch() -> None:
         notes = [Note(f"n{len(taken) + i}", *rng.sample("abcd", rng.choice((1, 1, 1, 2))))
                  for i in range(rng.randint(1, 6))]
-        with book.taking():
-            gevent.sleep(0)  # a fetch: others queue up meanwhile
-            taken.extend(notes)
-            ticket = book.take(notes)
+        ticket = turns.take_turn(notes)
         chosen = [n for n in notes if rng.random() < 0.9]
         try:
             gevent.sleep(rng.choice((0, 0, 0.001)))
@@ -296,49 +302,3 @@ def test_random_runs_keep_every_lane_in_taking_order_and_end(seed: int) -> None:
         assert seen == sorted(seen), f"channel {channel} out of taking order"
     assert len({id(n) for n in arrived}) == len(arrived), "a note was sent twice"
     assert book.channels_held == 0
-
-
-# -- the fetch lock -----------------------------------------------------------------------------
-
-
-def test_taking_is_handed_on_in_arrival_order_even_to_a_greedy_holder() -> None:
-    """The holder loops straight back without yielding: the waiters still get their turn."""
-    book, turns = OrderBook(), []
-
-    def greedy() -> None:
-        for _ in range(3):
-            with book.taking():
-                turns.append("greedy")
-                gevent.sleep(0)  # a fetch: the others queue up meanwhile
-
-    def polite(name: str) -> None:
-        with book.taking():
-            turns.append(name)
-
-    g = [gevent.spawn(greedy), gevent.spawn(polite, "p1"), gevent.spawn(polite, "p2")]
-    gevent.joinall(g, timeout=5, raise_error=True)
-    assert turns == ["greedy", "p1", "p2", "greedy", "greedy"]
-
-
-def test_a_waiter_killed_in_the_queue_passes_the_turn_on() -> None:
-    book, turns = OrderBook(), []
-    release = gevent.event.Event()
-
-    def holder() -> None:
-        with book.taking():
-            release.wait()
-
-    def waiter(name: str) -> None:
-        with book.taking():
-            turns.append(name)
-
-    h = gevent.spawn(holder)
-    settle()
-    doomed, next_one = gevent.spawn(waiter, "doomed"), gevent.spawn(waiter, "next")
-    settle()
-    doomed.kill()
-    release.set()
-    gevent.joinall([h, next_one], timeout=5, raise_error=True)
-    assert turns == ["next"]
-    with book.taking():  # free again
-        pass

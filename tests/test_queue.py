@@ -111,6 +111,37 @@ def test_fetch_raises_when_unregistered(r: redis.Redis, queue_name: str) -> None
     assert len(q.fetch(0, 10, 0)) == 2
 
 
+def test_a_round_fetch_hands_the_queue_out_in_turn_one_slot_after_another(
+        r: redis.Redis, queue_name: str) -> None:
+    """relay.turns: one script for several greenlets; each slot gets the next items in the
+    order asked, what it already held comes back too, and an empty queue gives nothing."""
+    q = registered(r, queue_name)
+    orphan = b'{"channel":"orphan"}'
+    r.rpush(q.slot_key(2), orphan)  # a lost reply's leftover: adopted, as by fetch
+    pushed = items(7)
+    r.rpush(queue_name, *pushed)
+    assert q.fetch_round([(1, 3), (0, 2), (2, 2), (3, 5)]) == [
+        pushed[:3], pushed[3:5], [orphan, pushed[5]], [pushed[6]]]
+    for slot, held in ((1, pushed[:3]), (0, pushed[3:5]), (2, [orphan, pushed[5]]),
+                       (3, [pushed[6]])):
+        assert r.lrange(q.slot_key(slot), 0, -1) == held
+    assert r.llen(queue_name) == 0
+    q.ack(1, pushed[:3])
+    assert q.fetch_round([(1, 3), (0, 3)]) == [[], pushed[3:5]]
+
+
+def test_a_round_fetch_of_a_reaped_worker_moves_nothing_and_returns_what_its_slots_held(
+        r: redis.Redis, queue_name: str) -> None:
+    q = RedisQueue(r, queue_name)
+    r.rpush(q.slot_key(1), b"held")
+    r.rpush(queue_name, *items(2))
+    with pytest.raises(WorkerReaped):
+        q.fetch_round([(0, 10), (1, 10)])
+    # back at the head, where it is popped next (fifo), as fetch does
+    assert r.lrange(queue_name, 0, -1) == [b"held", *items(2)]
+    assert r.llen(q.slot_key(1)) == 0
+
+
 # -- settle ------------------------------------------------------------------------------------
 
 
