@@ -13,6 +13,7 @@
 
 Run: .venv/bin/python bench/order.py [--count 5000] [--scenarios drain,steady] [--procs 1,2]
      [--worker-dir DIR]   (another checkout, e.g. the code before ordering, for a baseline)
+     [--repeats N --pairs] (ordering off and on, interleaved: medians and their ratio)
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Run:
     cpu_s: float
     cpu_ms_per_note: float
     requests: int
+    ordering: str = ""  # --pairs: "on" or "off"
 
 
 def count_behind(events: Iterable[Mapping[str, Any]]) -> int:
@@ -124,10 +126,10 @@ class OrderBench:
         self.redis = redis.Redis.from_url(redis_server.url)
 
     @contextmanager
-    def workers(self, procs: int) -> Iterator[list[Child]]:
+    def workers(self, procs: int, extra: Mapping[str, str]) -> Iterator[list[Child]]:
         env = {"REDIS_URL": self.redis_server.url, "PUSHER_URL": self.pusher.url,
                "RELAY_QUEUE": QUEUE, "RELAY_METRICS_ADDR": "off", "PYTHONUNBUFFERED": "1",
-               "PATH": "/usr/bin:/bin", **dict(self.args.env)}
+               "PATH": "/usr/bin:/bin", **dict(self.args.env), **extra}
         with ExitStack() as stack:
             yield [stack.enter_context(running(f"relay{i}", [sys.executable, "worker.py"], env,
                                                str(self.args.worker_dir)))
@@ -146,13 +148,14 @@ class OrderBench:
                 child.check_alive()
             time.sleep(POLL_S)
 
-    def run(self, scenario: str, delay: str, procs: int) -> Run:
+    def run(self, scenario: str, delay: str, procs: int, ordering: str = "") -> Run:
         self.prepare(delay)
         count = self.args.count
         items = list(notifications(count, self.args.envelopes, self.args.channels))
         if scenario == "drain":
             self.redis.rpush(QUEUE, *items)
-        with self.workers(procs) as children:
+        extra = {"RELAY_CHANNEL_ORDER": "true" if ordering == "on" else "false"} if ordering else {}
+        with self.workers(procs, extra) as children:
             pids = {f"w{i}": c.pid for i, c in enumerate(children)}
             with CpuSampler(pids) as cpu:
                 start = max(c.wait_ready() for c in children)
@@ -169,7 +172,7 @@ class OrderBench:
         return Run(scenario, delay, procs, count, distinct, len(events) - distinct, behind,
                    100.0 * behind / max(len(events), 1), count_inversions(events), seconds,
                    distinct / seconds, cpu_s, 1000 * cpu_s / max(count, 1),
-                   self.pusher.count()["requests_total"])
+                   self.pusher.count()["requests_total"], ordering)
 
     def produce(self, items: Sequence[str], rate: float) -> None:
         began = time.perf_counter()
@@ -181,7 +184,9 @@ class OrderBench:
 
 
 def describe(run: Run) -> str:
-    return (f"{run.scenario:<6} {run.delay:<7} procs {run.procs}: {run.delivered:>6,} events "
+    label = f"ordering {run.ordering:<3} " if run.ordering else ""
+    return (f"{label}{run.scenario:<6} {run.delay:<7} procs {run.procs}: "
+            f"{run.delivered:>6,} events "
             f"(dup {run.duplicates}), behind {run.behind:>5,} ({run.behind_pct:5.2f} %), "
             f"inversions {run.inversions:>5,}, "
             f"{run.per_s:8,.0f}/s over {run.seconds:6.2f} s, CPU {run.cpu_s:6.2f} s "
@@ -199,12 +204,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--delays", default=",".join(DELAYS))
     parser.add_argument("--procs", default="1,2")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--pairs", action="store_true",
+                        help="each run twice, ordering off then on (RELAY_CHANNEL_ORDER), "
+                             "interleaved; medians of each and their ratio")
     parser.add_argument("--worker-dir", type=Path, default=REPO,
                         help="the checkout whose worker.py runs (default: this one)")
     parser.add_argument("--env", action="append", default=[], type=lambda s: s.split("=", 1),
                         help="extra NAME=VALUE for the workers (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     return parser.parse_args(argv)
+
+
+def print_medians(results: Sequence[Run]) -> None:
+    print("medians:")
+    keys = sorted({(r.scenario, r.delay, r.procs, r.ordering) for r in results})
+    rate: dict[tuple[str, str, int, str], float] = {}
+    for key in keys:
+        same = [r for r in results if (r.scenario, r.delay, r.procs, r.ordering) == key]
+        rate[key] = statistics.median(r.per_s for r in same)
+        print(f"  {key}: behind {statistics.median(r.behind for r in same):,.0f}, "
+              f"{rate[key]:,.0f}/s, "
+              f"{statistics.median(r.cpu_ms_per_note for r in same):.3f} ms CPU/notification, "
+              f"{statistics.median(r.requests for r in same):,.0f} calls")
+    for scenario, delay, procs, ordering in keys:
+        if ordering == "on":
+            off = rate[(scenario, delay, procs, "off")]
+            print(f"  {scenario} {delay} procs {procs}: ordering on / off = "
+                  f"{100 * rate[(scenario, delay, procs, 'on')] / off:.0f} %")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,17 +243,12 @@ def main(argv: list[str] | None = None) -> int:
             for delay in args.delays.split(","):
                 for procs in (int(p) for p in args.procs.split(",")):
                     for _ in range(args.repeats):
-                        run = bench.run(scenario, delay, procs)
-                        print(describe(run), flush=True)
-                        results.append(run)
-    if args.repeats > 1:
-        print("medians:")
-        keys = sorted({(r.scenario, r.delay, r.procs) for r in results})
-        for key in keys:
-            same = [r for r in results if (r.scenario, r.delay, r.procs) == key]
-            print(f"  {key}: behind {statistics.median(r.behind for r in same):,.0f}, "
-                  f"{statistics.median(r.per_s for r in same):,.0f}/s, "
-                  f"{statistics.median(r.cpu_ms_per_note for r in same):.3f} ms CPU/notification")
+                        for ordering in ("off", "on") if args.pairs else ("",):
+                            run = bench.run(scenario, delay, procs, ordering)
+                            print(describe(run), flush=True)
+                            results.append(run)
+    if args.repeats > 1 or args.pairs:
+        print_medians(results)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     return 0
