@@ -43,6 +43,18 @@ class Server:
                      drop=self.dropped.append, most=most)
 
 
+def held_round(server: Server, turns: Turns[str, str], first: str, behind: list[str]
+               ) -> tuple[gevent.event.Event, gevent.Greenlet, list[gevent.Greenlet]]:
+    """A round led by `first`, held open until the returned event is set, and greenlets
+    queued behind it (in this order) for the next rounds."""
+    gate = server.hold = gevent.event.Event()
+    lead = gevent.spawn(turns.take_turn, first)
+    settle()
+    queued = [gevent.spawn(turns.take_turn, name) for name in behind]
+    settle()
+    return gate, lead, queued
+
+
 def test_a_lone_request_is_served_at_once_by_its_own_greenlet() -> None:
     server = Server()
     turns = server.turns()
@@ -53,11 +65,7 @@ def test_a_lone_request_is_served_at_once_by_its_own_greenlet() -> None:
 def test_requests_that_queue_during_a_round_share_the_next_one_in_arrival_order() -> None:
     server = Server()
     turns = server.turns()
-    gate = server.hold = gevent.event.Event()
-    first = gevent.spawn(turns.take_turn, "a")
-    settle()
-    later = [gevent.spawn(turns.take_turn, name) for name in ("b", "c", "d")]
-    settle()
+    gate, first, later = held_round(server, turns, "a", ["b", "c", "d"])
     assert turns.waiting == 3 and server.rounds == [["a"]]
     gate.set()
     assert [g.get(timeout=5) for g in (first, *later)] == ["got a", "got b", "got c", "got d"]
@@ -88,12 +96,9 @@ def test_a_greedy_leader_coming_straight_back_queues_behind_the_others() -> None
 def test_a_request_that_must_go_alone_is_a_round_of_its_own_and_rounds_are_capped() -> None:
     server = Server()
     turns = server.turns(most=2)
-    gate = server.hold = gevent.event.Event()
     names = ["first", "a", "b", "c", "alone1", "d", "alone2", "alone3"]
-    greenlets = [gevent.spawn(turns.take_turn, names[0])]
-    settle()
-    greenlets += [gevent.spawn(turns.take_turn, n) for n in names[1:]]
-    settle()
+    gate, first, queued = held_round(server, turns, names[0], names[1:])
+    greenlets = [first, *queued]
     gate.set()
     assert [g.get(timeout=5) for g in greenlets] == [f"got {n}" for n in names]
     assert server.rounds == [["first"], ["a", "b"], ["c"], ["alone1"], ["d"], ["alone2"],
@@ -103,11 +108,7 @@ def test_a_request_that_must_go_alone_is_a_round_of_its_own_and_rounds_are_cappe
 def test_a_failed_round_fails_each_of_its_requests_and_the_next_round_goes_on() -> None:
     server = Server()
     turns = server.turns()
-    gate = server.hold = gevent.event.Event()
-    first = gevent.spawn(turns.take_turn, "a")
-    settle()
-    round2 = [gevent.spawn(turns.take_turn, n) for n in ("b", "c")]
-    settle()
+    gate, first, round2 = held_round(server, turns, "a", ["b", "c"])
     server.fail["b"] = ConnectionError("redis went away")
     gate.set()
     assert first.get(timeout=5) == "got a"
@@ -120,11 +121,7 @@ def test_a_failed_round_fails_each_of_its_requests_and_the_next_round_goes_on() 
 def test_a_waiter_killed_in_the_queue_leaves_it() -> None:
     server = Server()
     turns = server.turns()
-    gate = server.hold = gevent.event.Event()
-    first = gevent.spawn(turns.take_turn, "a")
-    settle()
-    doomed, after = gevent.spawn(turns.take_turn, "doomed"), gevent.spawn(turns.take_turn, "b")
-    settle()
+    gate, first, (doomed, after) = held_round(server, turns, "a", ["doomed", "b"])
     doomed.kill()
     gate.set()
     assert first.get(timeout=5) == "got a" and after.get(timeout=5) == "got b"
@@ -135,11 +132,7 @@ def test_a_waiter_killed_once_served_gives_its_result_up() -> None:
     """Its result came (a ticket in the lanes) but it never ran again: drop() frees it."""
     server = Server()
     turns = server.turns()
-    gate = server.hold = gevent.event.Event()
-    first = gevent.spawn(turns.take_turn, "a")
-    settle()
-    leader, doomed = gevent.spawn(turns.take_turn, "b"), gevent.spawn(turns.take_turn, "doomed")
-    settle()
+    gate, first, (leader, doomed) = held_round(server, turns, "a", ["b", "doomed"])
     # The kill is scheduled inside round 2's call, so it lands after "doomed" is served and
     # before it wakes up.
     server.during["b"] = lambda: doomed.kill(block=False)
@@ -154,12 +147,7 @@ def test_a_waiter_killed_once_served_gives_its_result_up() -> None:
 def test_a_waiter_handed_the_lead_and_killed_passes_it_on() -> None:
     server = Server()
     turns = server.turns()
-    gate = server.hold = gevent.event.Event()
-    first = gevent.spawn(turns.take_turn, "a")
-    settle()
-    doomed = gevent.spawn(turns.take_turn, "alone-doomed")
-    after = gevent.spawn(turns.take_turn, "b")
-    settle()
+    gate, first, (doomed, after) = held_round(server, turns, "a", ["alone-doomed", "b"])
     server.during["a"] = lambda: doomed.kill(block=False)  # lands before it takes the lead
     gate.set()
     assert first.get(timeout=5) == "got a"
@@ -170,11 +158,7 @@ def test_a_waiter_handed_the_lead_and_killed_passes_it_on() -> None:
 def test_a_leader_killed_mid_round_fails_the_others_with_round_lost() -> None:
     server = Server()
     turns = server.turns()
-    gate = server.hold = gevent.event.Event()
-    first = gevent.spawn(turns.take_turn, "a")
-    settle()
-    leader, other = gevent.spawn(turns.take_turn, "b"), gevent.spawn(turns.take_turn, "c")
-    settle()
+    gate, first, (leader, other) = held_round(server, turns, "a", ["b", "c"])
     server.hold = gevent.event.Event()  # round 2 hangs until its leader is killed
     gate.set()
     assert first.get(timeout=5) == "got a"
