@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -50,7 +52,26 @@ def find_binary() -> str:
     return str(candidate)
 
 
+# Throwaway servers take ports below the kernels' ephemeral ranges (Linux 32768-60999, BSD
+# and macOS 49152-65535), where outgoing connections get theirs: a port that bind(0) picked
+# and let go could be taken by some connect() before the server bound it (a cluster node
+# failed to start that way once in CI, with hundreds of connections opening around it).
+OWN_PORTS = range(20000, 32768)
+# Each port once per pass, in an order of this process's own: two ports picked before either
+# is bound (a cluster's nodes and bus ports) never coincide.
+_candidates = itertools.cycle(random.sample(OWN_PORTS, len(OWN_PORTS)))
+
+
 def free_port() -> int:
+    """A port free on 127.0.0.1 now, from OWN_PORTS when one is (else any the kernel gives)."""
+    for _ in range(50):
+        port = next(_candidates)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
