@@ -3,9 +3,10 @@
 1. Each of RELAY_POOL_SIZE greenlets holds a Lease on its own in-flight list and loops:
    wait for the gate (circuit, 429 pause, rate limit) -> fetch up to a batch -> parse ->
    send -> carry out each notification's fate, which relay.fate.decide chooses.
-   With RELAY_CHANNEL_ORDER (the default), fetching and parsing happen one greenlet at a
-   time and end with a ticket (a place in each channel's lane), and the send goes in the
-   lanes' turn, in calls any waiting greenlet may carry (relay.ordering).
+   With RELAY_CHANNEL_ORDER (the default), fetching and parsing happen in turn, a round of
+   greenlets per Redis round trip (relay.turns), and end with a ticket (a place in each
+   channel's lane); the send goes in the lanes' turn, in calls any waiting greenlet may
+   carry (relay.ordering).
 2. Housekeeping (heartbeat, due retries, reaping, trimming, the summary) runs beside them
    (relay.housekeeping); with `--burst` a watcher ends the run once nothing is left.
 3. SIGTERM/SIGINT: gevent runs `stop` in a greenlet (never inside the signal handler), which
@@ -72,6 +73,7 @@ SHUTDOWN_GRACE_S = 1.0
 GATE_RECHECK_S = 1.0
 # At most this many greenlets' fetches share one round trip (relay.turns): 200 items a script.
 ROUND_MOST = 20
+
 
 @dataclass
 class Want:
