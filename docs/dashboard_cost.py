@@ -102,7 +102,7 @@ def page_cost(rs: RedisServer) -> None:
     pipe.execute()
     r.rpush("pageq:dead", *[f'{{"payload":"p{i}","error":"e","failed_at":1}}'
                             for i in range(1000)])
-    RedisQueue(r, "pageq", worker_id="w").heartbeat(10, 50, {"busy": 3})
+    RedisQueue(r, "pageq", worker_id="w").heartbeat(10, {"busy": 3})
     trips = [0]
     original = Connection.send_packed_command
 

@@ -190,6 +190,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RELAY_EVENT", "event", "hit", _text, "event name for classic messages"),
     Setting("RELAY_POOL_SIZE", "pool_size", "50", _positive_int,
             "greenlets: the cap on concurrent Pusher calls"),
+    Setting("RELAY_PREFETCH", "prefetch", "1000", _positive_int,
+            "the most notifications one worker process holds taken and not yet settled (its "
+            "window; also what a kill -9 may send twice)"),
     Setting("RELAY_RATE_LIMIT", "rate_limit", "0", _non_negative_float,
             "events per second shared by every worker on the queue (0 = off)"),
     Setting("RELAY_RATE_BURST", "rate_burst", None, _non_negative_int,
@@ -205,8 +208,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RELAY_ORDER", "order", "fifo", _choice("fifo", "lifo"),
             "fifo, or lifo to deliver the newest first"),
     Setting("RELAY_CHANNEL_ORDER", "channel_order", "true", _bool,
-            "a channel's notifications reach Pusher in the order this process took them; "
-            "false sends every batch at once (faster on a few busy channels, unordered)"),
+            "a channel's notifications reach Pusher in the order they were taken; false "
+            "sends without regard to it (faster on a few busy channels, unordered)"),
     Setting("RELAY_LINGER", "linger", "0", _non_negative_float,
             "seconds a notification that ends a quiet spell waits for others to share its "
             "call (0 = off: it goes at once); fewer calls and round trips at moderate rates, "
@@ -270,6 +273,7 @@ class Config:
     heartbeat_ttl: float
     max_data_bytes: int = 10240
     linger: float = 0.0
+    prefetch: int = 1000
 
     @property
     def limits(self) -> Limits:

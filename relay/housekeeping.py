@@ -70,8 +70,10 @@ class Housekeeper:
     def __init__(self, config: Config, queue: RedisQueue, metrics: Metrics, outage: Outage,
                  circuit_open: Callable[[], bool], inflight: Callable[[], int],
                  report: Callable[[], dict[str, Any]] = dict,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_reaped: Callable[[], None] = lambda: None) -> None:
         self.report = report  # the process's state for the dashboard, in each heartbeat
+        self.on_reaped = on_reaped  # what the worker held went back: forget it
         self.config = config
         self.queue = queue
         self.metrics = metrics
@@ -119,12 +121,12 @@ class Housekeeper:
                 log.exception("housekeeping step %s failed", getattr(action, "__name__", action))
 
     def heartbeat(self) -> None:
-        if not self.queue.heartbeat(self.config.heartbeat_ttl, self.config.pool_size,
-                                    self.report()):
+        if not self.queue.heartbeat(self.config.heartbeat_ttl, self.report()):
             # Frozen past the TTL (a paused VM, a stopped process): others recovered what it
             # held, so what it still sends may be sent twice, never lost.
             log.warning("this worker had been declared dead (missed heartbeats); "
                         "registered again")
+            self.on_reaped()
 
     def maintain(self) -> float:
         """One round (one script while nothing needs recovering); the wait until the next:

@@ -21,8 +21,8 @@ from relay.delivery import Delivery
 from relay.health import HealthServer, Report, Watchdog
 from relay.history import Tally
 from relay.metrics import Metrics
+from relay.process import Worker
 from relay.queue import RedisQueue
-from relay.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,10 @@ SPARE_CONNECTIONS = 8  # housekeeping greenlets and the metrics endpoint
 EXIT_CONFIG = 2  # bad configuration, or a Redis user missing a right the worker needs
 
 
-def run(cfg: Config, burst: bool = False) -> int:
-    """Run the worker until stopped (or drained, with burst); returns the exit status."""
+def assemble(cfg: Config, burst: bool = False) -> Worker:
+    """The worker and its parts (Redis client, queue, delivery, metrics), not yet running:
+    what `run` runs, and what in-process tests drive."""
     assert cfg.pusher is not None  # load(need_pusher=True) guarantees it
-    if not monkey.is_module_patched("socket"):
-        log.warning("gevent has not patched the standard library: greenlets will block each "
-                    "other; start relay with `python worker.py`")
     metrics = Metrics()
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order)
@@ -46,7 +44,22 @@ def run(cfg: Config, burst: bool = False) -> int:
         tally.call(status, seconds)
 
     delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=on_call, http_client=cfg.http_client)
-    worker = Worker(cfg, queue, delivery, metrics, burst=burst, tally=tally)
+    return Worker(cfg, queue, delivery, metrics, burst=burst, tally=tally)
+
+
+def close(worker: Worker) -> None:
+    """Release what `assemble` opened."""
+    worker.delivery.close()
+    worker.queue.client.close()
+
+
+def run(cfg: Config, burst: bool = False) -> int:
+    """Run the worker until stopped (or drained, with burst); returns the exit status."""
+    if not monkey.is_module_patched("socket"):
+        log.warning("gevent has not patched the standard library: greenlets will block each "
+                    "other; start relay with `python worker.py`")
+    worker = assemble(cfg, burst)
+    metrics = worker.metrics
     watchdog = server = None
     try:
         if cfg.metrics_addr != "off":
@@ -63,8 +76,7 @@ def run(cfg: Config, burst: bool = False) -> int:
         for part in (server, watchdog):
             if part is not None:
                 part.stop()
-        delivery.close()
-        client.close()
+        close(worker)
 
 
 def start_health_server(addr: str, metrics: Metrics, report: Report,

@@ -7,7 +7,9 @@ there. Redis time is read inside scripts, never by a bare TIME that a cluster cl
 send to an arbitrary node.
 
 - `Q`                      list: producers RPUSH; the worker pops the head (fifo) or tail (lifo)
-- `Q:inflight:<wid>:<n>`   list: what greenlet slot n of worker process wid is handling now
+- `Q:inflight:<wid>:0`     list: what worker process wid has taken and not yet settled (its
+                           window). Before 1.1 a process had one list per greenlet slot,
+                           `...:<n>`; such lists are still reaped (see `worker_slots`)
 - `Q:workers`              zset: worker id -> heartbeat deadline (Redis clock, seconds)
 - `Q:workers:info`         hash: worker id -> JSON {host, pid, slots, ttl, started_at}
 - `Q:workers:reaped`       zset: worker id -> when it was reaped (swept for an hour after)
@@ -20,12 +22,14 @@ send to an arbitrary node.
 - `Q:probe`                any: used for an instant at start by `probe` (ACL rights check)
 
 How nothing is lost:
-1. Fetch moves items atomically into the greenlet's own in-flight list (BLMOVE, then a
-   script tops it up to a batch). The script returns the *whole* list, so an item moved by a
-   command whose reply was lost on the wire is adopted on the next fetch, not stranded.
-2. Every settle step (ack, dead-letter, retry-later, requeue) removes the exact bytes that
-   were fetched and, in the same script, puts them where they go next; it only pushes when
-   the removal happened, so a script replayed after a lost reply does nothing twice.
+1. Fetch moves items atomically into the process's in-flight list (BLMOVE, or a script that
+   moves up to a window's room). After a command whose reply may have been lost, the window
+   reads the whole list once (`inflight_items`) and adopts what it did not know, so nothing
+   moved by a lost reply is stranded (relay.window).
+2. Settling a call is one script (SETTLE): for each notification it removes the exact bytes
+   that were fetched and, in the same script, puts them where they go next (nowhere, the
+   retry set, the dead list, back to the queue); it only pushes when the removal happened,
+   so a script replayed after a lost reply does nothing twice.
 3. A live worker keeps its heartbeat in `Q:workers`; any worker returns the in-flight lists
    of a worker whose deadline passed to the queue, in one script that also unregisters it,
    so two reapers cannot both return the same items. For an hour after, its lists are swept
@@ -44,11 +48,9 @@ from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
 
-import gevent
 import redis
 
 from relay.errors import RelayError
-from relay.popper import PopCut, PopGate
 from relay.redis_shared import NOW_LUA
 
 log = logging.getLogger(__name__)
@@ -56,28 +58,23 @@ log = logging.getLogger(__name__)
 # Redis time, inside scripts, so that hosts with skewed clocks agree on deadlines.
 _NOW = NOW_LUA
 
-# KEYS: queue, workers zset, then one or more slot lists. ARGV: pop side, worker id, then each
-# slot's batch size. Tops up the slots in that order (so a round of greenlets gets the queue's
-# items in their turn, relay.turns) and returns each slot's whole list; or false when this
-# worker has been reaped (see heartbeat): then whatever a blocking pop just moved into a slot
-# goes straight back to the queue, so nothing waits in the list of a worker that nobody will
-# reap again.
+# KEYS: queue, workers zset, this process's in-flight list. ARGV: pop side, worker id, the
+# most to move. Moves up to that many from the queue to the in-flight list and returns
+# {the items moved, in order; the queue's length after}; or false when this worker has been
+# reaped (see heartbeat): then whatever a blocking pop just moved into the list goes straight
+# back to the queue, so nothing waits in the list of a worker that nobody will reap again.
 FETCH = """
 if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
-  for s = 3, #KEYS do
-    while redis.call('LMOVE', KEYS[s], KEYS[1], 'RIGHT', ARGV[1]) do end
-  end
+  while redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', ARGV[1]) do end
   return false
 end
 local out = {}
-for s = 3, #KEYS do
-  local want = tonumber(ARGV[s]) - redis.call('LLEN', KEYS[s])
-  for i = 1, want do
-    if not redis.call('LMOVE', KEYS[1], KEYS[s], ARGV[1], 'RIGHT') then break end
-  end
-  out[#out + 1] = redis.call('LRANGE', KEYS[s], 0, -1)
+for i = 1, tonumber(ARGV[3]) do
+  local item = redis.call('LMOVE', KEYS[1], KEYS[3], ARGV[1], 'RIGHT')
+  if not item then break end
+  out[i] = item
 end
-return out
+return {out, redis.call('LLEN', KEYS[1])}
 """
 
 # The dashboard's history rides on the settle scripts, so counting costs no round trip:
@@ -102,50 +99,61 @@ local function tally(prefix, field, n, extra)
 end
 """
 
-# KEYS: slot list, stats hash, history prefix. ARGV: stats field, history extra, raw items...
-ACK = _TALLY + """
-local n = 0
-for i = 3, #ARGV do n = n + redis.call('LREM', KEYS[1], 1, ARGV[i]) end
-if n > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
-local field = 'shed'
-if ARGV[1] == 'delivered' then field = 'delivered' end
-tally(KEYS[3], field, n, ARGV[2])
-return n
-"""
-
-# KEYS: slot list, dead list, stats hash, history prefix.
-# ARGV: raw item, dead-letter entry, history extra.
-DEAD = _TALLY + """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('HINCRBY', KEYS[3], 'dead', 1)
-tally(KEYS[4], 'dead', 1, ARGV[3])
-return 1
-"""
-
-# KEYS: slot list, retry zset, stats hash, history prefix.
-# ARGV: raw item, retry wrapper, delay seconds, history extra.
-RETRY_LATER = _TALLY + """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('HINCRBY', KEYS[3], 'retried', 1)
-tally(KEYS[4], 'retried', 1, ARGV[4])
-return 1
-"""
-
-# KEYS: slot list, queue, history prefix.
-# ARGV: push command (where the next pop happens), history extra, raw items...
-# Walks the items backwards so that they come out again in the order they went in.
-REQUEUE = _TALLY + """
-local n = 0
-for i = #ARGV, 3, -1 do
-  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
-    redis.call(ARGV[1], KEYS[2], ARGV[i])
-    n = n + 1
+# Settles one call: every fate in one script (Sidekiq's UnitOfWork, for a whole call).
+# KEYS: in-flight list, queue, retry zset, dead list, stats hash, history prefix.
+# ARGV: push command (where the next pop happens), history extra, then one op after another:
+#   a RAW              delivered: forget it
+#   s RAW              shed by the max-age policy: forget it, count it
+#   b RAW              put back untouched, where the next pop happens, in the order given
+#   r RAW WRAPPER SECS retry later: into the retry set, due in SECS (Redis clock)
+#   d RAW ENTRY        dead letter: onto the dead list
+# Each op acts only if its exact bytes were still in the in-flight list, so a script replayed
+# after a lost reply does nothing twice. Returns {1 or 0 per op: it landed; queue length}.
+SETTLE = _TALLY + """
+local landed, back = {}, {}
+local n = {delivered = 0, shed = 0, retried = 0, dead = 0, requeued = 0}
+local i = 3
+while i <= #ARGV do
+  local op, raw = ARGV[i], ARGV[i + 1]
+  local hit = redis.call('LREM', KEYS[1], 1, raw)
+  landed[#landed + 1] = hit
+  if op == 'a' then
+    n.delivered = n.delivered + hit
+  elseif op == 's' then
+    n.shed = n.shed + hit
+  elseif op == 'b' then
+    if hit == 1 then back[#back + 1] = raw end
+  elseif op == 'r' then
+    if hit == 1 then
+      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[i + 3]), ARGV[i + 2])
+      n.retried = n.retried + 1
+    end
+    i = i + 2
+  elseif op == 'd' then
+    if hit == 1 then
+      redis.call('RPUSH', KEYS[4], ARGV[i + 2])
+      n.dead = n.dead + 1
+    end
+    i = i + 1
+  else
+    return redis.error_reply('SETTLE: unknown op ' .. tostring(op))
+  end
+  i = i + 2
+end
+for j = #back, 1, -1 do redis.call(ARGV[1], KEYS[2], back[j]) end
+n.requeued = #back
+if n.delivered > 0 then redis.call('HINCRBY', KEYS[5], 'delivered', n.delivered) end
+if n.shed > 0 then redis.call('HINCRBY', KEYS[5], 'shed_max_age', n.shed) end
+if n.retried > 0 then redis.call('HINCRBY', KEYS[5], 'retried', n.retried) end
+if n.dead > 0 then redis.call('HINCRBY', KEYS[5], 'dead', n.dead) end
+local extra = ARGV[2]
+for _, field in ipairs({'delivered', 'shed', 'retried', 'dead', 'requeued'}) do
+  if n[field] > 0 or extra ~= '' then
+    tally(KEYS[6], field, n[field], extra)
+    extra = ''
   end
 end
-tally(KEYS[3], 'requeued', n, ARGV[2])
-return n
+return {landed, redis.call('LLEN', KEYS[2])}
 """
 
 # KEYS: retry zset, queue. ARGV: push command, most to move.
@@ -384,6 +392,7 @@ def new_worker_id() -> str:
 
 
 REAPED_GRACE_S = 3600.0
+INFLIGHT_LISTS = 1  # per worker process since 1.1 (one per greenlet slot before)
 
 
 @dataclass(frozen=True)
@@ -407,11 +416,41 @@ class WorkerReaped(RelayError):
     """Another worker declared this one dead (it missed heartbeats); re-register first."""
 
 
+@dataclass(frozen=True)
+class Op:
+    """One notification's part of a settle script (see SETTLE): code, its exact bytes, and
+    what the code needs (a retry wrapper and delay, or a dead-letter entry)."""
+
+    code: str
+    raw: bytes
+    args: tuple[Any, ...] = ()
+
+    @staticmethod
+    def ack(raw: bytes) -> Op:
+        return Op("a", raw)
+
+    @staticmethod
+    def shed(raw: bytes) -> Op:
+        return Op("s", raw)
+
+    @staticmethod
+    def put_back(raw: bytes) -> Op:
+        return Op("b", raw)
+
+    @staticmethod
+    def retry(raw: bytes, wrapper: str, delay_s: float) -> Op:
+        return Op("r", raw, (wrapper, delay_s))
+
+    @staticmethod
+    def dead(raw: bytes, entry: dict[str, Any]) -> Op:
+        return Op("d", raw, (json.dumps(entry, ensure_ascii=False, separators=(",", ":")),))
+
+
 class RedisQueue:
     """The queue's Redis side for one worker process.
 
-    Every settle step is one script, so one round trip; `fetch` makes one to three (see
-    there), and the housekeeping and admin calls a few.
+    A fetch and a call's settling are one script each, so one round trip; the housekeeping
+    and admin calls a few.
     """
 
     def __init__(self, client: redis.Redis, name: str, order: str = "fifo",
@@ -424,12 +463,8 @@ class RedisQueue:
         self.pop_side = "LEFT" if order == "fifo" else "RIGHT"
         self.push_cmd = "LPUSH" if order == "fifo" else "RPUSH"
         self._started_at = time.time()
-        self.pops = PopGate()  # the process's one blocking pop (see relay.popper)
         self._fetch = client.register_script(FETCH)
-        self._ack = client.register_script(ACK)
-        self._dead = client.register_script(DEAD)
-        self._retry_later = client.register_script(RETRY_LATER)
-        self._requeue = client.register_script(REQUEUE)
+        self._settle = client.register_script(SETTLE)
         self._promote = client.register_script(PROMOTE)
         self._maintain = client.register_script(MAINTAIN)
         self._heartbeat = client.register_script(HEARTBEAT)
@@ -441,94 +476,92 @@ class RedisQueue:
         self._expired = client.register_script(EXPIRED)
         self._probe = client.register_script(PROBE)
 
-    # -- fetch and settle, per greenlet slot -------------------------------------------------
+    # -- fetch and settle: the process's window --------------------------------------------
 
-    def slot_key(self, slot: int) -> str:
-        return self.keys.inflight(self.worker_id, slot)
+    @property
+    def inflight_key(self) -> str:
+        """This process's in-flight list. It keeps the name the per-slot lists had for slot 0,
+        so workers of the previous version, which reap `slots` lists per worker, reap it."""
+        return self.keys.inflight(self.worker_id, 0)
 
-    def fetch(self, slot: int, batch: int, block_s: float, eager: bool = True,
-              linger: float = 0.0) -> list[bytes]:
-        """Up to `batch` items for this slot; waits up to block_s when the queue is empty.
-
-        Only one greenlet of the process is in the blocking pop at a time; the others wait
-        for it without a Redis command (relay.popper). A stop cuts the pop short: [].
-
-        eager (there is a backlog, or the slot must adopt what a lost reply left in it):
-        the non-blocking script first, one round trip a batch. Otherwise straight to the
-        blocking pop, and a lone item goes out without a second round trip. When the pop
-        wakes up empty-handed, the script runs once anyway: it adopts an item that a
-        command with a lost reply moved into the slot, even on a quiet queue (one cheap
-        call per block_s per process while idle: the slots take the pop in turn).
-
-        linger (RELAY_LINGER): after the pop brought one item, still holding the pop, wait
-        that long and top the batch up with whatever arrived meanwhile, so that a moderate
-        rate shares calls and round trips instead of paying them one notification each.
-        """
-        key = self.slot_key(slot)
-        if eager:
-            items = self._top_up(key, batch)
-            if items or block_s <= 0:
-                return items
-        lingered = False
-        try:
-            with self.pops.popping():  # one greenlet of the process blocks here at a time
-                moved = self.client.blmove(self.keys.queue, key, block_s, self.pop_side,
-                                           "RIGHT")
-                if moved is not None and linger > 0 and batch > 1:
-                    gevent.sleep(linger)  # a stop cuts this short too (PopCut)
-                    lingered = True
-        except PopCut:
-            return []  # stopping: what the pop moved is in the slot; shutdown returns it
-        except redis.ResponseError as exc:
-            if str(exc).startswith("UNBLOCKED"):  # "... instance state changed (master ->
-                raise RedisDemoted(str(exc)) from None  # replica?)": not the item's fault
-            raise
-        if moved is None or eager or lingered:
-            return self._top_up(key, batch)
-        return [moved]
-
-    def fetch_round(self, wants: Sequence[tuple[int, int]]) -> list[list[bytes]]:
-        """For each (slot, batch), in that order, up to `batch` items: one round trip for a
-        round of greenlets (relay.turns). Never blocks; what each slot already held comes
-        back too (see fetch)."""
-        return self._top_up_all([(self.slot_key(slot), batch) for slot, batch in wants])
-
-    def _top_up(self, key: str, batch: int) -> list[bytes]:
-        return self._top_up_all([(key, batch)])[0]
-
-    def _top_up_all(self, wants: Sequence[tuple[str, int]]) -> list[list[bytes]]:
-        lists = self._fetch(keys=[self.keys.queue, self.keys.workers, *(k for k, _ in wants)],
-                            args=[self.pop_side, self.worker_id, *(b for _, b in wants)])
-        if lists is None:
+    def fetch(self, most: int) -> tuple[list[bytes], int]:
+        """Move up to `most` items from the queue into the in-flight list, never blocking:
+        (the items in taking order, the queue's length after). One round trip."""
+        found = self._fetch(keys=[self.keys.queue, self.keys.workers, self.inflight_key],
+                            args=[self.pop_side, self.worker_id, most])
+        if found is None:
             raise WorkerReaped(self.worker_id)
-        return [list(items) for items in lists]
+        items, length = found
+        return list(items), int(length)
 
-    # `extra` on each settle step: the dashboard's figures riding along (history.Tally).
+    def pop(self, block_s: float, most: int) -> tuple[list[bytes], int | None]:
+        """Wait up to block_s for one item (BLMOVE into the in-flight list), then top up to
+        `most` without blocking, in the same round trip (a pipeline: Redis runs the script
+        once the pop is answered). (the items in taking order, the queue's length after, or
+        None when unknown). The window lets one greenlet of the process in here at a time."""
+        if self.keys.cluster:  # a cluster pipeline cannot carry a script: two round trips
+            try:
+                moved = self._blmove(self.client, block_s)
+            except redis.ResponseError as exc:
+                moved = exc
+            moved = self._raise_demoted(moved)
+            if moved is None or most <= 1:
+                return ([] if moved is None else [moved]), None
+            items, length = self.fetch(most - 1)
+            return [moved, *items], length
+        keys = [self.keys.queue, self.keys.workers, self.inflight_key]
+        pipe = self.client.pipeline(transaction=False)
+        self._blmove(pipe, block_s)
+        if most > 1:  # EVALSHA itself: a Script object would cost the pipeline a round trip
+            pipe.evalsha(self._fetch.sha, len(keys), *keys, self.pop_side, self.worker_id,
+                         most - 1)
+        results = pipe.execute(raise_on_error=False)
+        moved = self._raise_demoted(results[0])
+        if most <= 1 or moved is None:
+            return ([] if moved is None else [moved]), None
+        found = results[1]
+        if isinstance(found, redis.exceptions.NoScriptError):  # Redis restarted: load it
+            self.client.script_load(FETCH)
+            return [moved], None
+        if isinstance(found, Exception):
+            raise found
+        if found is None:
+            raise WorkerReaped(self.worker_id)
+        items, length = found
+        return [moved, *items], int(length)
 
-    def ack(self, slot: int, raws: Sequence[bytes], stat: str = "delivered",
-            extra: str = "") -> int:
-        """Forget delivered (or deliberately dropped) items; `stat` names the total to count."""
-        if not raws:
-            return 0
-        keys = [self.slot_key(slot), self.keys.stats, self.keys.history]
-        return int(self._ack(keys=keys, args=[stat, extra, *raws]))
+    def _blmove(self, client: Any, block_s: float) -> Any:
+        return client.blmove(self.keys.queue, self.inflight_key, block_s, self.pop_side,
+                             "RIGHT")
 
-    def dead_letter(self, slot: int, raw: bytes, entry: dict[str, Any], extra: str = "") -> bool:
-        text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-        keys = [self.slot_key(slot), self.keys.dead, self.keys.stats, self.keys.history]
-        return bool(self._dead(keys=keys, args=[raw, text, extra]))
+    @staticmethod
+    def _raise_demoted(moved: Any) -> bytes | None:
+        """A blocking pop's answer, or the error it stands for. UNBLOCKED ("... instance state
+        changed (master -> replica?)") means a failover demoted the server: Redis is away,
+        not the item's fault."""
+        if isinstance(moved, redis.ResponseError):
+            if str(moved).startswith("UNBLOCKED"):
+                raise RedisDemoted(str(moved))
+            raise moved
+        return moved
 
-    def retry_later(self, slot: int, raw: bytes, wrapper: str, delay_s: float,
-                    extra: str = "") -> bool:
-        keys = [self.slot_key(slot), self.keys.retry, self.keys.stats, self.keys.history]
-        return bool(self._retry_later(keys=keys, args=[raw, wrapper, delay_s, extra]))
+    def inflight_items(self) -> list[bytes]:
+        """Everything in the in-flight list, in taking order (to adopt after a lost reply)."""
+        return list(self.client.lrange(self.inflight_key, 0, -1))
 
-    def requeue(self, slot: int, raws: Sequence[bytes], extra: str = "") -> int:
-        """Put items back where the next pop happens, without counting an attempt."""
-        if not raws:
-            return 0
-        keys = [self.slot_key(slot), self.keys.queue, self.keys.history]
-        return int(self._requeue(keys=keys, args=[self.push_cmd, extra, *raws]))
+    def settle(self, ops: Sequence[Op], extra: str = "") -> tuple[list[bool], int]:
+        """Carry out a call's fates in one script: (whether each op landed, queue length).
+
+        `extra` is the dashboard's figures riding along (history.Tally)."""
+        args: list[Any] = [self.push_cmd, extra]
+        for op in ops:
+            args.append(op.code)
+            args.append(op.raw)
+            args.extend(op.args)
+        keys = [self.inflight_key, self.keys.queue, self.keys.retry, self.keys.dead,
+                self.keys.stats, self.keys.history]
+        landed, length = self._settle(keys=keys, args=args)
+        return [bool(x) for x in landed], int(length)
 
     # -- housekeeping, per process -----------------------------------------------------------
 
@@ -537,13 +570,14 @@ class RedisQueue:
         return int(self._promote(keys=[self.keys.retry, self.keys.queue],
                                  args=[self.push_cmd, limit]))
 
-    def heartbeat(self, ttl_s: float, slots: int, state: dict[str, Any] | None = None) -> bool:
+    def heartbeat(self, ttl_s: float, state: dict[str, Any] | None = None) -> bool:
         """Register or refresh this worker; False means it had been reaped (or is new).
 
         `state` (busy greenlets, gates) rides in the info JSON for the dashboard: no extra
-        round trip."""
+        round trip. `slots` is how many in-flight lists a reaper must look at."""
         info = json.dumps({**(state or {}), "host": socket.gethostname(), "pid": os.getpid(),
-                           "slots": slots, "ttl": ttl_s, "started_at": self._started_at})
+                           "slots": INFLIGHT_LISTS, "ttl": ttl_s,
+                           "started_at": self._started_at})
         return bool(self._heartbeat(keys=[self.keys.workers, self.keys.info],
                                     args=[self.worker_id, ttl_s, info]))
 
@@ -606,9 +640,9 @@ class RedisQueue:
         pipe.get(key)
         pipe.execute()
 
-    def release(self, slots: int) -> int:
+    def release(self) -> int:
         """On shutdown: return all of this worker's in-flight items and unregister."""
-        return self._run_on_worker(self._reap, self.worker_id, "1", slots)
+        return self._run_on_worker(self._reap, self.worker_id, "1", INFLIGHT_LISTS)
 
     def _run_on_worker(self, script: Any, wid: str, arg: str, slots: int | None = None) -> int:
         if slots is None:
@@ -618,22 +652,23 @@ class RedisQueue:
         return int(script(keys=keys, args=[wid, self.pop_side, arg]))
 
     def worker_slots(self, wid: str) -> int:
+        """How many in-flight lists worker `wid` has: 1 since 1.1; a worker of the previous
+        version had one per greenlet slot and says how many in its info. At least 1, so the
+        list `:0` is reaped even when the info entry is gone."""
         raw = self.client.hget(self.keys.info, wid)
         try:
-            return int(json.loads(raw)["slots"]) if raw else 0
+            return max(INFLIGHT_LISTS, int(json.loads(raw)["slots"])) if raw else INFLIGHT_LISTS
         except (ValueError, KeyError, TypeError):
-            return 0
+            return INFLIGHT_LISTS
 
     def trim(self, max_backlog: int) -> int:
         """Drop the oldest items beyond max_backlog; returns how many were dropped."""
         keys = [self.keys.queue, self.keys.stats, self.keys.history]
         return int(self._trim(keys=keys, args=[max_backlog]))
 
-    def idle(self, slots: int) -> bool:
-        """Nothing queued, nothing due for a retry, nothing in this worker's slots."""
-        keys = [self.keys.queue, self.keys.retry]
-        keys += [self.keys.inflight(self.worker_id, n) for n in range(slots)]
-        return bool(self._idle(keys=keys))
+    def idle(self) -> bool:
+        """Nothing queued, nothing due for a retry, nothing in this worker's in-flight list."""
+        return bool(self._idle(keys=[self.keys.queue, self.keys.retry, self.inflight_key]))
 
     def length(self) -> int:
         return int(self.client.llen(self.keys.queue))

@@ -31,9 +31,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# How long the process's one blocking pop waits before it gives the pop to the next slot
-# (relay.popper): a stop cuts it short, so it need not be short; each wake-up costs two
-# round trips (the pop and the script that adopts what a lost reply left). It must stay
+# How long the process's one blocking pop waits before it comes up for air (relay.window): a
+# stop cuts it short, so it need not be short; each wake-up costs a round trip. It must stay
 # under the socket timeout, with a margin for a loaded machine, or an idle pop would time out.
 BLOCK_S = 3.0
 # Above the blocking pop's wake-up, so an idle pop is never a socket timeout.

@@ -34,9 +34,14 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         time.sleep(interval)
 
 
-def push(r: redis.Redis, queue: str, count: int, channel: str = "c", key: str = "n") -> None:
-    """`count` classic notifications numbered 0..count-1 in data[key]."""
-    r.rpush(queue, *[json.dumps({"channel": channel, key: i}) for i in range(count)])
+def push(r: redis.Redis, queue: str, count: int, channel: str = "c", key: str = "n",
+         channels: int = 1) -> None:
+    """`count` classic notifications numbered 0..count-1 in data[key]; with `channels` > 1
+    spread round-robin over that many channels (`c0`, `c1`, ...), as a real drain is."""
+    def name(i: int) -> str:
+        return channel if channels == 1 else f"{channel}{i % channels}"
+
+    r.rpush(queue, *[json.dumps({"channel": name(i), key: i}) for i in range(count)])
 
 
 def delivered(pusher: Any, key: str = "n") -> Counter[Any]:

@@ -95,7 +95,7 @@ def dead_letter(r: redis.Redis, queue_name: str, payload: str, error: str = "not
 def test_overview_matches_redis(serve: Callable[..., Client], r: redis.Redis,
                                 queue_name: str) -> None:
     worker = RedisQueue(r, queue_name, worker_id="host-a:7:ab")
-    worker.heartbeat(8, 4, {"busy": 2, "inflight": 7,
+    worker.heartbeat(8, {"busy": 2, "inflight": 7, "pool": 4,
                             "circuit": {"open": True, "reason": "401 bad key",
                                         "next_probe_in_s": 3.0},
                             "paused_for_s": 0.0, "rate_limit": {"per_s": 100, "burst": 100},
@@ -107,7 +107,7 @@ def test_overview_matches_redis(serve: Callable[..., Client], r: redis.Redis,
     assert (o["length"], o["retry"]["scheduled"], o["dead"]) == (5, 2, 1)
     assert o["retry"]["next_due_in_s"] > 0
     [w] = o["workers"]
-    assert (w["id"], w["pid"], w["slots"], w["busy"], w["inflight"]) == (
+    assert (w["id"], w["pid"], w["pool"], w["busy"], w["inflight"]) == (
         "host-a:7:ab", os.getpid(), 4, 2, 7)
     assert not w["late"] and not w["expired"]
     assert o["inflight"] == 7
@@ -120,7 +120,7 @@ def test_overview_matches_redis(serve: Callable[..., Client], r: redis.Redis,
 def test_a_late_heartbeat_is_marked(serve: Callable[..., Client], r: redis.Redis,
                                     queue_name: str) -> None:
     worker = RedisQueue(r, queue_name, worker_id="w-late")
-    worker.heartbeat(100, 1)
+    worker.heartbeat(100)
     r.zincrby(f"{queue_name}:workers", -60, "w-late")  # as if its last beat was 60 s ago
     [w] = serve().json("/api/overview")["workers"]
     assert w["late"] and not w["expired"] and w["heartbeat_age_s"] >= 60

@@ -34,7 +34,7 @@ def assert_demo_delivered(done: subprocess.CompletedProcess[str]) -> None:
     assert "event hit on test (socket_id=None): " + '{"title":"' + DEMO_DATA["title"] in (
         done.stderr)
     assert "RPUSH" in done.stderr and "from relay.producer import notify" in done.stderr
-    assert "stopped; 0 in-flight" in done.stderr  # the worker was stopped with SIGTERM
+    assert "stopped; 0 notification(s)" in done.stderr  # the worker was stopped with SIGTERM
 
 
 def test_devmode_uses_the_redis_and_queue_it_is_told(r: redis.Redis, redis_server: RedisServer,

@@ -23,11 +23,12 @@ from tests.support import inflight as _inflight
 from tests.support import pending, wait_for, wait_settled
 from tests.support import push as _push
 
+# Where the transport (PUSHER_HTTP_CLIENT) matters, a test runs over each: how a hung or cut
+# connection surfaces, and how an answer's status and headers are read. Elsewhere (kills,
+# Redis restarts, the circuit's timing) it runs on the default transport only.
+over_every_transport = pytest.mark.parametrize("transport", sorted(BACKENDS))
 
-@pytest.fixture(params=sorted(BACKENDS))
-def worker_env(worker_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str, str]:
-    """Every fault test runs over every transport (PUSHER_HTTP_CLIENT)."""
-    return {**worker_env, "PUSHER_HTTP_CLIENT": request.param}
+
 
 
 def _all_delivered(pusher, count, timeout=60.0) -> Counter:
@@ -38,7 +39,7 @@ def _all_delivered(pusher, count, timeout=60.0) -> Counter:
 def test_three_sigkills_during_a_20000_drain(r, pusher, start_worker, queue_name):
     total = 20_000
     pusher.set_mode(delay=0.02)
-    _push(r, queue_name, total)
+    _push(r, queue_name, total, channels=100)
     held, killed = 0, []
     for round_ in range(3):
         w = start_worker(RELAY_POOL_SIZE="20")
@@ -65,7 +66,7 @@ def test_redis_killed_and_restarted_mid_drain(durable_redis, pusher, start_worke
     total = 3000
     client = redis.Redis.from_url(durable_redis.url)
     pusher.set_mode(delay=0.02)
-    _push(client, queue_name, total)
+    _push(client, queue_name, total, channels=50)
     w = start_worker(REDIS_URL=durable_redis.url)
     wait_for(lambda: len(pusher.events()) >= 500, what="the drain to be under way")
     durable_redis.kill()
@@ -105,8 +106,10 @@ def test_503_for_10s_then_healthy(r, pusher, start_worker, queue_name):
     assert w.log().count("circuit open") == 1
 
 
-def test_429_with_retry_after_pauses_every_greenlet(r, pusher, start_worker, queue_name):
-    w = start_worker()
+@over_every_transport
+def test_429_with_retry_after_pauses_every_greenlet(r, pusher, start_worker, queue_name,
+                                                    transport):
+    w = start_worker(PUSHER_HTTP_CLIENT=transport)
     pusher.set_mode(status=429, retry_after="2", fail_next=1)
     _push(r, queue_name, 1)
     # Wait for the worker to have read the answer: a call already under way when the 429
@@ -137,11 +140,12 @@ def test_401_for_5s_then_accepted(r, pusher, start_worker, queue_name):
     assert log.count("circuit open") == 1 and log.count("circuit closed") == 1
 
 
+@over_every_transport
 def test_hanging_server_costs_a_timeout_and_sigterm_still_exits_in_time(r, pusher,
                                                                         start_worker,
-                                                                        queue_name):
+                                                                        queue_name, transport):
     pusher.set_mode(hang=True)
-    w = start_worker(PUSHER_TIMEOUT="1")
+    w = start_worker(PUSHER_TIMEOUT="1", PUSHER_HTTP_CLIENT=transport)
     # One channel each: calls of one channel go one at a time (per-channel order), and the
     # point here is calls hanging side by side, as those of unrelated channels do.
     r.rpush(queue_name, *[json.dumps({"channel": f"c{i}", "n": i}) for i in range(30)])
@@ -157,6 +161,26 @@ def test_hanging_server_costs_a_timeout_and_sigterm_still_exits_in_time(r, pushe
     assert left["inflight"] == 0
     assert left["queue"] + left["retry"] == 30  # nothing delivered, nothing lost, nothing dead
     assert r.llen(f"{queue_name}:dead") == 0
+
+
+def test_sigterm_during_slow_calls_sends_nothing_twice(r, pusher, start_worker, queue_name):
+    """A deploy while Pusher is slow (2 s a call): the calls in flight finish and are settled
+    before the exit, the rest goes back untouched, and the next worker sends nothing again."""
+    total = 2000
+    pusher.set_mode(delay=2.0)
+    r.rpush(queue_name, *[json.dumps({"channel": f"c{i % 100}", "n": i}) for i in range(total)])
+    w = start_worker(PUSHER_TIMEOUT="5", RELAY_POOL_SIZE="50")
+    wait_for(lambda: pusher.count()["requests_total"] >= 50, what="the calls in flight")
+    w.signal(signal.SIGTERM)
+    assert w.wait(timeout=15) == 0
+    accepted = _delivered(pusher)
+    assert accepted and set(accepted.values()) == {1}
+    assert pending(r, queue_name) == {"queue": total - len(accepted), "retry": 0,
+                                      "inflight": 0}
+    pusher.clear_mode()
+    start_worker(RELAY_POOL_SIZE="50")
+    counts = _all_delivered(pusher, total)
+    assert set(counts.values()) == {1}, "something Pusher had accepted was sent again"
 
 
 def test_413_is_dead_lettered_once_and_not_retried(r, pusher, start_worker, queue_name):

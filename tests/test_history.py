@@ -16,20 +16,20 @@ from relay.history import (
     read_series,
 )
 from relay.metrics import AGE_BUCKETS, CALL_BUCKETS
-from relay.queue import RedisQueue
+from relay.queue import Op, RedisQueue
 from tests.support import wait_for
 
 
 def registered(r: redis.Redis, name: str, worker_id: str) -> RedisQueue:
     q = RedisQueue(r, name, worker_id=worker_id)
-    q.heartbeat(60, 2)
+    q.heartbeat(60)
     return q
 
 
 def fetch_n(q: RedisQueue, n: int, tag: str) -> list[bytes]:
     raws = [f'{{"channel":"c","n":"{tag}{i}"}}'.encode() for i in range(n)]
     q.client.rpush(q.keys.queue, *raws)
-    got = q.fetch(0, n, 0)
+    got, _ = q.fetch(n)
     assert got == raws
     return got
 
@@ -86,10 +86,10 @@ def test_settle_scripts_count_into_second_and_minute_buckets(r: redis.Redis,
                                                              queue_name: str) -> None:
     q = registered(r, queue_name, "w1")
     got = fetch_n(q, 6, "a")
-    assert q.ack(0, got[:3], extra="calls=1 call:2=1 age:1=3") == 3
-    assert q.ack(0, got[3:4], stat="shed_max_age") == 1
-    assert q.dead_letter(0, got[4], {"payload": "x", "error": "e"}) is True
-    assert q.retry_later(0, got[5], "wrapper", 30, extra="calls=1 failed=1 call:9=1") is True
+    assert q.settle([Op.ack(x) for x in got[:3]], "calls=1 call:2=1 age:1=3")[0] == [True] * 3
+    assert q.settle([Op.shed(got[3])])[0] == [True]
+    assert q.settle([Op.dead(got[4], {"payload": "x", "error": "e"})])[0] == [True]
+    assert q.settle([Op.retry(got[5], "wrapper", 30)], "calls=1 failed=1 call:9=1")[0] == [True]
     want = {"delivered": 3, "shed": 1, "dead": 1, "retried": 1, "calls": 2, "failed": 1,
             "call:2": 1, "call:9": 1, "age:1": 3}
     assert sums(r, f"{queue_name}:history:s:*") == want
@@ -99,16 +99,17 @@ def test_settle_scripts_count_into_second_and_minute_buckets(r: redis.Redis,
 def test_a_replayed_settle_counts_nothing_twice(r: redis.Redis, queue_name: str) -> None:
     q = registered(r, queue_name, "w1")
     got = fetch_n(q, 2, "a")
-    assert q.ack(0, got) == 2
-    assert q.ack(0, got) == 0  # a replay after a lost reply: removed nothing, counts nothing
-    assert q.requeue(0, got) == 0
+    assert q.settle([Op.ack(x) for x in got])[0] == [True, True]
+    # a replay after a lost reply: removed nothing, counts nothing
+    assert q.settle([Op.ack(x) for x in got])[0] == [False, False]
+    assert q.settle([Op.put_back(x) for x in got])[0] == [False, False]
     assert sums(r, f"{queue_name}:history:s:*") == {"delivered": 2}
 
 
 def test_requeue_and_trim_count_too(r: redis.Redis, queue_name: str) -> None:
     q = registered(r, queue_name, "w1")
     got = fetch_n(q, 2, "a")
-    assert q.requeue(0, got, extra="calls=1 failed=1") == 2
+    assert q.settle([Op.put_back(x) for x in got], "calls=1 failed=1")[0] == [True, True]
     r.rpush(queue_name, *[b"x"] * 5)
     assert q.trim(3) == 4
     assert sums(r, f"{queue_name}:history:s:*") == {"requeued": 2, "calls": 1, "failed": 1,
@@ -117,7 +118,7 @@ def test_requeue_and_trim_count_too(r: redis.Redis, queue_name: str) -> None:
 
 def test_buckets_expire_15_minutes_and_a_day_later(r: redis.Redis, queue_name: str) -> None:
     q = registered(r, queue_name, "w1")
-    q.ack(0, fetch_n(q, 1, "a"))
+    q.settle([Op.ack(x) for x in fetch_n(q, 1, "a")])
     [second] = list(r.scan_iter(match=f"{queue_name}:history:s:*"))
     [minute] = list(r.scan_iter(match=f"{queue_name}:history:m:*"))
     assert 900 < r.ttl(second) <= SECOND_TTL_S
@@ -129,8 +130,8 @@ def test_buckets_expire_15_minutes_and_a_day_later(r: redis.Redis, queue_name: s
 def test_every_process_adds_into_the_same_buckets(r: redis.Redis, queue_name: str) -> None:
     one = registered(r, queue_name, "host-a:1:aa")
     two = registered(r, queue_name, "host-b:2:bb")
-    one.ack(0, fetch_n(one, 4, "a"))
-    two.ack(0, fetch_n(two, 5, "b"))
+    one.settle([Op.ack(x) for x in fetch_n(one, 4, "a")])
+    two.settle([Op.ack(x) for x in fetch_n(two, 5, "b")])
     series = read_series(r, one.keys, "24h")
     assert series["totals"]["delivered"] == 9
     assert len(series["points"]) == 1440
@@ -142,7 +143,7 @@ def test_read_series_gives_rates_per_second_and_percentiles(r: redis.Redis,
     q = registered(r, queue_name, "w1")
     got = fetch_n(q, 3, "a")
     before = redis_now(r)
-    q.ack(0, got, extra="calls=1 call:3=1 age:0=2 age:6=1")
+    q.settle([Op.ack(x) for x in got], "calls=1 call:3=1 age:0=2 age:6=1")
     settled = redis_now(r)
     # The seconds window leaves out the second in progress: wait until it is over.
     wait_for(lambda: redis_now(r) >= int(settled) + 1, 5, "the next second on Redis's clock")
@@ -167,7 +168,7 @@ def test_the_reader_keeps_past_buckets_and_rereads_the_newest(r: redis.Redis,
     # A past second cannot change (scripts count into Redis's present): it is not read again.
     past = first["points"][-10]["t"]
     r.hset(bucket_key(q.keys, WINDOWS["15m"], past), "delivered", 5)
-    q.ack(0, fetch_n(q, 2, "a"))
+    q.settle([Op.ack(x) for x in fetch_n(q, 2, "a")])
     settled = redis_now(r)
     wait_for(lambda: redis_now(r) >= int(settled) + 1, 5, "the next second on Redis's clock")
     again = reader.read("15m")

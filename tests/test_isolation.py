@@ -68,14 +68,3 @@ def test_failing_notifications_do_not_stall_the_others(r, pusher, start_worker, 
                 if "circuit open" in line or "circuit closed" in line]
         assert not gate or "circuit closed" in gate[-1], log
 
-
-def test_an_item_stranded_in_a_slot_is_adopted_on_a_quiet_queue(r, pusher, start_worker,
-                                                               queue_name):
-    start_worker(RELAY_POOL_SIZE="2")
-    [wid] = [w.decode() for w in r.zrange(f"{queue_name}:workers", 0, -1)]
-    # What a BLMOVE whose reply was lost leaves: the item in a slot list, its greenlet unaware
-    # (blocked in its next pop), and nothing new arriving.
-    r.rpush(f"{queue_name}:inflight:{wid}:1", json.dumps({"channel": "stranded"}))
-    [event] = pusher.wait_for_events(1, timeout=15)
-    assert event["channel"] == "stranded"
-    wait_for(lambda: _inflight(r, queue_name) == 0, what="the ack")

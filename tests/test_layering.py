@@ -37,18 +37,18 @@ def test_no_import_cycles() -> None:
         order = list(TopologicalSorter(graph()).static_order())
     except CycleError as exc:
         raise AssertionError(f"import cycle: {exc.args[1]}") from None
-    assert "worker" in order and "launcher" in order
+    assert "process" in order and "launcher" in order
 
 
 def test_the_bottom_imports_nothing_of_relay() -> None:
     g = graph()
     for module in ("health", "errors", "redis_shared", "circuit", "explain", "rules", "logs",
-                   "fairlock", "turns"):
+                   "lanes"):
         assert g[module] == set(), f"relay/{module}.py imports {g[module]}"
 
 
 def test_only_the_top_knows_the_worker() -> None:
-    users = {m for m, deps in graph().items() if "worker" in deps}
+    users = {m for m, deps in graph().items() if "process" in deps}
     assert users == {"launcher"}
     assert graph()["cli"] <= {"admin", "config", "launcher", "logs"}
 

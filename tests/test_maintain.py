@@ -44,11 +44,11 @@ def test_no_limit_no_retry(r: redis.Redis, queue_name: str) -> None:
 
 
 def test_reaping_rounds_recover_expired_workers_once(r: redis.Redis, queue_name: str) -> None:
-    dead = registered(r, queue_name, slots=2)
+    dead = registered(r, queue_name)
     pushed = items(3)
     r.rpush(queue_name, *pushed)
-    assert dead.fetch(1, 3, 0) == pushed
-    dead.heartbeat(-1, 2)  # its deadline is now in the past
+    assert dead.fetch(3) == (pushed, 0)
+    dead.heartbeat(-1)  # its deadline is now in the past
     alive = registered(r, queue_name)
     assert alive.maintain(0, reap=False).recovered == {}  # not a reaping round
     assert r.llen(queue_name) == 0
@@ -57,7 +57,7 @@ def test_reaping_rounds_recover_expired_workers_once(r: redis.Redis, queue_name:
     assert r.lrange(queue_name, 0, -1) == pushed
     assert alive.maintain(0, reap=True).recovered == {}  # once only
     # A zombie's later pop into its old list is swept by the next reaping round.
-    r.rpush(dead.slot_key(0), b"late")
+    r.rpush(dead.inflight_key, b"late")
     assert alive.maintain(0, reap=True).recovered == {dead.worker_id: 1}
 
 
@@ -96,11 +96,10 @@ def test_an_idle_worker_is_nearly_silent_on_redis(redis_server: RedisServer, que
     window_s = 10.0  # one summary line's reads (every 10 s) fall in it, as in any 10 s
     watcher = gevent.spawn(watch)
     try:
-        # Past the start: the first greenlet's pop runs its full BLOCK_S, and only then do
-        # the others' first fetches go (in a few shared scripts, relay.turns).
+        # Past the start (the probe of every command, the registration, the first fetch).
         wait_for(lambda: seen, 20, "the worker's first command")
         began = seen[0][0]
-        wait_for(lambda: redis_clock() >= began + BLOCK_S + 2, 30, "the start's fetches")
+        wait_for(lambda: redis_clock() >= began + BLOCK_S + 2, 30, "the start's commands")
         since = redis_clock()
         wait_for(lambda: redis_clock() > since + window_s, 60, "ten seconds of Redis's clock")
         window = [c for t, c in seen if since < t <= since + window_s]

@@ -139,7 +139,9 @@ class Board:
             "started_at": info.get("started_at"), "heartbeat_age_s": round(age, 1),
             # Heartbeats come every ttl/4: two missed ones make it late, the deadline dead.
             "late": age > ttl / 2, "expired": deadline < now,
-            "slots": int(_num(info.get("slots"))), "busy": int(_num(info.get("busy"))),
+            # greenlets in the pool; before 1.1 a worker said so as its slot count
+            "pool": int(_num(info.get("pool", info.get("slots")))),
+            "busy": int(_num(info.get("busy"))),
             "inflight": int(_num(info.get("inflight"))),
             "circuit": info.get("circuit") or {"open": False},
             "paused_for_s": _num(info.get("paused_for_s")),

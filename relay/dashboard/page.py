@@ -64,7 +64,7 @@ def _workers(o: dict[str, Any]) -> str:
         mark = "expired" if w["expired"] else ("late" if w["late"] else "ok")
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(w["started_at"] or 0))
         cells = [w["host"], w["pid"], started, f'{w["heartbeat_age_s"]} s ({mark})',
-                 f'{w["busy"]} / {w["slots"]}', w["inflight"]]
+                 f'{w["busy"]} / {w["pool"]}', w["inflight"]]
         cls = f' class="{mark}"' if mark != "ok" else ""
         rows.append(f"<tr{cls}>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells)
                     + "</tr>")

@@ -97,7 +97,7 @@
       var started = new Date((w.started_at || 0) * 1000).toISOString().slice(0, 19)
         .replace("T", " ");
       [w.host, w.pid, started, w.heartbeat_age_s + " s (" + mark + ")",
-       w.busy + " / " + w.slots, w.inflight].forEach(function (c) { tr.appendChild(el("td", c)); });
+       w.busy + " / " + w.pool, w.inflight].forEach(function (c) { tr.appendChild(el("td", c)); });
       body.appendChild(tr);
     });
     if (!o.workers.length) {

@@ -1,0 +1,138 @@
+"""Settling one call: every notification's fate persisted in one script, then counted.
+
+1. `Settler.settle(fates)` turns the fates relay.fate decided for one call into the ops of
+   one SETTLE script (relay.queue): acks, shedding, put-backs, retries and dead letters
+   together, one round trip.
+2. The script is retried through a Redis outage until it lands: giving up would leave a
+   delivered notification in flight, to be sent again. A greenlet killed at shutdown stops
+   retrying; what it held is returned by RedisQueue.release or recovered by another worker.
+3. Each step is counted in the metrics once it landed (a replayed step counts nothing); a
+   dead letter carries what the producer pushed, the reason and the attempts, and is logged
+   once (with the notification's id when it has one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gevent
+
+from relay.fate import Ack, DeadLetter, Fate, PutBack, RetryLater, Shed
+from relay.history import Tally
+from relay.housekeeping import Episode
+from relay.message import InvalidMessage, Notification, payload_of, retry_wrapper
+from relay.metrics import Metrics
+from relay.queue import Op, RedisQueue
+from relay.redis_shared import REDIS_DOWN
+from relay.retry import Outage
+
+log = logging.getLogger(__name__)
+
+Item = Notification | InvalidMessage
+Settled = tuple[bytes, Item, Fate]
+
+
+class Settler:
+    def __init__(self, queue: RedisQueue, metrics: Metrics, outage: Outage, tally: Tally,
+                 stale_shedding: Episode, queue_name: str,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Any] = gevent.sleep) -> None:
+        self.queue = queue
+        self.metrics = metrics
+        self.outage = outage
+        self.tally = tally
+        self.stale_shedding = stale_shedding
+        self.queue_name = queue_name
+        self.clock = clock
+        self.sleep = sleep
+
+    def settle(self, fates: Sequence[Settled]) -> int:
+        """Persist every fate of one call (retried through outages); the queue's length."""
+        now = self.clock()
+        ops: list[Op] = []
+        for raw, item, fate in fates:
+            ops.append(self._op(raw, item, fate, now))
+        # Counted before the script, so the ages ride on this very settle (history.Tally).
+        delivered = [i for _, i, f in fates if isinstance(f, Ack) and isinstance(i, Notification)]
+        self._ages(delivered, now)
+        extra = self.tally.take()
+        landed, length = self._persist(ops, extra)
+        self._count(fates, landed)
+        return length
+
+    def _op(self, raw: bytes, item: Item, fate: Fate, now: float) -> Op:
+        if isinstance(fate, Ack):
+            return Op.ack(raw)
+        if isinstance(fate, Shed):
+            return Op.shed(raw)
+        if isinstance(fate, RetryLater) and isinstance(item, Notification):
+            wrapper = retry_wrapper(item.payload, fate.attempts, fate.first_failed_at,
+                                    fate.reason)
+            return Op.retry(raw, wrapper, fate.delay_s)
+        if isinstance(fate, DeadLetter):
+            entry = {"payload": payload_of(raw), "error": fate.reason,
+                     "error_class": fate.error_class, "failed_at": now,
+                     "attempts": fate.attempts, "queue": self.queue_name,
+                     "worker": self.queue.worker_id}
+            return Op.dead(raw, entry)
+        # PutBack, and anything unexpected: back to the queue untouched. Fail safe: it is
+        # worse to lose a notification than to send it twice.
+        return Op.put_back(raw)
+
+    def _persist(self, ops: list[Op], extra: str) -> tuple[list[bool], int]:
+        while True:
+            try:
+                result = self.queue.settle(ops, extra)
+                self.outage.succeeded()
+                return result
+            except REDIS_DOWN as exc:
+                self.metrics.redis_errors.inc()
+                self.sleep(self.outage.failed(exc))
+
+    def _ages(self, delivered: Sequence[Notification], now: float) -> None:
+        for note in delivered:
+            if note.enqueued_at is not None:
+                self.metrics.age_seconds.observe(max(0.0, now - note.enqueued_at))
+                self.tally.age(now - note.enqueued_at)
+
+    def _count(self, fates: Sequence[Settled], landed: Sequence[bool]) -> None:
+        m = self.metrics
+        delivered = shed = back = 0
+        for (raw, item, fate), hit in zip(fates, landed, strict=True):
+            if not hit:
+                continue
+            if isinstance(fate, Ack):
+                delivered += 1
+            elif isinstance(fate, Shed):
+                shed += 1
+            elif isinstance(fate, RetryLater) and isinstance(item, Notification):
+                m.retried.inc()
+                log.debug("retry %d of a notification in %.1f s: %s", fate.attempts,
+                          fate.delay_s, fate.reason)
+            elif isinstance(fate, DeadLetter):
+                self._dead_logged(raw, item, fate)
+            else:
+                back += 1
+        if delivered:
+            m.delivered.inc(delivered)
+        if shed:
+            m.shed.labels("max_age").inc(shed)
+            self.stale_shedding.dropped(shed)
+        if back:
+            m.requeued.inc(back)
+
+    def _dead_logged(self, raw: bytes, item: Item, fate: DeadLetter) -> None:
+        self.metrics.dead.labels(fate.error_class).inc()
+        fields: dict[str, Any] = {"error_class": fate.error_class, "attempts": fate.attempts}
+        if isinstance(item, Notification) and item.id is not None:
+            fields["notification_id"] = item.id
+        log.warning("dead-lettered (%s): %s; payload starts %r", fate.error_class, fate.reason,
+                    payload_of(raw)[:120], extra=fields)
+
+
+def put_back(fates_for: Sequence[tuple[bytes, Item]]) -> list[Settled]:
+    """The fates of notifications that go back untouched."""
+    return [(raw, item, PutBack()) for raw, item in fates_for]
