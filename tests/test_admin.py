@@ -76,9 +76,38 @@ def test_dead_requeue_match_moves_only_matching_entries(r, redis_server, queue_n
     assert r.llen(f"{queue_name}:dead") == 1
 
 
-def test_dead_requeue_needs_all_or_match(redis_server, queue_name):
+def test_dead_requeue_needs_all_or_match_said_in_one_line(r, redis_server, queue_name):
+    r.rpush(f"{queue_name}:dead", _dead_entry('{"channel":"a"}'))
     out = admin(redis_server, queue_name, "dead", "requeue")
     assert out.returncode == 2
+    assert out.stderr == ("relay: dead requeue: say which dead letters: --all, or --match TEXT "
+                          "(nothing was moved)\n")
+    assert out.stdout == "" and r.llen(f"{queue_name}:dead") == 1
+
+
+def _classed(payload, error_class, error):
+    return json.dumps({"payload": payload, "error": error, "error_class": error_class,
+                       "attempts": 1, "failed_at": time.time()})
+
+
+def test_dead_requeue_skips_invalid_ones_unless_asked(r, redis_server, queue_name):
+    r.rpush(f"{queue_name}:dead", _classed("not json", "invalid", "not JSON"),
+            _classed('{"channel":"a"}', "exhausted", "HTTP 503"))
+    out = admin(redis_server, queue_name, "dead", "requeue", "--all")
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first == f"requeued 1 dead letter(s) to {queue_name}"
+    assert second.startswith("skipped 1 invalid dead letter(s) (e.g. 'not JSON'): the worker "
+                             "would dead-letter them again at once")
+    assert "--include-invalid" in second
+    assert r.lrange(queue_name, 0, -1) == [b'{"channel":"a"}']
+    # Only invalid ones left: nothing moved (exit 1), and the line says why.
+    out = admin(redis_server, queue_name, "dead", "requeue", "--match", "not")
+    assert out.returncode == 1 and "skipped 1 invalid" in out.stdout
+    out = admin(redis_server, queue_name, "dead", "requeue", "--all", "--include-invalid")
+    assert out.returncode == 0 and out.stdout == f"requeued 1 dead letter(s) to {queue_name}\n"
+    assert r.lrange(queue_name, 0, -1) == [b'{"channel":"a"}', b"not json"]
+    assert r.llen(f"{queue_name}:dead") == 0
 
 
 def test_two_operators_requeue_all_at_once_every_entry_back_exactly_once(r, redis_server,

@@ -192,11 +192,25 @@ def test_requeue_the_filtered_and_purge_older_than(serve: Callable[..., Client],
     dead_letter(r, queue_name, "fresh")
     client = serve()
     client.load_page()
-    assert client.json("/api/dead/requeue", {"class": "exhausted"}) == {"moved": 1}
+    assert client.json("/api/dead/requeue", {"class": "exhausted"}) == {
+        "moved": 1, "skipped_invalid": 0}
     assert r.lrange(queue_name, 0, -1) == [b"retry me"]
     assert client.json("/api/dead/purge", {"older_than": "7d"}) == {"moved": 3}
     assert [json.loads(e)["payload"] for e in r.lrange(f"{queue_name}:dead", 0, -1)] == ["fresh"]
     assert client.call("/api/dead/purge", {"older_than": "soon"})[0] == 400
+
+
+def test_requeue_the_filtered_skips_invalid_unless_that_class_is_chosen(
+        serve: Callable[..., Client], r: redis.Redis, queue_name: str) -> None:
+    dead_letter(r, queue_name, "not json", error_class="invalid")
+    dead_letter(r, queue_name, '{"channel":"c"}', error="HTTP 503", error_class="exhausted")
+    client = serve()
+    client.load_page()
+    assert client.json("/api/dead/requeue", {"q": ""}) == {"moved": 1, "skipped_invalid": 1}
+    assert r.lrange(queue_name, 0, -1) == [b'{"channel":"c"}']
+    assert client.json("/api/dead/requeue", {"class": "invalid"}) == {
+        "moved": 1, "skipped_invalid": 0}
+    assert r.llen(f"{queue_name}:dead") == 0
 
 
 @pytest.mark.parametrize("headers,why", [

@@ -6,7 +6,8 @@
 2. `Board.dead_page()`: a filtered page of dead letters, each with a stable id (a hash of its
    exact bytes), so an action names exactly the entry the operator saw.
 3. `Board.requeue()` / `Board.purge()`: through DeadLetters.requeue / purge, which
-   remove each entry by its exact bytes: two operators at once never move one twice.
+   remove each entry by its exact bytes: two operators at once never move one twice. The
+   filtered requeue skips `invalid` dead letters unless the filter names that class.
 
 No secret is ever part of an answer: only queue names, counts, and what workers publish.
 """
@@ -21,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from relay.deadletters import DeadLetters
+from relay.deadletters import DeadLetters, is_invalid
 from relay.history import recent_rate
 from relay.queue import RedisQueue
 
@@ -208,11 +209,16 @@ class Board:
         chosen = [raw for raw in self._dead_scan()[0] if entry_id(raw) == ident][:1]
         return self.dead.requeue(chosen)
 
-    def requeue(self, wanted: DeadFilter) -> int:
+    def requeue(self, wanted: DeadFilter) -> dict[str, int]:
+        """Requeue the filtered; `invalid` ones only when the filter names that class, since
+        the worker sends them straight back (as `dead requeue` without --include-invalid)."""
         chosen = [raw for raw in self._dead_scan()[0] if wanted.matches(parse_entry(raw))]
-        moved = self.dead.requeue(chosen)
-        log.info("dashboard: requeued %d dead letter(s) (filter %s)", moved, wanted)
-        return moved
+        skipped = set() if wanted.error_class == "invalid" else {
+            raw for raw in chosen if is_invalid(raw)}
+        moved = self.dead.requeue([raw for raw in chosen if raw not in skipped])
+        log.info("dashboard: requeued %d dead letter(s) (filter %s), skipped %d invalid",
+                 moved, wanted, len(skipped))
+        return {"moved": moved, "skipped_invalid": len(skipped)}
 
     def purge(self, wanted: DeadFilter, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s

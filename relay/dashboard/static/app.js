@@ -190,7 +190,9 @@
 
   function act(promise, what) {
     promise.then(function (r) {
-      say(what + ": " + r.moved + " dead letter(s) moved");
+      var skipped = r.skipped_invalid ? "; " + r.skipped_invalid + " invalid skipped: the " +
+        "worker would refuse them again (pick the reason \u201cinvalid\u201d to requeue them)" : "";
+      say(what + ": " + r.moved + " dead letter(s) moved" + skipped);
       refresh();
     }).catch(function (e) { say(what + " failed: " + e.message); });
   }
