@@ -73,7 +73,7 @@ def add_subcommands(sub: Any, parents: list[argparse.ArgumentParser],
                          help="push a test notification")
     enq.add_argument("channel")
     enq.add_argument("data", help="JSON object or value")
-    enq.add_argument("--event", help="event name (default: a classic message, RELAY_EVENT)")
+    enq.add_argument("--event", help="event name (default: the worker's RELAY_EVENT)")
     sub.add_parser("check", parents=parents, help="health probe: exit 0 healthy, 1 not")
     sub.add_parser("dashboard", parents=parents,
                    help="serve the operator's page at RELAY_DASHBOARD_ADDR")
@@ -248,7 +248,7 @@ def _enqueue(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: Text
         return EXIT_USAGE
     try:
         text = producer.notify(args.channel, data, event=args.event, client=queue.client,
-                               queue=cfg.queue)
+                               queue=cfg.queue, max_data_bytes=cfg.max_data_bytes)
     except InvalidMessage as exc:
         out.write(f"not enqueued: {exc}\n")
         return EXIT_USAGE

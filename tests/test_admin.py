@@ -144,12 +144,23 @@ def test_dead_purge_older_than(r, redis_server, queue_name):
 def test_enqueue_pushes_through_the_producer(r, redis_server, queue_name):
     out = admin(redis_server, queue_name, "enqueue", "site-1", '{"title": "hi"}')
     assert out.returncode == 0, out.stdout + out.stderr
-    assert json.loads(r.lpop(queue_name)) == {"channel": "site-1", "title": "hi"}
+    pushed = json.loads(r.lpop(queue_name))
+    assert pushed["channels"] == ["site-1"] and pushed["data"] == {"title": "hi"}
+    assert "event" not in pushed and pushed["enqueued_at"] > 0  # the worker's RELAY_EVENT
     out = admin(redis_server, queue_name, "enqueue", "site-1", '{"title": "hi"}',
                 "--event", "update")
     assert out.returncode == 0
     pushed = json.loads(r.lpop(queue_name))
     assert pushed["event"] == "update" and pushed["channels"] == ["site-1"]
+
+
+def test_enqueue_takes_the_data_limit_from_relay_max_data_bytes(r, redis_server, queue_name):
+    data = json.dumps({"body": "y" * 15000})
+    out = admin(redis_server, queue_name, "enqueue", "c", data)
+    assert out.returncode == 2 and "over the limit of 10240" in out.stdout
+    out = admin(redis_server, queue_name, "enqueue", "c", data, RELAY_MAX_DATA_BYTES="20000")
+    assert out.returncode == 0, out.stdout
+    assert r.llen(queue_name) == 1
 
 
 @pytest.mark.parametrize("args", [("bad channel", "{}"), ("c", "{not json")])
