@@ -8,8 +8,8 @@
    letters are not requeued unless asked: the worker would refuse them again at once.
 3. `enqueue CHANNEL JSON [--event NAME]`: a test notification through the producer helper.
 4. `dashboard`: the operator's page (relay/dashboard/), until SIGTERM or SIGINT.
-5. `check`: one-shot health for scripts and container health checks: the worker's /healthz
-   when RELAY_METRICS_ADDR is on, otherwise Redis answers and a live worker is registered.
+5. `check`: one-shot health for scripts and container health checks: the /healthz of every
+   live worker of the queue, at the metrics address each one publishes (relay/check.py).
 
 Exit codes: 0 done or healthy; 1 unhealthy, Redis failed, or a requeue/purge moved nothing
 (nothing matched); 2 bad configuration or usage.
@@ -23,13 +23,11 @@ import json
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any, TextIO
 
 import redis
 
-from relay import explain, producer, redis_url
+from relay import check, explain, producer, redis_url
 from relay.config import Config
 from relay.deadletters import DeadLetters, is_invalid
 from relay.message import InvalidMessage
@@ -74,7 +72,8 @@ def add_subcommands(sub: Any, parents: list[argparse.ArgumentParser],
     enq.add_argument("channel")
     enq.add_argument("data", help="JSON object or value")
     enq.add_argument("--event", help="event name (default: the worker's RELAY_EVENT)")
-    sub.add_parser("check", parents=parents, help="health probe: exit 0 healthy, 1 not")
+    sub.add_parser("check", parents=parents,
+                   help="every live worker's /healthz: exit 0 all healthy, 1 not")
     sub.add_parser("dashboard", parents=parents,
                    help="serve the operator's page at RELAY_DASHBOARD_ADDR")
 
@@ -257,22 +256,7 @@ def _enqueue(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: Text
 
 
 def _check(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
-    if cfg.metrics_addr != "off":
-        url = f"http://{cfg.metrics_addr}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                out.write(resp.read().decode() + "\n")
-                return EXIT_OK
-        except urllib.error.HTTPError as exc:
-            out.write(exc.read().decode() + "\n")
-            return EXIT_UNHEALTHY
-        except OSError as exc:
-            out.write(f"unhealthy: no answer from {url} ({exc})\n")
-            return EXIT_UNHEALTHY
-    queue.client.ping()
-    alive = [w for w in queue.workers() if not w["expired"]]
-    out.write(f"redis ok; {len(alive)} live worker(s) on {cfg.queue}\n")
-    return EXIT_OK if alive else EXIT_UNHEALTHY
+    return check.run(cfg, queue, out)
 
 
 def _dashboard(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
