@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 
 DEAD_SCAN_MAX = 10000  # dead letters read per page or action; the page says when it stopped
 HEAD_CHARS = 160
-TREND_SPAN_S = 10.0  # queue-length samples this far apart give growing/draining
+TREND_SPAN_S = 10.0  # the trend compares with the newest queue-length sample this old...
+TREND_MIN_SPAN_S = 1.0  # ...or, on a page just opened, the oldest at least this old
+# Older samples are dropped: a page opened after a quiet hour must not compare with the length
+# of an hour ago ("growing 0.3/s" while the queue grew 39/s; issue 21, stumble 4).
+TREND_KEEP_S = 30.0
 ERROR_CLASSES = ("invalid", "rejected", "exhausted")
 
 
@@ -70,6 +74,47 @@ def _num(value: Any, default: float = 0.0) -> float:
         return default
 
 
+class Trend:
+    """growing / draining / steady / empty from the queue's length over the last seconds.
+
+    Redis keeps no length history (producers RPUSH without counting), so the dashboard
+    process samples the length at each overview, on Redis's clock, and keeps TREND_KEEP_S of
+    them. Until a sample TREND_MIN_SPAN_S old exists (a page just opened), it says
+    "measuring" rather than compare with something stale."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int]] = deque(maxlen=256)
+
+    def _reference(self, now: float) -> tuple[float, int] | None:
+        while self._samples and (now - self._samples[0][0] > TREND_KEEP_S
+                                 or self._samples[0][0] > now):  # old, or a clock step back
+            self._samples.popleft()
+        aged = [s for s in self._samples if now - s[0] >= TREND_MIN_SPAN_S]
+        spanned = [s for s in aged if now - s[0] >= TREND_SPAN_S]
+        return spanned[-1] if spanned else (aged[0] if aged else None)
+
+    def observe(self, now: float, length: int, outflow: float) -> dict[str, Any]:
+        """The trend as of `now` (Redis's clock); `outflow` (per second) gives an ETA while
+        the length does not change."""
+        ref = self._reference(now)
+        self._samples.append((now, length))
+        change = None if ref is None else (length - ref[1]) / (now - ref[0])
+        eta = None
+        if length == 0:
+            state = "empty"
+        elif change is None:
+            state = "measuring"
+        elif change < 0:
+            state, eta = "draining", length / -change
+        elif change > 0:
+            state = "growing"
+        else:  # no change over the span: the outflow alone gives an estimate
+            state, eta = "steady", (length / outflow if outflow > 0 else None)
+        return {"state": state,
+                "change_per_s": round(change, 2) if change is not None else None,
+                "eta_s": round(eta, 1) if eta is not None else None}
+
+
 class Board:
     """The dashboard's view of one queue; keeps a few queue-length samples for the trend."""
 
@@ -77,7 +122,7 @@ class Board:
         self.queue = queue
         self.keys = queue.keys
         self.dead = DeadLetters(queue.client, queue.keys)
-        self._lengths: deque[tuple[float, int]] = deque(maxlen=64)
+        self.trend = Trend()
 
     # -- overview ------------------------------------------------------------------------------
 
@@ -99,7 +144,7 @@ class Board:
                    for wid, deadline in beats]
         return {
             "queue": k.queue, "now": now,
-            "length": int(length), "trend": self._trend(now, int(length), outflow),
+            "length": int(length), "trend": self.trend.observe(now, int(length), outflow),
             "outflow_per_s": round(outflow, 2),
             "retry": {"scheduled": int(retry),
                       "next_due_in_s": round(first_due[0][1] - now, 1) if first_due else None},
@@ -109,23 +154,6 @@ class Board:
             "gates": self._gates(workers, tat, now),
             "totals": {key.decode(): int(v) for key, v in stats.items()},
         }
-
-    def _trend(self, now: float, length: int, outflow: float) -> dict[str, Any]:
-        """growing / draining / steady / empty, the net change per second and the ETA."""
-        self._lengths.append((now, length))
-        old = next((s for s in reversed(self._lengths) if now - s[0] >= TREND_SPAN_S),
-                   self._lengths[0])
-        change = (length - old[1]) / (now - old[0]) if now > old[0] else 0.0
-        if length == 0:
-            state, eta = "empty", None
-        elif change < 0:
-            state, eta = "draining", length / -change
-        elif change > 0:
-            state, eta = "growing", None
-        else:  # no change seen yet: the outflow alone gives an estimate
-            state, eta = "steady", (length / outflow if outflow > 0 else None)
-        return {"state": state, "change_per_s": round(change, 2),
-                "eta_s": round(eta, 1) if eta is not None else None}
 
     def _worker(self, wid: str, deadline: float, raw: bytes | None, now: float
                 ) -> dict[str, Any]:
