@@ -1,8 +1,9 @@
 """What the page shows, read from Redis; and the dead-letter actions it may take.
 
-1. `Board.overview()`: the queue now (length, trend and ETA, retries and the next due, dead
-   letters), every registered worker (from its heartbeat info: busy greenlets, in flight,
-   gates) and the shared rate limit's use; two pipelined round trips.
+1. `Board.overview()`: the queue now (length, trend and ETA, the delivery rate of the last
+   10 s, retries and the next due, dead letters), every registered worker (from its
+   heartbeat info: busy greenlets, in flight, gates) and the shared rate limit's use; two
+   pipelined round trips.
 2. `Board.dead_page()`: a filtered page of dead letters, each with a stable id (a hash of its
    exact bytes), so an action names exactly the entry the operator saw.
 3. `Board.requeue()` / `Board.purge()`: through DeadLetters.requeue / purge, which
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.deadletters import DeadLetters, is_invalid
-from relay.history import recent_rate
+from relay.history import recent_rates
 from relay.queue import RedisQueue
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,15 @@ class Board:
         pipe.get(k.ratelimit)
         pipe.hgetall(k.stats)
         length, retry, first_due, dead, beats, infos, tat, stats = pipe.execute()
-        outflow = recent_rate(client, k, now)
+        rates = recent_rates(client, k, now)
+        outflow = sum(rates.values())
         workers = [self._worker(wid.decode(), deadline, infos.get(wid), now)
                    for wid, deadline in beats]
         return {
             "queue": k.queue, "now": now,
             "length": int(length), "trend": self.trend.observe(now, int(length), outflow),
             "outflow_per_s": round(outflow, 2),
+            "delivered_per_s": round(rates["delivered"], 2),  # over the last 10 full seconds
             "retry": {"scheduled": int(retry),
                       "next_due_in_s": round(first_due[0][1] - now, 1) if first_due else None},
             "dead": int(dead),
