@@ -139,7 +139,7 @@
   function niceCeil(v) {
     if (!(v > 0)) { return 1; }
     var p = Math.pow(10, Math.floor(Math.log(v) / Math.LN10));
-    var steps = [1, 2, 2.5, 5, 10];
+    var steps = [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10];
     for (var i = 0; i < steps.length; i++) { if (steps[i] * p >= v * 0.999999) { return steps[i] * p; } }
     return 10 * p;
   }
@@ -152,7 +152,8 @@
     var max = seen.length ? seen[seen.length - 1] : 0;
     var usual = seen.length ? seen[Math.floor(0.95 * (seen.length - 1))] : 0;
     var top = seen.length >= 20 && max > 3 * usual ? niceCeil(usual * 1.5) : niceCeil(max * 1.05);
-    return { top: top, ticks: [0, top / 2, top], at: function (v) { return Math.min(v, top) / top; } };
+    var ticks = Math.round(top * 5) === top * 5 ? [0, top / 2, top] : [0, top];  // mid: 1 decimal
+    return { top: top, ticks: ticks, at: function (v) { return Math.min(v, top) / top; } };
   }
 
   // Latencies span milliseconds to an hour: one decade per label.
