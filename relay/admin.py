@@ -2,13 +2,14 @@
 
 1. `stats [--json] [--watch]`: queue, in-flight per worker (with heartbeat age), retries,
    dead letters, running totals and the rate-limit state.
-2. `dead list [--limit N]`, `dead requeue (--all | --match TEXT)`,
+2. `dead list [--limit N]`, `dead requeue (--all | --match TEXT) [--include-invalid]`,
    `dead purge [--older-than DURATION]`: each entry is moved or removed by its exact bytes
-   in one Redis step, so two operators at once never lose or double one.
+   in one Redis step, so two operators at once never lose or double one. `invalid` dead
+   letters are not requeued unless asked: the worker would refuse them again at once.
 3. `enqueue CHANNEL JSON [--event NAME]`: a test notification through the producer helper.
 4. `dashboard`: the operator's page (relay/dashboard/), until SIGTERM or SIGINT.
-5. `check`: one-shot health for scripts and container health checks: the worker's /healthz
-   when RELAY_METRICS_ADDR is on, otherwise Redis answers and a live worker is registered.
+5. `check`: one-shot health for scripts and container health checks: the /healthz of every
+   live worker of the queue, at the metrics address each one publishes (relay/check.py).
 
 Exit codes: 0 done or healthy; 1 unhealthy, Redis failed, or a requeue/purge moved nothing
 (nothing matched); 2 bad configuration or usage.
@@ -22,20 +23,19 @@ import json
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any, TextIO
 
 import redis
 
-from relay import explain, producer, redis_url
+from relay import check, explain, producer, redis_url
 from relay.config import Config
-from relay.deadletters import DeadLetters
+from relay.deadletters import DeadLetters, is_invalid
 from relay.message import InvalidMessage
 from relay.queue import RedisQueue
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 EXIT_NOTHING = EXIT_UNHEALTHY  # requeue or purge moved nothing: nothing matched
+REQUEUE_USAGE = "%(prog)s (--all | --match TEXT) [--include-invalid] [setting flags]"
 WATCH_EVERY_S = 2.0
 _DURATION = re.compile(r"\A(\d+(?:\.\d+)?)([smhd]?)\Z")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -47,26 +47,44 @@ def add_subcommands(sub: Any, parents: list[argparse.ArgumentParser],
     stats = sub.add_parser("stats", parents=parents, help="queue, in-flight, retries, dead")
     stats.add_argument("--json", action="store_true", help="one JSON object, for machines")
     stats.add_argument("--watch", action="store_true", help="refresh in place every 2 s")
-    dead = sub.add_parser("dead", parents=parents, help="list, requeue or purge dead letters")
-    verbs = dead.add_subparsers(dest="verb", required=True)
-    lst = verbs.add_parser("list", parents=parents, help="show dead letters, oldest first")
+    dead = sub.add_parser("dead", parents=parents, help="list, requeue or purge dead letters",
+                          usage="%(prog)s {list,requeue,purge} ... [setting flags]")
+    verbs = dead.add_subparsers(dest="verb", required=True, prog=dead.prog)
+    lst = verbs.add_parser("list", parents=parents, help="show dead letters, oldest first",
+                           usage="%(prog)s [--limit N] [setting flags]")
     lst.add_argument("--limit", type=int, default=20)
-    req = verbs.add_parser("requeue", parents=parents, help="put dead letters back in the queue")
-    which = req.add_mutually_exclusive_group(required=True)
+    # Without a short usage, argparse prints every setting flag (30 lines) before its error.
+    req = verbs.add_parser("requeue", parents=parents, help="put dead letters back in the queue",
+                           usage=REQUEUE_USAGE)
+    which = req.add_mutually_exclusive_group()  # "neither" is said in one line: usage_problem
     which.add_argument("--all", action="store_true")
     which.add_argument("--match", metavar="TEXT", help="only entries whose payload or error "
                                                        "contains TEXT")
-    purge = verbs.add_parser("purge", parents=parents, help="delete dead letters")
+    req.add_argument("--include-invalid", action="store_true",
+                     help="requeue `invalid` ones too (skipped otherwise: the worker refuses "
+                          "them again at once, unless what it accepts has changed)")
+    purge = verbs.add_parser("purge", parents=parents, help="delete dead letters",
+                             usage="%(prog)s [--older-than DURATION] [setting flags]")
     purge.add_argument("--older-than", metavar="DURATION", type=parse_duration,
                        help="e.g. 30m, 12h, 7d (default: all)")
     enq = sub.add_parser("enqueue", parents=parents_without_event,
                          help="push a test notification")
     enq.add_argument("channel")
     enq.add_argument("data", help="JSON object or value")
-    enq.add_argument("--event", help="event name (default: a classic message, RELAY_EVENT)")
-    sub.add_parser("check", parents=parents, help="health probe: exit 0 healthy, 1 not")
+    enq.add_argument("--event", help="event name (default: the worker's RELAY_EVENT)")
+    sub.add_parser("check", parents=parents,
+                   help="every live worker's /healthz: exit 0 all healthy, 1 not")
     sub.add_parser("dashboard", parents=parents,
                    help="serve the operator's page at RELAY_DASHBOARD_ADDR")
+
+
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """A usage mistake argparse cannot say in one line, or None: `dead requeue` naming no
+    dead letters would otherwise print the whole usage before the one line that matters."""
+    if getattr(args, "verb", None) == "requeue" and not (args.all or args.match):
+        return ("dead requeue: say which dead letters: --all, or --match TEXT "
+                "(nothing was moved)")
+    return None
 
 
 def parse_duration(text: str) -> float:
@@ -157,14 +175,29 @@ def _dead(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO)
     dead = DeadLetters(queue.client, queue.keys)
     entries = dead.entries()
     if args.verb == "requeue":
-        chosen = [e for e in entries if args.all or _matches(e, args.match)]
-        n = dead.requeue(chosen)
-        out.write(f"requeued {n} dead letter(s) to {cfg.queue}\n")
-        return EXIT_OK if n else EXIT_NOTHING
+        return _requeue(args, cfg, dead, entries, out)
     cutoff = time.time() - args.older_than if args.older_than is not None else None
     chosen = [e for e in entries if cutoff is None or _failed_at(e) < cutoff]
     n = dead.purge(chosen)
     out.write(f"purged {n} dead letter(s)\n")
+    return EXIT_OK if n else EXIT_NOTHING
+
+
+def _requeue(args: argparse.Namespace, cfg: Config, dead: DeadLetters, entries: list[bytes],
+             out: TextIO) -> int:
+    """Requeue what matches; `invalid` ones only when asked, since the worker would send
+    them straight back to the dead letters."""
+    chosen = [e for e in entries if args.all or _matches(e, args.match)]
+    invalid = [] if args.include_invalid else [e for e in chosen if is_invalid(e)]
+    skipped = set(invalid)
+    n = dead.requeue([e for e in chosen if e not in skipped])
+    out.write(f"requeued {n} dead letter(s) to {cfg.queue}\n")
+    if invalid:
+        example = _entry(invalid[0]).get("error", "?")
+        out.write(f"skipped {len(invalid)} invalid dead letter(s) (e.g. {example!r}): the "
+                  "worker would dead-letter them again at once; once it accepts them (e.g. a "
+                  "higher RELAY_MAX_DATA_BYTES, or PUSHER_ENCRYPTION_MASTER_KEY_BASE64 set), "
+                  "add --include-invalid\n")
     return EXIT_OK if n else EXIT_NOTHING
 
 
@@ -214,7 +247,7 @@ def _enqueue(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: Text
         return EXIT_USAGE
     try:
         text = producer.notify(args.channel, data, event=args.event, client=queue.client,
-                               queue=cfg.queue)
+                               queue=cfg.queue, max_data_bytes=cfg.max_data_bytes)
     except InvalidMessage as exc:
         out.write(f"not enqueued: {exc}\n")
         return EXIT_USAGE
@@ -223,22 +256,7 @@ def _enqueue(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: Text
 
 
 def _check(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
-    if cfg.metrics_addr != "off":
-        url = f"http://{cfg.metrics_addr}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                out.write(resp.read().decode() + "\n")
-                return EXIT_OK
-        except urllib.error.HTTPError as exc:
-            out.write(exc.read().decode() + "\n")
-            return EXIT_UNHEALTHY
-        except OSError as exc:
-            out.write(f"unhealthy: no answer from {url} ({exc})\n")
-            return EXIT_UNHEALTHY
-    queue.client.ping()
-    alive = [w for w in queue.workers() if not w["expired"]]
-    out.write(f"redis ok; {len(alive)} live worker(s) on {cfg.queue}\n")
-    return EXIT_OK if alive else EXIT_UNHEALTHY
+    return check.run(cfg, queue, out)
 
 
 def _dashboard(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:

@@ -67,6 +67,10 @@ def load_config(args: argparse.Namespace, need_pusher: bool = True) -> config.Co
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = admin.usage_problem(args)
+    if problem is not None:
+        sys.stderr.write(f"relay: {problem}\n")
+        return EXIT_CONFIG
     command = args.command or "run"
     cfg = load_config(args, need_pusher=command == "run")
     if cfg is None:

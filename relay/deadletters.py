@@ -25,6 +25,16 @@ return 1
 """
 
 
+def is_invalid(entry: bytes) -> bool:
+    """A dead letter of class `invalid`: the worker refused it before any call (not JSON, a
+    bad channel, too large...), so requeued as it is, it comes straight back."""
+    try:
+        found = json.loads(entry)
+    except ValueError:
+        return False
+    return isinstance(found, dict) and found.get("error_class") == "invalid"
+
+
 class DeadLetters:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client

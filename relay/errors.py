@@ -8,3 +8,8 @@ relay raises on purpose; library errors (redis, requests) are never wrapped in i
 
 class RelayError(Exception):
     """Something relay itself refuses or detects: bad input, bad settings, a reaped worker."""
+
+
+class SettingError(RelayError, ValueError):
+    """A setting read outside the worker (the producer's RELAY_MAX_DATA_BYTES) is malformed;
+    the text names it, as the worker's own ConfigError does."""

@@ -188,10 +188,20 @@ def _series(name: str, window: Window, now: float, first: int,
             "summary": summarize(total, span_s)}
 
 
-def recent_rate(client: redis.Redis, keys: Keys, now: float, span_s: int = 10) -> float:
-    """Notifications leaving the queue per second over the last span_s full seconds."""
+OUTFLOW = ("delivered", "dead", "shed", "retried")  # what leaves the queue for good or a while
+
+
+def recent_rates(client: redis.Redis, keys: Keys, now: float, span_s: int = 10
+                 ) -> dict[str, float]:
+    """Per second over the last span_s full seconds, for each of OUTFLOW (one pipeline)."""
     window = WINDOWS["15m"]
     pipe = client.pipeline(transaction=False)
     for index in range(int(now) - span_s, int(now)):
-        pipe.hmget(bucket_key(keys, window, index), "delivered", "dead", "shed", "retried")
-    return sum(int(v or 0) for row in pipe.execute() for v in row) / span_s
+        pipe.hmget(bucket_key(keys, window, index), *OUTFLOW)
+    sums = [sum(int(row[i] or 0) for row in pipe.execute()) for i in range(len(OUTFLOW))]
+    return {name: total / span_s for name, total in zip(OUTFLOW, sums, strict=True)}
+
+
+def recent_rate(client: redis.Redis, keys: Keys, now: float, span_s: int = 10) -> float:
+    """Notifications leaving the queue per second over the last span_s full seconds."""
+    return sum(recent_rates(client, keys, now, span_s).values())

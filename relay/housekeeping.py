@@ -140,8 +140,11 @@ class Housekeeper:
         self.backlog = round_.length
         for wid, n in round_.recovered.items():
             self.metrics.recovered.inc(n)
+            # At-least-once: the dead worker may have had Pusher accept some of them just
+            # before it died, without the ack reaching Redis; the operator must know.
             log.warning("worker %s missed its heartbeat: %d in-flight notification(s) "
-                        "returned to the queue", wid, n)
+                        "returned to the queue; some may already have been delivered and "
+                        "will be sent again", wid, n)
         if round_.dropped:
             self.metrics.shed.labels("backlog").inc(round_.dropped)
             self.backlog_shedding.dropped(round_.dropped)

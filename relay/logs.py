@@ -4,6 +4,9 @@
    message (text format), so the same call serves both.
 2. `RepeatFilter`: an identical warning or error repeated within REPEAT_WINDOW_S is logged
    once; the next time it gets through it says how many were held back.
+3. `ProcessTag`: every line says which process wrote it (`[pid 4242]`, or the worker id once
+   `set_worker` was told it), because supervisord's numprocs puts several workers on one
+   stdout. No log call has to pass it.
 """
 
 from __future__ import annotations
@@ -15,18 +18,47 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_WORKER = "relay_worker"  # the record attribute ProcessTag sets
+_WHO = "relay_who"  # what the text format shows: the worker id, else the pid
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", _WORKER, _WHO}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _RESERVED}
 
 
+def _worker(record: logging.LogRecord) -> str | None:
+    return getattr(record, _WORKER, None)
+
+
+class ProcessTag(logging.Filter):
+    """Stamps each record with this process's worker id (None until `set_worker`); the
+    formatters fall back to the pid, which the worker id also holds (host:pid:random)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.worker_id: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        setattr(record, _WORKER, self.worker_id)
+        return True
+
+
+def set_worker(worker_id: str) -> None:
+    """From now on, this process's lines name `worker_id` instead of its pid."""
+    for handler in logging.getLogger().handlers:
+        for found in handler.filters:
+            if isinstance(found, ProcessTag):
+                found.worker_id = worker_id
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__(f"%(asctime)s [%({_WHO})s] %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        setattr(record, _WHO, _worker(record) or f"pid {record.process}")
         text = super().format(record)
         extra = _fields(record)
         if extra:
@@ -42,7 +74,10 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
+        if _worker(record):
+            obj["worker"] = _worker(record)
         obj.update(_fields(record))
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
@@ -83,6 +118,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     """Send every log line to stderr (supervisord collects it) in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RepeatFilter())
+    handler.addFilter(ProcessTag())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -12,6 +12,11 @@ from relay import __version__
 
 CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 AGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
+# Every value the labels take (the dead-letter classes, observe_call's outcomes, the
+# shedding policies), exported at 0 from the start.
+ERROR_CLASSES = ("invalid", "rejected", "exhausted")
+CALL_OUTCOMES = ("2xx", "4xx", "5xx", "network")
+SHED_POLICIES = ("backlog", "max_age")
 
 
 class Metrics:
@@ -54,6 +59,18 @@ class Metrics:
         self.circuit_open = Gauge("relay_circuit_open", "1 while the circuit to Pusher is open",
                                   registry=r)
         Info("relay_build", "relay version", registry=r).info({"version": __version__})
+        self._start_at_zero()
+
+    def _start_at_zero(self) -> None:
+        """Export every label value at 0 from the start. A series that first appears at 1 has
+        no increase to Prometheus, so the first dead letter of a process would never fire
+        RelayDeadLettersGrowing (deploy/prometheus/relay-alerts.yml)."""
+        for reason in ERROR_CLASSES:
+            self.dead.labels(reason)
+        for status in CALL_OUTCOMES:
+            self.calls.labels(status)
+        for policy in SHED_POLICIES:
+            self.shed.labels(policy)
 
     def observe_call(self, status: int | None, seconds: float) -> None:
         """Delivery's on_call hook: one count by the outcome relay acted on (the status class

@@ -16,6 +16,7 @@ MAX_CHANNEL_NAME = 164  # characters in a channel name
 MAX_USER_ID = 200  # characters of the user id after "#server-to-user-" (pusher library)
 MAX_EVENT_NAME = 200  # characters in an event name
 MAX_DATA_BYTES = 10240  # UTF-8 bytes of an event's data (Pusher's; RELAY_MAX_DATA_BYTES)
+MAX_DATA_BYTES_CEILING = 1024 * 1024  # the most RELAY_MAX_DATA_BYTES may say (no server takes more)
 
 SERVER_TO_USER_PREFIX = "#server-to-user-"
 ENCRYPTED_PREFIX = "private-encrypted-"
@@ -57,6 +58,15 @@ def data_size_problem(size, limit=MAX_DATA_BYTES):
     """Why data of `size` UTF-8 bytes is refused, or None."""
     if size > limit:
         return "data is {0} bytes, over the limit of {1}".format(size, limit)
+    return None
+
+
+def data_limit_problem(value):
+    """Why `value` cannot be RELAY_MAX_DATA_BYTES, or None: the worker's rule (relay.config)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "must be a number"
+    if not 1 <= value <= MAX_DATA_BYTES_CEILING:
+        return "must be 1 to {0} bytes".format(MAX_DATA_BYTES_CEILING)
     return None
 
 

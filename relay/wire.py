@@ -5,8 +5,11 @@ refuses exactly what the worker would dead-letter.
 1. A *classic* message is a JSON object with a `channel` key: the event is RELAY_EVENT and
    the data is the object without `channel`. Any object that has `channel` is classic, so
    a classic message can never be misread as an envelope, whatever else it carries.
-2. An *envelope* has no `channel` key and carries `"relay": 1`, with `channels` (1 to 100),
-   `event`, `data`, and optionally `socket_id`, `enqueued_at` (Unix seconds) and `id`.
+2. An *envelope* has no `channel` key and carries `"relay": 1`, with `channels` (1 to 100)
+   and `data`, and optionally `event`, `socket_id`, `enqueued_at` (Unix seconds) and `id`.
+   Without `event` it gets RELAY_EVENT, as a classic message does: so the producer can stamp
+   `enqueued_at` on what would have been a classic message and the browser still receives
+   the same event and data. (Workers before this rule dead-letter an envelope without one.)
 3. `fields()` turns either into a plain dict of what Pusher needs, or raises InvalidMessage
    with the reason. Policies that depend on the worker's settings (encryption key) stay in
    relay.message; retry wrappers, which only the worker writes, too.
@@ -166,14 +169,14 @@ def _channels(obj):
     return tuple(check_channel(c) for c in channels)
 
 
-def _envelope(obj, limit):
-    # type: (dict, int) -> dict
+def _envelope(obj, default_event, limit):
+    # type: (dict, str, int) -> dict
     if "data" not in obj:
         raise InvalidMessage("envelope needs data")
     ident = obj.get("id")
     return {
         "channels": _channels(obj),
-        "event": check_event(obj.get("event")),
+        "event": check_event(obj["event"] if "event" in obj else default_event),
         "data": check_data(encode_data(obj["data"]), limit),
         "socket_id": check_socket_id(obj.get("socket_id")),
         "enqueued_at": unix_seconds(obj.get("enqueued_at"), "enqueued_at"),
@@ -192,7 +195,7 @@ def fields(obj, default_event, limit=rules.MAX_DATA_BYTES):
         raise InvalidMessage("no channel (neither a classic message nor a relay envelope)")
     if "payload" in obj:
         raise InvalidMessage("a retry wrapper, which only the worker writes")
-    return _envelope(obj, limit)
+    return _envelope(obj, default_event, limit)
 
 
 def classic(channel, data, default_event, limit=rules.MAX_DATA_BYTES):
@@ -205,11 +208,20 @@ def classic(channel, data, default_event, limit=rules.MAX_DATA_BYTES):
     return text
 
 
+# Stands in for the worker's RELAY_EVENT when an envelope without `event` is checked at the
+# source: the worker validates its own setting at start.
+_SOME_EVENT = "hit"
+
+
 def envelope(channels, event, data, socket_id=None, enqueued_at=None, ident=None,
              limit=rules.MAX_DATA_BYTES):
-    # type: (list[str], str, object, str | None, float | None, str | None, int) -> str
-    """Encode an envelope, validated so bad input fails at the source."""
-    obj = {"relay": ENVELOPE_VERSION, "channels": channels, "event": event, "data": data}
+    # type: (list[str], str | None, object, str | None, float | None, str | None, int) -> str
+    """Encode an envelope, validated so bad input fails at the source; `event` None leaves
+    it out (the worker's RELAY_EVENT)."""
+    obj = {"relay": ENVELOPE_VERSION, "channels": channels}
+    if event is not None:
+        obj["event"] = event
+    obj["data"] = data
     if socket_id is not None:
         obj["socket_id"] = socket_id
     if enqueued_at is not None:
@@ -222,5 +234,5 @@ def envelope(channels, event, data, socket_id=None, enqueued_at=None, ident=None
         text = _FAILED
     if text is _FAILED:
         raise InvalidMessage("data holds NaN or Infinity, which is not JSON")
-    fields(decode(text)[1], event, limit)
+    fields(decode(text)[1], _SOME_EVENT, limit)
     return text

@@ -18,7 +18,7 @@ sys.path.insert(0, sys.argv[2])  # redis-py for this interpreter, nothing else
 import redis  # noqa: E402
 
 import relay  # noqa: E402
-from relay.producer import InvalidMessage, Producer, client_from_env, notify  # noqa: E402
+from relay.producer import InvalidMessage, Producer, SettingError, client_from_env, notify  # noqa: E402
 
 BAD = [  # (channels, data, event, socket_id): each must raise and push nothing
     ("bad channel!", {"x": 1}, None, None),
@@ -58,6 +58,15 @@ def main():
             continue
         raise AssertionError("no InvalidMessage for %r" % ((channels, event, socket_id),))
     assert client.llen(unread) == 0, "bad input was pushed"
+    # RELAY_MAX_DATA_BYTES: the worker's limit, as an argument (or from the environment).
+    Producer(client, queue=unread, max_data_bytes=20000).notify(tag, {"x": "y" * 15000})
+    try:
+        Producer(client, queue=unread, max_data_bytes="lots")
+        raise AssertionError("no SettingError for max_data_bytes='lots'")
+    except SettingError as exc:
+        assert str(exc).startswith("RELAY_MAX_DATA_BYTES: must be"), exc
+    assert client.llen(unread) == 1
+    client.delete(unread)
     producer.close()
     print(json.dumps({"python": "%d.%d.%d" % sys.version_info[:3],
                       "redis": redis.__version__, "pushed": pushed}))

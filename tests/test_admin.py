@@ -10,6 +10,8 @@ from collections import Counter
 
 import pytest
 
+from relay.queue import RedisQueue
+from relay.redis_server import free_port
 from tests.support import ROOT, wait_for
 
 
@@ -76,9 +78,38 @@ def test_dead_requeue_match_moves_only_matching_entries(r, redis_server, queue_n
     assert r.llen(f"{queue_name}:dead") == 1
 
 
-def test_dead_requeue_needs_all_or_match(redis_server, queue_name):
+def test_dead_requeue_needs_all_or_match_said_in_one_line(r, redis_server, queue_name):
+    r.rpush(f"{queue_name}:dead", _dead_entry('{"channel":"a"}'))
     out = admin(redis_server, queue_name, "dead", "requeue")
     assert out.returncode == 2
+    assert out.stderr == ("relay: dead requeue: say which dead letters: --all, or --match TEXT "
+                          "(nothing was moved)\n")
+    assert out.stdout == "" and r.llen(f"{queue_name}:dead") == 1
+
+
+def _classed(payload, error_class, error):
+    return json.dumps({"payload": payload, "error": error, "error_class": error_class,
+                       "attempts": 1, "failed_at": time.time()})
+
+
+def test_dead_requeue_skips_invalid_ones_unless_asked(r, redis_server, queue_name):
+    r.rpush(f"{queue_name}:dead", _classed("not json", "invalid", "not JSON"),
+            _classed('{"channel":"a"}', "exhausted", "HTTP 503"))
+    out = admin(redis_server, queue_name, "dead", "requeue", "--all")
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first == f"requeued 1 dead letter(s) to {queue_name}"
+    assert second.startswith("skipped 1 invalid dead letter(s) (e.g. 'not JSON'): the worker "
+                             "would dead-letter them again at once")
+    assert "--include-invalid" in second
+    assert r.lrange(queue_name, 0, -1) == [b'{"channel":"a"}']
+    # Only invalid ones left: nothing moved (exit 1), and the line says why.
+    out = admin(redis_server, queue_name, "dead", "requeue", "--match", "not")
+    assert out.returncode == 1 and "skipped 1 invalid" in out.stdout
+    out = admin(redis_server, queue_name, "dead", "requeue", "--all", "--include-invalid")
+    assert out.returncode == 0 and out.stdout == f"requeued 1 dead letter(s) to {queue_name}\n"
+    assert r.lrange(queue_name, 0, -1) == [b'{"channel":"a"}', b"not json"]
+    assert r.llen(f"{queue_name}:dead") == 0
 
 
 def test_two_operators_requeue_all_at_once_every_entry_back_exactly_once(r, redis_server,
@@ -115,12 +146,23 @@ def test_dead_purge_older_than(r, redis_server, queue_name):
 def test_enqueue_pushes_through_the_producer(r, redis_server, queue_name):
     out = admin(redis_server, queue_name, "enqueue", "site-1", '{"title": "hi"}')
     assert out.returncode == 0, out.stdout + out.stderr
-    assert json.loads(r.lpop(queue_name)) == {"channel": "site-1", "title": "hi"}
+    pushed = json.loads(r.lpop(queue_name))
+    assert pushed["channels"] == ["site-1"] and pushed["data"] == {"title": "hi"}
+    assert "event" not in pushed and pushed["enqueued_at"] > 0  # the worker's RELAY_EVENT
     out = admin(redis_server, queue_name, "enqueue", "site-1", '{"title": "hi"}',
                 "--event", "update")
     assert out.returncode == 0
     pushed = json.loads(r.lpop(queue_name))
     assert pushed["event"] == "update" and pushed["channels"] == ["site-1"]
+
+
+def test_enqueue_takes_the_data_limit_from_relay_max_data_bytes(r, redis_server, queue_name):
+    data = json.dumps({"body": "y" * 15000})
+    out = admin(redis_server, queue_name, "enqueue", "c", data)
+    assert out.returncode == 2 and "over the limit of 10240" in out.stdout
+    out = admin(redis_server, queue_name, "enqueue", "c", data, RELAY_MAX_DATA_BYTES="20000")
+    assert out.returncode == 0, out.stdout
+    assert r.llen(queue_name) == 1
 
 
 @pytest.mark.parametrize("args", [("bad channel", "{}"), ("c", "{not json")])
@@ -136,6 +178,53 @@ def test_check_without_metrics_needs_a_live_worker(r, redis_server, pusher, star
     start_worker()
     out = admin(redis_server, queue_name, "check")
     assert out.returncode == 0 and "1 live worker" in out.stdout
+
+
+def advertise(r, queue_name, worker_id, ttl=30, **info):
+    """A registered worker whose heartbeat info carries `info` (metrics_addr, host...)."""
+    RedisQueue(r, queue_name, worker_id=worker_id).heartbeat(ttl, 1)
+    found = json.loads(r.hget(f"{queue_name}:workers:info", worker_id))
+    r.hset(f"{queue_name}:workers:info", worker_id, json.dumps({**found, **info}))
+
+
+def test_check_asks_every_live_worker_at_the_address_it_publishes(
+        r, redis_server, pusher, start_worker, queue_name):
+    """Issue 21, stumble 13: the second process's /healthz is found without --metrics-addr.
+    One real worker answers; fabricated entries stand for its siblings."""
+    port = free_port()
+    start_worker(RELAY_METRICS_ADDR=f"127.0.0.1:{port}")
+    advertise(r, queue_name, "here:1:aa", metrics_addr=f"127.0.0.1:{port}")
+    advertise(r, queue_name, "here:2:bb", metrics_addr=f"0.0.0.0:{port}")  # a wildcard bind
+    advertise(r, queue_name, "here:3:cc", metrics_addr="off")
+    advertise(r, queue_name, "far:4:dd", metrics_addr="127.0.0.1:9300", host="elsewhere")
+    advertise(r, queue_name, "gone:5:ee", metrics_addr=f"127.0.0.1:{free_port()}")
+    advertise(r, queue_name, "dead:6:ff", metrics_addr=f"127.0.0.1:{free_port()}")
+    r.zincrby(f"{queue_name}:workers", -3600, "dead:6:ff")  # expired: not asked
+    out = admin(redis_server, queue_name, "check", RELAY_METRICS_ADDR="off")
+    assert out.returncode == 1, out.stdout  # gone:5 does not answer
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines()[:-1])
+    assert lines[f"worker here:1:aa at 127.0.0.1:{port}"].startswith('{"status": "ok"')
+    assert lines[f"worker here:2:bb at 127.0.0.1:{port}"].startswith('{"status": "ok"')
+    assert "no /healthz to ask" in lines["worker here:3:cc"]
+    assert "loopback on host elsewhere: run check there" in lines["worker far:4:dd"]
+    [gone] = [v for k, v in lines.items() if k.startswith("worker gone:5:ee at ")]
+    assert gone.startswith("unhealthy: no answer from http://127.0.0.1:")
+    assert not any("dead:6:ff" in line for line in out.stdout.splitlines())
+    assert out.stdout.splitlines()[-1] == f"5 of 6 live worker(s) on {queue_name} healthy"
+    r.zrem(f"{queue_name}:workers", "gone:5:ee")
+    out = admin(redis_server, queue_name, "check", RELAY_METRICS_ADDR="off")
+    assert out.returncode == 0, out.stdout
+    assert out.stdout.splitlines()[-1] == f"5 of 5 live worker(s) on {queue_name} healthy"
+
+
+def test_check_falls_back_to_relay_metrics_addr_when_no_worker_publishes_one(
+        r, redis_server, pusher, start_worker, queue_name):
+    port = free_port()
+    start_worker(RELAY_METRICS_ADDR=f"127.0.0.1:{port}")
+    out = admin(redis_server, queue_name, "check", RELAY_METRICS_ADDR=f"127.0.0.1:{port}")
+    assert out.returncode == 0 and out.stdout.startswith('{"status": "ok"'), out.stdout
+    out = admin(redis_server, queue_name, "check", RELAY_METRICS_ADDR=f"127.0.0.1:{free_port()}")
+    assert out.returncode == 1 and out.stdout.startswith("unhealthy: no answer"), out.stdout
 
 
 def test_admin_commands_need_no_pusher_credentials_and_fail_cleanly_without_redis(

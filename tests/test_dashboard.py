@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from relay.dashboard.app import DashboardApp, DashboardServer
+from relay.dashboard.data import Trend
 from relay.dashboard.security import Guard, is_loopback
 from relay.queue import RedisQueue
 from relay.redis_server import RedisServer
@@ -130,13 +131,36 @@ def test_trend_says_growing_or_draining(serve: Callable[..., Client], r: redis.R
                                         queue_name: str) -> None:
     client = serve()
     r.rpush(queue_name, *[b"x"] * 100)
-    assert client.json("/api/overview")["trend"]["state"] == "steady"
+    assert client.json("/api/overview")["trend"]["state"] == "measuring"  # one sample yet
     r.ltrim(queue_name, 50, -1)
-    trend = client.json("/api/overview")["trend"]
+
+    def measured() -> dict[str, Any] | None:
+        trend = client.json("/api/overview")["trend"]
+        return trend if trend["state"] != "measuring" else None
+
+    trend = wait_for(measured, 10, "a second sample a second later")
     assert trend["state"] == "draining" and trend["eta_s"] is not None
     assert trend["change_per_s"] < 0
     r.rpush(queue_name, *[b"x"] * 100)
     assert client.json("/api/overview")["trend"]["state"] == "growing"
+
+
+def test_trend_on_a_fresh_page_is_the_recent_rate_not_the_oldest_sample() -> None:
+    """Issue 21, stumble 4: a dashboard process that served a page an hour ago compared with
+    that page's sample, and said "growing 0.3/s" while the queue grew 39/s."""
+    trend = Trend()
+    trend.observe(1000.0, 0, 0.0)  # a page open an hour ago, the queue empty
+    assert trend.observe(4600.0, 1000, 0.0) == {"state": "measuring", "change_per_s": None,
+                                                "eta_s": None}
+    assert trend.observe(4602.0, 1078, 0.0)["change_per_s"] == 39.0  # the next refresh
+    for step in range(2, 12):  # refreshes every 2 s: over TREND_SPAN_S, the last 10 s
+        latest = trend.observe(4600.0 + 2 * step, 1000 + 78 * step, 0.0)
+    assert latest == {"state": "growing", "change_per_s": 39.0, "eta_s": None}
+    # The drain that follows: 50/s down to empty, said as it is, not averaged with the growth.
+    for step in range(1, 6):
+        latest = trend.observe(4622.0 + 2 * step, 1858 - 100 * step, 0.0)
+    assert latest["state"] == "draining" and latest["change_per_s"] == -50.0
+    assert latest["eta_s"] == pytest.approx(1358 / 50, abs=0.1)
 
 
 def test_series_endpoint_and_its_bad_input(serve: Callable[..., Client], r: redis.Redis,
@@ -192,11 +216,25 @@ def test_requeue_the_filtered_and_purge_older_than(serve: Callable[..., Client],
     dead_letter(r, queue_name, "fresh")
     client = serve()
     client.load_page()
-    assert client.json("/api/dead/requeue", {"class": "exhausted"}) == {"moved": 1}
+    assert client.json("/api/dead/requeue", {"class": "exhausted"}) == {
+        "moved": 1, "skipped_invalid": 0}
     assert r.lrange(queue_name, 0, -1) == [b"retry me"]
     assert client.json("/api/dead/purge", {"older_than": "7d"}) == {"moved": 3}
     assert [json.loads(e)["payload"] for e in r.lrange(f"{queue_name}:dead", 0, -1)] == ["fresh"]
     assert client.call("/api/dead/purge", {"older_than": "soon"})[0] == 400
+
+
+def test_requeue_the_filtered_skips_invalid_unless_that_class_is_chosen(
+        serve: Callable[..., Client], r: redis.Redis, queue_name: str) -> None:
+    dead_letter(r, queue_name, "not json", error_class="invalid")
+    dead_letter(r, queue_name, '{"channel":"c"}', error="HTTP 503", error_class="exhausted")
+    client = serve()
+    client.load_page()
+    assert client.json("/api/dead/requeue", {"q": ""}) == {"moved": 1, "skipped_invalid": 1}
+    assert r.lrange(queue_name, 0, -1) == [b'{"channel":"c"}']
+    assert client.json("/api/dead/requeue", {"class": "invalid"}) == {
+        "moved": 1, "skipped_invalid": 0}
+    assert r.llen(f"{queue_name}:dead") == 0
 
 
 @pytest.mark.parametrize("headers,why", [

@@ -215,3 +215,74 @@ def test_with_auth_on_no_credentials_get_401(browser: Any,
     assert "pa55word" not in page.content()
     assert console.errors == []
     known.close()
+
+
+def fill_history(r: redis.Redis, queue_name: str) -> None:
+    """15 minutes of history: 150/s, a minute of failures, a 3 s drain spike at 2,600/s, and
+    40/s over the last 12 s and the next 30 (so the tile reads 40 whenever the page asks);
+    written as the settle scripts write it (Q:history:s:<second>)."""
+    now = int(r.time()[0])
+    pipe = r.pipeline(transaction=False)
+    for back in range(-30, 900):
+        if back <= 12:
+            counts = {"delivered": 40}
+        elif 300 <= back < 360:
+            counts = {"failed": 20, "retried": 6}
+        elif 297 <= back < 300:
+            counts = {"delivered": 2600}
+        else:
+            counts = {"delivered": 150 + back % 7}
+        for name, n in counts.items():
+            pipe.hincrby(f"{queue_name}:history:s:{now - back}", name, n)
+    pipe.execute()
+
+
+# How many lines a cell's text takes, and whether its buttons share one line.
+LINES = """cell => { const range = document.createRange(); range.selectNodeContents(cell);
+  const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+  return tops.size; }"""
+
+
+def test_charts_keep_an_incident_readable_and_narrow_columns_do_not_wrap(
+        browser: Any, start_dashboard: Callable[..., str], r: redis.Redis,
+        queue_name: str) -> None:
+    """Issue 21, stumbles 8 and 11: one drain spike must not set the delivery chart's scale,
+    failures get a scale of their own, the time axis is labelled along its length, a tile
+    says the current delivery rate; the dead letters' short columns stay on one line."""
+    fill_history(r, queue_name)
+    for i in range(3):
+        r.rpush(f"{queue_name}:dead", json.dumps({
+            "payload": '{"channel": "bad channel!", "title": "x"}' * 3,
+            "error": "HTTP 413: Payload too large: the event data is over the limit",
+            "error_class": "rejected", "failed_at": 1.0, "attempts": 10 + i}))
+    url = start_dashboard()
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    console = Console(page)
+    page.goto(url)
+    wait_page(page, lambda: page.get_attribute("body", "data-refreshed"), "a refresh")
+    rate = page.locator("#chart-rate svg")
+    assert float(rate.get_attribute("data-top")) < 1000  # the usual ~150/s sets the scale...
+    assert int(rate.get_attribute("data-clipped")) >= 1  # ...and the spike is marked
+    assert "2,600/s" in text(page, "#chart-rate")
+    assert int(rate.get_attribute("data-time-labels")) >= 5
+    problems = page.locator("#chart-problems svg")
+    assert float(problems.get_attribute("data-top")) <= 30  # 20 failed calls/s fill it
+    assert int(problems.locator('path[data-series="failed"]').get_attribute("data-points")) == 60
+    assert text(page, '[data-k="delivered_per_s"]') == "40"
+    screenshot = os.environ.get("RELAY_DASHBOARD_SCREENSHOT")
+    if screenshot:
+        page.screenshot(path=screenshot.replace(".png", "-incident.png"), full_page=True)
+
+    page.set_viewport_size({"width": 640, "height": 1400})
+    wait_page(page, lambda: page.locator("#dead tr[data-id]").count() == 3, "3 dead rows")
+    row = page.locator("#dead tr[data-id]").first
+    for selector in ("td.nowrap >> nth=0", "td.nowrap >> nth=1", "td.num"):
+        assert row.locator(selector).evaluate(LINES) == 1, selector
+    tops = {round(b.bounding_box()["y"]) for b in row.locator("td.actions button").all()}
+    assert len(tops) == 1, "the buttons folded onto two lines"
+    for header in page.locator("#dead-table th").all():
+        assert header.evaluate(LINES) <= 1, header.text_content()
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 640, f"the page is {width} px wide in a 640 px window"
+    assert console.errors == []
+    page.close()

@@ -248,7 +248,7 @@ def test_invalid_classic(message: bytes, reason: str) -> None:
     ({"channels": "not-a-list-but-ok"}, None),
     ({"channels": {"a": 1}}, "channels"),
     ({"channels": ["ok", "bad!"]}, "invalid channel name"),
-    ({"event": ...}, "event must be a non-empty string"),
+    ({"event": None}, "event must be a non-empty string"),
     ({"event": ""}, "event must be a non-empty string"),
     ({"event": 5}, "event must be a non-empty string"),
     ({"socket_id": "abc"}, "socket_id"),
@@ -265,6 +265,16 @@ def test_invalid_envelope(fields: dict[str, Any], reason: str | None) -> None:
         assert parse(env(**fields), "hit").channels == ("not-a-list-but-ok",)
     else:
         refused(env(**fields), reason)
+
+
+def test_an_envelope_without_event_gets_relay_event_as_a_classic_message_does() -> None:
+    """So the producer can stamp enqueued_at on what was a classic message, and the browser
+    receives the same event (issue 21)."""
+    n = parse(env(event=..., enqueued_at=1764170000.25), "page-view")
+    assert (n.channels, n.event, n.data, n.enqueued_at) == (
+        ("c",), "page-view", '{"x":1}', 1764170000.25)
+    classic = parse(raw({"channel": "c", "x": 1}), "page-view")
+    assert (classic.event, classic.data) == (n.event, n.data)
 
 
 def test_lone_surrogate_in_classic_data_is_invalid_not_a_crash() -> None:

@@ -25,8 +25,8 @@ import redis
 
 import relay
 from relay.pusher_server import LocalPusher
-from relay.redis_server import RedisServer
-from tests.support import ROOT
+from relay.redis_server import RedisServer, free_port
+from tests.support import ROOT, wait_for
 
 LISTS = ["requirements.txt", "requirements-test.txt"]
 LOCKS = {"requirements.lock": ["requirements.txt"],
@@ -160,6 +160,30 @@ def test_installed_relay_delivers_and_administers(
     where = subprocess.run([str(installed / "python"), "-c", "import relay; print(relay.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert where.stdout.startswith(str(installed.parent)), where.stdout
+
+
+def test_production_install_starts_without_gevents_monitor_warning(
+        installed: Path, tmp_path: Path, relay_env: dict[str, str]) -> None:
+    """With metrics on (the default), the watchdog starts gevent's monitor thread, which
+    without psutil prints a MonitorWarning, in a format of its own, on every start (issue 21,
+    stumble 3): requirements.lock carries psutil for it."""
+    env = {**relay_env, "RELAY_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+    log_path = tmp_path / "relay.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen([str(installed / "relay")], cwd=tmp_path, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "metrics and health on" in log_path.read_text()
+                 and "started:" in log_path.read_text(), 30, "the worker's start lines")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    text = log_path.read_text()
+    assert "MonitorWarning" not in text and "psutil" not in text, text
+    assert "psutil" in _names(ROOT / "requirements.lock")
 
 
 def test_installed_relay_burst_drains_and_exits_0(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 
+from relay.errors import SettingError
 from relay.message import InvalidMessage, parse
 from relay.producer import Producer, notify
 from relay.pusher_server import LocalPusher
@@ -22,13 +23,22 @@ def popped(r: redis.Redis, queue: str) -> list[str]:
     return [item.decode() for item in r.lrange(queue, 0, -1)]
 
 
-def test_classic_shape_when_it_can(r: redis.Redis, queue_name: str) -> None:
+def test_an_envelope_stamped_with_its_enqueue_time_reads_as_the_classic_form(
+        r: redis.Redis, queue_name: str) -> None:
+    """What the browser receives (channel, event, data) is what the classic form gave: the
+    envelope carries no event, so the worker's RELAY_EVENT applies to both."""
     text = notify("site-42", {"title": "Hi", "url": "/a"}, client=r, queue=queue_name)
-    assert json.loads(text) == {"channel": "site-42", "title": "Hi", "url": "/a"}
-    assert popped(r, queue_name) == [text]
-    n = parse(text.encode(), "hit")
-    assert (n.channels, n.event, json.loads(n.data)) == (("site-42",), "hit",
-                                                          {"title": "Hi", "url": "/a"})
+    obj = json.loads(text)
+    assert obj["relay"] == 1 and "event" not in obj and isinstance(obj["enqueued_at"], float)
+    classic = notify("site-42", {"title": "Hi", "url": "/a"}, client=r, queue=queue_name,
+                     classic=True)
+    assert json.loads(classic) == {"channel": "site-42", "title": "Hi", "url": "/a"}
+    assert popped(r, queue_name) == [text, classic]
+    for worker_event in ("hit", "page-view"):
+        n, c = (parse(t.encode(), worker_event) for t in (text, classic))
+        assert (n.channels, n.event, n.data) == (c.channels, c.event, c.data) == (
+            ("site-42",), worker_event, '{"title":"Hi","url":"/a"}')
+        assert n.enqueued_at == obj["enqueued_at"] and c.enqueued_at is None
 
 
 @pytest.mark.parametrize(("channels", "data", "event", "socket_id"), [
@@ -48,19 +58,21 @@ def test_envelope_when_classic_cannot_say_it(
     obj = json.loads(text)
     assert obj["relay"] == 1 and "channel" not in obj
     assert isinstance(obj["enqueued_at"], float)
-    n = parse(text.encode(), "ignored-for-envelopes")
+    n = parse(text.encode(), "the-workers-event")
     expected_channels = (channels,) if isinstance(channels, str) else tuple(channels)
     assert n.channels == expected_channels
-    assert n.event == (event or "hit")
+    assert n.event == (event or "the-workers-event")
     assert n.data == (data if isinstance(data, str) else json.dumps(data, separators=(",", ":")))
     assert n.socket_id == socket_id
 
 
-def test_envelope_default_event_comes_from_relay_event(
+def test_relay_event_is_the_workers_except_in_classic_mode(
         r: redis.Redis, queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RELAY_EVENT", "ping")
     text = notify(["a", "b"], {"x": 1}, client=r, queue=queue_name)
-    assert parse(text.encode(), "hit").event == "ping"
+    assert parse(text.encode(), "hit").event == "hit"  # left to the worker's setting
+    text = notify(["a", "b"], {"x": 1}, client=r, queue=queue_name, classic=True)
+    assert parse(text.encode(), "hit").event == "ping"  # as the producer always did
 
 
 def test_environment_gives_redis_url_and_queue(
@@ -101,6 +113,32 @@ def test_invalid_input_raises_and_pushes_nothing(
     assert r.exists(queue_name) == 0
 
 
+def test_data_limit_is_relay_max_data_bytes(r: redis.Redis, queue_name: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    big = {"x": "y" * 15000}
+    with pytest.raises(InvalidMessage, match="over the limit of 10240"):
+        notify("a", big, client=r, queue=queue_name)
+    monkeypatch.setenv("RELAY_MAX_DATA_BYTES", "20000")
+    notify("a", big, client=r, queue=queue_name)
+    notify("a", big, client=r, queue=queue_name, classic=True)
+    with pytest.raises(InvalidMessage, match="over the limit of 12000"):
+        Producer(r, queue_name, max_data_bytes=12000).notify("a", big)  # the argument wins
+    monkeypatch.setenv("RELAY_MAX_DATA_BYTES", " ")  # empty counts as unset, as for the worker
+    assert Producer(r, queue_name).limit == MAX_DATA_BYTES
+    assert r.llen(queue_name) == 2
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "1048577", "-5", "1.5"])
+def test_a_bad_relay_max_data_bytes_names_the_setting(
+        r: redis.Redis, queue_name: str, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("RELAY_MAX_DATA_BYTES", value)
+    with pytest.raises(SettingError, match=r"\ARELAY_MAX_DATA_BYTES: must be "):
+        notify("a", {"x": 1}, client=r, queue=queue_name)
+    with pytest.raises(SettingError, match="must be 1 to 1048576 bytes"):
+        Producer(r, queue_name, max_data_bytes=0)
+    assert r.exists(queue_name) == 0
+
+
 def test_import_does_not_load_gevent() -> None:
     code = "import relay.producer, sys; assert 'gevent' not in sys.modules, 'gevent loaded'"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -122,3 +160,24 @@ def test_worker_delivers_what_the_producer_pushed(
         ("x", "order-paid", {"n": 1}, "123.456"),
         ("y", "order-paid", {"n": 1}, "123.456"),
     ]
+
+
+def test_worker_delivers_the_same_event_and_data_with_the_age_measured(
+        start_worker: Callable[..., WorkerProcess], r: redis.Redis, queue_name: str,
+        pusher: LocalPusher) -> None:
+    """Under the worker's RELAY_EVENT and a raised RELAY_MAX_DATA_BYTES (soketi's 100 KB),
+    the stamped envelope and the classic form arrive alike; only the first gives an age."""
+    pusher.set_mode(max_data_bytes=102400)
+    start_worker(RELAY_EVENT="page-view", RELAY_MAX_DATA_BYTES="102400")
+    data = {"title": "Hi", "body": "y" * 15000}
+    producer = Producer(r, queue_name, max_data_bytes=102400)
+    producer.notify("site-42", data)
+    events = pusher.wait_for_events(1, timeout=10)
+    ages = [k for key in r.keys(f"{queue_name}:history:s:*") for k in r.hkeys(key)
+            if k.startswith(b"age:")]
+    assert ages, "no enqueue-to-delivery age was counted"
+    Producer(r, queue_name, max_data_bytes=102400, classic=True).notify("site-42", data)
+    events = pusher.wait_for_events(2, timeout=10)
+    stamped, classic = ((e["channel"], e["name"], e["data"]) for e in events)
+    assert stamped == classic
+    assert stamped[:2] == ("site-42", "page-view") and json.loads(stamped[2]) == data

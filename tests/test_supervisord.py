@@ -78,12 +78,14 @@ def get(url: str) -> str:
 
 
 class Supervisor:
-    """supervisord in the foreground (nodaemon) with supervisorctl on the same config."""
+    """supervisord in the foreground (nodaemon) with supervisorctl on the same config;
+    `exported`: settings in supervisord's own environment, as an operator exports them."""
 
-    def __init__(self, conf: Path, log: Path) -> None:
+    def __init__(self, conf: Path, log: Path, exported: dict[str, str] | None = None) -> None:
         self.conf = conf
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RELAY_", "PUSHER_", "REDIS_"))}
+        env.update(exported or {})
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)],
@@ -129,8 +131,10 @@ def supervisor(tmp_path: Path, redis_server: RedisServer, pusher: LocalPusher,
     sock_dir = tempfile.mkdtemp(prefix="sv-")  # unix socket paths must stay short
     started: list[Supervisor] = []
 
-    def start(program: dict[str, str] | None = None, **settings: str) -> Supervisor:
-        """settings: the workers' environment; program: other [program:relay] keys."""
+    def start(program: dict[str, str] | None = None, exported: dict[str, str] | None = None,
+              **settings: str) -> Supervisor:
+        """settings: the program's environment= line; program: other [program:relay] keys;
+        exported: supervisord's own environment."""
         env = {"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name,
                "PUSHER_URL": pusher.url, "RELAY_METRICS_ADDR": "off",
                "RELAY_HEARTBEAT_TTL": "2", "PUSHER_TIMEOUT": "2", **settings}
@@ -149,7 +153,7 @@ def supervisor(tmp_path: Path, redis_server: RedisServer, pusher: LocalPusher,
                 **(program or {}),
             },
         }))
-        started.append(Supervisor(conf, tmp_path / "supervisord.out"))
+        started.append(Supervisor(conf, tmp_path / "supervisord.out", exported))
         return started[-1]
 
     yield start
@@ -254,3 +258,33 @@ def test_bad_configuration_ends_fatal_not_in_a_restart_loop(
     wait_for(lambda: sup.all_in("FATAL"), 60, "both workers FATAL", interval=0.5)
     for num in (0, 1):
         assert "relay: bad configuration: PUSHER_URL" in worker_log(tmp_path, num)
+
+
+def shipped_environment() -> dict[str, str]:
+    """The [program:relay] environment= of the shipped file, as {NAME: value}."""
+    text = (ROOT / "supervisord.conf").read_text()
+    program = text.split("[program:relay]", 1)[1]
+    line = next(li for li in program.splitlines() if li.startswith("environment="))
+    value = line.partition("=")[2].split(" ;", 1)[0].strip()
+    return dict(re.findall(r'([A-Z_][A-Z0-9_]*)="([^"]*)"', value))
+
+
+def test_settings_exported_to_supervisord_reach_the_workers(
+        supervisor: Callable[..., Supervisor], r: redis.Redis, pusher: LocalPusher,
+        redis_server: RedisServer, queue_name: str, tmp_path: Path) -> None:
+    """The shipped environment= sets only the per-process metrics address: a REDIS_URL or
+    RELAY_QUEUE there would silently beat what the operator exported (issue 21, stumble 1)."""
+    shipped = shipped_environment()
+    assert set(shipped) == {"RELAY_METRICS_ADDR"}, shipped  # checked before anything starts
+    addr, ports = metrics_ports()
+    sup = supervisor(
+        {"environment": environment({**shipped, "RELAY_METRICS_ADDR": addr})},
+        exported={"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name,
+                  "PUSHER_URL": pusher.url, "RELAY_HEARTBEAT_TTL": "2", "PUSHER_TIMEOUT": "2"})
+    wait_for(lambda: sup.all_in("RUNNING"), 30, "both workers RUNNING")
+    # Both registered on the exported queue of the exported Redis, and both deliver from it.
+    wait_for(lambda: len(worker_ids(r, queue_name)) == 2, 15, "two workers on the queue")
+    push(r, queue_name, 20)
+    wait_for(lambda: delivered_ids(pusher) == set(range(20)), 15, "all 20 delivered")
+    for port in ports:
+        assert '"status": "ok"' in get(f"http://127.0.0.1:{port}/healthz")

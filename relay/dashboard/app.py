@@ -7,6 +7,7 @@ GET  /api/series?window=15m|24h per-second (15m) or per-minute (24h) rates and l
 GET  /api/dead?offset=&limit=&q=&class=   a page of dead letters, filtered
 GET  /api/dead/entry?id=        one dead letter in full
 POST /api/dead/requeue          {"id": ...} one entry, or {"q": ..., "class": ...} the filtered
+                                (`invalid` ones only with class=invalid: skipped_invalid says)
 POST /api/dead/purge            {"older_than": "7d", "q": ..., "class": ...}
 A GET never changes anything; a POST needs the page's CSRF token and a same-origin request.
 """
@@ -151,7 +152,7 @@ class DashboardApp:
     def _requeue(self, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("id"):
             return {"moved": self.board.requeue_one(str(body["id"]))}
-        return {"moved": self.board.requeue(_filter(body))}
+        return self.board.requeue(_filter(body))
 
     def _purge(self, body: dict[str, Any]) -> dict[str, Any]:
         try:

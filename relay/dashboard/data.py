@@ -1,12 +1,14 @@
 """What the page shows, read from Redis; and the dead-letter actions it may take.
 
-1. `Board.overview()`: the queue now (length, trend and ETA, retries and the next due, dead
-   letters), every registered worker (from its heartbeat info: busy greenlets, in flight,
-   gates) and the shared rate limit's use; two pipelined round trips.
+1. `Board.overview()`: the queue now (length, trend and ETA, the delivery rate of the last
+   10 s, retries and the next due, dead letters), every registered worker (from its
+   heartbeat info: busy greenlets, in flight, gates) and the shared rate limit's use; two
+   pipelined round trips.
 2. `Board.dead_page()`: a filtered page of dead letters, each with a stable id (a hash of its
    exact bytes), so an action names exactly the entry the operator saw.
 3. `Board.requeue()` / `Board.purge()`: through DeadLetters.requeue / purge, which
-   remove each entry by its exact bytes: two operators at once never move one twice.
+   remove each entry by its exact bytes: two operators at once never move one twice. The
+   filtered requeue skips `invalid` dead letters unless the filter names that class.
 
 No secret is ever part of an answer: only queue names, counts, and what workers publish.
 """
@@ -21,15 +23,19 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from relay.deadletters import DeadLetters
-from relay.history import recent_rate
+from relay.deadletters import DeadLetters, is_invalid
+from relay.history import recent_rates
 from relay.queue import RedisQueue
 
 log = logging.getLogger(__name__)
 
 DEAD_SCAN_MAX = 10000  # dead letters read per page or action; the page says when it stopped
 HEAD_CHARS = 160
-TREND_SPAN_S = 10.0  # queue-length samples this far apart give growing/draining
+TREND_SPAN_S = 10.0  # the trend compares with the newest queue-length sample this old...
+TREND_MIN_SPAN_S = 1.0  # ...or, on a page just opened, the oldest at least this old
+# Older samples are dropped: a page opened after a quiet hour must not compare with the length
+# of an hour ago ("growing 0.3/s" while the queue grew 39/s; issue 21, stumble 4).
+TREND_KEEP_S = 30.0
 ERROR_CLASSES = ("invalid", "rejected", "exhausted")
 
 
@@ -69,6 +75,47 @@ def _num(value: Any, default: float = 0.0) -> float:
         return default
 
 
+class Trend:
+    """growing / draining / steady / empty from the queue's length over the last seconds.
+
+    Redis keeps no length history (producers RPUSH without counting), so the dashboard
+    process samples the length at each overview, on Redis's clock, and keeps TREND_KEEP_S of
+    them. Until a sample TREND_MIN_SPAN_S old exists (a page just opened), it says
+    "measuring" rather than compare with something stale."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int]] = deque(maxlen=256)
+
+    def _reference(self, now: float) -> tuple[float, int] | None:
+        while self._samples and (now - self._samples[0][0] > TREND_KEEP_S
+                                 or self._samples[0][0] > now):  # old, or a clock step back
+            self._samples.popleft()
+        aged = [s for s in self._samples if now - s[0] >= TREND_MIN_SPAN_S]
+        spanned = [s for s in aged if now - s[0] >= TREND_SPAN_S]
+        return spanned[-1] if spanned else (aged[0] if aged else None)
+
+    def observe(self, now: float, length: int, outflow: float) -> dict[str, Any]:
+        """The trend as of `now` (Redis's clock); `outflow` (per second) gives an ETA while
+        the length does not change."""
+        ref = self._reference(now)
+        self._samples.append((now, length))
+        change = None if ref is None else (length - ref[1]) / (now - ref[0])
+        eta = None
+        if length == 0:
+            state = "empty"
+        elif change is None:
+            state = "measuring"
+        elif change < 0:
+            state, eta = "draining", length / -change
+        elif change > 0:
+            state = "growing"
+        else:  # no change over the span: the outflow alone gives an estimate
+            state, eta = "steady", (length / outflow if outflow > 0 else None)
+        return {"state": state,
+                "change_per_s": round(change, 2) if change is not None else None,
+                "eta_s": round(eta, 1) if eta is not None else None}
+
+
 class Board:
     """The dashboard's view of one queue; keeps a few queue-length samples for the trend."""
 
@@ -76,7 +123,7 @@ class Board:
         self.queue = queue
         self.keys = queue.keys
         self.dead = DeadLetters(queue.client, queue.keys)
-        self._lengths: deque[tuple[float, int]] = deque(maxlen=64)
+        self.trend = Trend()
 
     # -- overview ------------------------------------------------------------------------------
 
@@ -93,13 +140,15 @@ class Board:
         pipe.get(k.ratelimit)
         pipe.hgetall(k.stats)
         length, retry, first_due, dead, beats, infos, tat, stats = pipe.execute()
-        outflow = recent_rate(client, k, now)
+        rates = recent_rates(client, k, now)
+        outflow = sum(rates.values())
         workers = [self._worker(wid.decode(), deadline, infos.get(wid), now)
                    for wid, deadline in beats]
         return {
             "queue": k.queue, "now": now,
-            "length": int(length), "trend": self._trend(now, int(length), outflow),
+            "length": int(length), "trend": self.trend.observe(now, int(length), outflow),
             "outflow_per_s": round(outflow, 2),
+            "delivered_per_s": round(rates["delivered"], 2),  # over the last 10 full seconds
             "retry": {"scheduled": int(retry),
                       "next_due_in_s": round(first_due[0][1] - now, 1) if first_due else None},
             "dead": int(dead),
@@ -108,23 +157,6 @@ class Board:
             "gates": self._gates(workers, tat, now),
             "totals": {key.decode(): int(v) for key, v in stats.items()},
         }
-
-    def _trend(self, now: float, length: int, outflow: float) -> dict[str, Any]:
-        """growing / draining / steady / empty, the net change per second and the ETA."""
-        self._lengths.append((now, length))
-        old = next((s for s in reversed(self._lengths) if now - s[0] >= TREND_SPAN_S),
-                   self._lengths[0])
-        change = (length - old[1]) / (now - old[0]) if now > old[0] else 0.0
-        if length == 0:
-            state, eta = "empty", None
-        elif change < 0:
-            state, eta = "draining", length / -change
-        elif change > 0:
-            state, eta = "growing", None
-        else:  # no change seen yet: the outflow alone gives an estimate
-            state, eta = "steady", (length / outflow if outflow > 0 else None)
-        return {"state": state, "change_per_s": round(change, 2),
-                "eta_s": round(eta, 1) if eta is not None else None}
 
     def _worker(self, wid: str, deadline: float, raw: bytes | None, now: float
                 ) -> dict[str, Any]:
@@ -210,11 +242,16 @@ class Board:
         chosen = [raw for raw in self._dead_scan()[0] if entry_id(raw) == ident][:1]
         return self.dead.requeue(chosen)
 
-    def requeue(self, wanted: DeadFilter) -> int:
+    def requeue(self, wanted: DeadFilter) -> dict[str, int]:
+        """Requeue the filtered; `invalid` ones only when the filter names that class, since
+        the worker sends them straight back (as `dead requeue` without --include-invalid)."""
         chosen = [raw for raw in self._dead_scan()[0] if wanted.matches(parse_entry(raw))]
-        moved = self.dead.requeue(chosen)
-        log.info("dashboard: requeued %d dead letter(s) (filter %s)", moved, wanted)
-        return moved
+        skipped = set() if wanted.error_class == "invalid" else {
+            raw for raw in chosen if is_invalid(raw)}
+        moved = self.dead.requeue([raw for raw in chosen if raw not in skipped])
+        log.info("dashboard: requeued %d dead letter(s) (filter %s), skipped %d invalid",
+                 moved, wanted, len(skipped))
+        return {"moved": moved, "skipped_invalid": len(skipped)}
 
     def purge(self, wanted: DeadFilter, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s

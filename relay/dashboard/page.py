@@ -47,6 +47,8 @@ def _cards(o: dict[str, Any]) -> str:
     return f"""
 <section id="now" aria-label="the queue now">
   <div class="card"><span>waiting</span>{_k(o, "length")}</div>
+  <div class="card"><span>delivering</span>{_k(o, "delivered_per_s")}
+    <small>per second, last 10 s</small></div>
   <div class="card"><span>trend</span>{_k(o, "trend.state")}
     <small>{_k(o, "trend.change_per_s")}/s · ETA {_k(o, "trend.eta_s", eta)}</small></div>
   <div class="card"><span>in flight</span>{_k(o, "inflight")}</div>
@@ -71,8 +73,9 @@ def _workers(o: dict[str, Any]) -> str:
     body = "".join(rows) or '<tr><td colspan="6">no worker registered</td></tr>'
     return f"""
 <section id="workers-panel"><h2>Workers</h2>
-<table><thead><tr><th>host</th><th>pid</th><th>started (UTC)</th><th>heartbeat</th>
-<th>greenlets busy</th><th>in flight</th></tr></thead><tbody id="workers">{body}</tbody></table>
+<div class="scroll"><table><thead><tr><th>host</th><th>pid</th><th>started (UTC)</th>
+<th>heartbeat</th><th>greenlets busy</th><th>in flight</th></tr></thead>
+<tbody id="workers">{body}</tbody></table></div>
 </section>"""
 
 
@@ -107,21 +110,28 @@ def _series(s: dict[str, Any]) -> str:
 <section id="charts"><h2>Throughput and latency
   <span class="tabs"><button type="button" data-window="15m" class="on">15 min</button>
   <button type="button" data-window="24h">24 h</button></span></h2>
-<div class="chart" id="chart-rate" role="img" aria-label="per second"></div>
+<h3>delivered per second <small>a spike above the usual scale is clipped and marked
+▲ with its value</small></h3>
+<div class="chart" id="chart-rate" role="img" aria-label="delivered per second"></div>
+<h3>failed calls, retries, dead letters and shed per second <small>on a scale of their
+own</small></h3>
+<div class="chart small" id="chart-problems" role="img" aria-label="failures per second"></div>
+<h3>latency <small>log scale</small></h3>
 <div class="chart" id="chart-latency" role="img" aria-label="latency"></div>
-<table id="window-totals"><thead><tr><th>in the window</th><th>delivered</th>
+<div class="scroll"><table id="window-totals"><thead><tr><th>in the window</th><th>delivered</th>
 <th>failed calls</th><th>retried</th><th>dead-lettered</th><th>shed</th><th>age p50</th>
 <th>age p99</th><th>call p50</th><th>call p99</th></tr></thead>
 <tbody><tr><th id="window-name">last {escape(s["window"])}</th>{cells}{lat}</tr></tbody>
-</table></section>"""
+</table></div></section>"""
 
 
 def _dead(d: dict[str, Any]) -> str:
     rows = []
     for e in d["entries"]:
-        cells = [e["error_class"], e["error"], e["attempts"], fmt_s(e["age_s"]), e["head"]]
-        rows.append("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells)
-                    + "<td></td></tr>")
+        cells = [(e["error_class"], "nowrap"), (e["error"], "reason"), (e["attempts"], "num"),
+                 (fmt_s(e["age_s"]), "nowrap"), (e["head"], "payload")]
+        rows.append("<tr>" + "".join(f'<td class="{cls}">{escape(str(c))}</td>'
+                                     for c, cls in cells) + '<td class="actions"></td></tr>')
     body = "".join(rows) or '<tr><td colspan="6">no dead letters</td></tr>'
     return f"""
 <section id="dead-panel"><h2>Dead letters <small id="dead-count">{d["matched"]} of
@@ -135,8 +145,9 @@ def _dead(d: dict[str, Any]) -> str:
   <button type="button" id="purge-older">purge older than</button>
 </form>
 <p id="action-result" role="status"></p>
-<table><thead><tr><th>reason class</th><th>reason</th><th>attempts</th><th>age</th>
-<th>payload (head)</th><th></th></tr></thead><tbody id="dead">{body}</tbody></table>
+<div class="scroll"><table id="dead-table"><thead><tr><th>reason class</th><th>reason</th>
+<th class="num">attempts</th><th>age</th><th>payload (head)</th><th></th></tr></thead>
+<tbody id="dead">{body}</tbody></table></div>
 <p class="js-only"><button type="button" id="dead-prev">newer…</button>
 <span id="dead-range"></span><button type="button" id="dead-next">…older</button></p>
 <pre id="dead-full" hidden></pre>

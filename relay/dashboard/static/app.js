@@ -6,8 +6,11 @@
 
   var REFRESH_MS = 2000;
   var SVG = "http://www.w3.org/2000/svg";
-  var RATES = [["delivered", "delivered"], ["failed", "failed calls"], ["retried", "retried"],
-               ["dead", "dead-lettered"], ["shed", "shed"]];
+  var DELIVERED = [["delivered", "delivered"]];
+  // On a chart of their own, so a few failures do not lie flat under the delivery rate.
+  var PROBLEMS = [["failed", "failed calls"], ["retried", "retried"], ["dead", "dead-lettered"],
+                  ["shed", "shed"]];
+  var RATES = DELIVERED.concat(PROBLEMS);
   var LATENCIES = [["age_p50", "age p50"], ["age_p99", "age p99"],
                    ["call_p50", "call p50"], ["call_p99", "call p99"]];
   var csrf = document.querySelector('meta[name="csrf-token"]').getAttribute("content");
@@ -115,66 +118,132 @@
     return node;
   }
 
+  // Time-axis label steps (seconds): the first that puts at most `fit` labels on the axis.
+  var TICK_STEPS_S = [30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200];
+
   function timeLabel(t, step) {
     var d = new Date(t * 1000).toISOString();
     return step >= 60 ? d.slice(11, 16) : d.slice(11, 19);
   }
 
-  // One chart: a line per series; log=true for latencies (they span milliseconds to hours).
-  function chart(box, series, points, step, log, unit) {
-    var w = Math.max(box.clientWidth || 600, 300), h = 180, pad = { l: 56, r: 8, t: 8, b: 20 };
-    var max = 0, min = Infinity;
+  function timeTicks(t0, t1, fit) {
+    var step = TICK_STEPS_S[TICK_STEPS_S.length - 1];
+    for (var i = 0; i < TICK_STEPS_S.length; i++) {
+      if ((t1 - t0) / TICK_STEPS_S[i] <= fit) { step = TICK_STEPS_S[i]; break; }
+    }
+    var ticks = [];
+    for (var t = Math.ceil(t0 / step) * step; t <= t1; t += step) { ticks.push(t); }
+    return { step: step, ticks: ticks };
+  }
+
+  function niceCeil(v) {
+    if (!(v > 0)) { return 1; }
+    var p = Math.pow(10, Math.floor(Math.log(v) / Math.LN10));
+    var steps = [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10];
+    for (var i = 0; i < steps.length; i++) { if (steps[i] * p >= v * 0.999999) { return steps[i] * p; } }
+    return 10 * p;
+  }
+
+  // A linear axis whose top is the largest value, unless a few points tower over the rest
+  // (the drain after an outage): then the usual range sets the top, and those points are
+  // drawn clipped at it and marked with their value, so one spike cannot flatten the chart.
+  function linearAxis(values) {
+    var seen = values.filter(function (v) { return v > 0; }).sort(function (a, b) { return a - b; });
+    var max = seen.length ? seen[seen.length - 1] : 0;
+    var usual = seen.length ? seen[Math.floor(0.95 * (seen.length - 1))] : 0;
+    var top = seen.length >= 20 && max > 3 * usual ? niceCeil(usual * 1.5) : niceCeil(max * 1.05);
+    var ticks = Math.round(top * 5) === top * 5 ? [0, top / 2, top] : [0, top];  // mid: 1 decimal
+    return { top: top, ticks: ticks, at: function (v) { return Math.min(v, top) / top; } };
+  }
+
+  // Latencies span milliseconds to an hour: one decade per label.
+  function logAxis(values) {
+    var lo = 0.001, hi = 1;
+    values.forEach(function (v) { if (v > 0) { lo = Math.min(lo, v); hi = Math.max(hi, v); } });
+    var ticks = [];
+    for (var d = Math.pow(10, Math.ceil(Math.log(lo) / Math.LN10 - 1e-9)); d <= hi * 1.0001; d *= 10) {
+      ticks.push(d);
+    }
+    return { top: hi, ticks: ticks, at: function (v) {
+      return (Math.log(Math.max(v, lo)) - Math.log(lo)) / (Math.log(hi) - Math.log(lo));
+    } };
+  }
+
+  function label(root, x, y, text, anchor, cls) {
+    var node = svg("text", { x: x, y: y, "text-anchor": anchor, class: cls || "tick" });
+    node.textContent = text;
+    root.appendChild(node);
+  }
+
+  // One chart: a line per series over time, grid lines and labels on both axes, and a
+  // marker with its value above each run of points clipped at the top.
+  function chart(box, series, points, opts) {
+    var w = Math.max(box.clientWidth || 600, 300), h = opts.height;
+    var pad = { l: 60, r: 12, t: 16, b: 20 };
+    var values = [];
     series.forEach(function (s) {
+      points.forEach(function (p) { if (p[s[0]] !== null && p[s[0]] !== undefined) { values.push(p[s[0]]); } });
+    });
+    var axis = opts.log ? logAxis(values) : linearAxis(values);
+    var t0 = points.length ? points[0].t : 0, t1 = points.length ? points[points.length - 1].t : 1;
+    var x = function (t) { return pad.l + (w - pad.l - pad.r) * (t - t0) / Math.max(t1 - t0, 1); };
+    var y = function (v) { return h - pad.b - (h - pad.t - pad.b) * axis.at(v); };
+    var root = svg("svg", { viewBox: "0 0 " + w + " " + h, width: w, height: h,
+                            "data-top": axis.top });
+    axis.ticks.forEach(function (v) {
+      root.appendChild(svg("line", { x1: pad.l, y1: y(v), x2: w - pad.r, y2: y(v),
+                                     class: v ? "grid" : "axis" }));
+      label(root, pad.l - 6, y(v) + 4, opts.log ? fmtS(v) : fmtN(v) + opts.unit, "end");
+    });
+    var time = timeTicks(t0, t1, Math.max(2, Math.floor((w - pad.l - pad.r) / 90)));
+    time.ticks.forEach(function (t) {
+      root.appendChild(svg("line", { x1: x(t), y1: pad.t, x2: x(t), y2: h - pad.b, class: "grid" }));
+      label(root, x(t), h - 5, timeLabel(t, time.step), "middle");
+    });
+    root.setAttribute("data-time-labels", time.ticks.length);
+    var clipped = 0, lastMark = -Infinity;
+    series.forEach(function (s) {
+      var d = "", drawn = 0, pen = "M", run = null;
+      var mark = function () {
+        if (run === null) { return; }
+        clipped += 1;
+        var mx = x(run.t);
+        root.appendChild(svg("path", { d: "M" + (mx - 5) + " " + (pad.t + 1) + " L" + mx + " " +
+                                          (pad.t - 7) + " L" + (mx + 5) + " " + (pad.t + 1) + " Z",
+                                       class: "clip k-" + s[0] }));
+        if (mx - lastMark > 70) {  // one value per crowded stretch
+          label(root, mx + 8, pad.t - 2, fmtN(Math.round(run.v)) + opts.unit, "start", "clip-label");
+          lastMark = mx;
+        }
+        run = null;
+      };
       points.forEach(function (p) {
         var v = p[s[0]];
-        if (v !== null && v !== undefined) { max = Math.max(max, v); if (v > 0) { min = Math.min(min, v); } }
-      });
-    });
-    if (log) { min = Math.min(min === Infinity ? 0.001 : min, 0.001); max = Math.max(max, 1); }
-    else { max = max > 0 ? max * 1.1 : 1; }
-    var x = function (i) { return pad.l + (w - pad.l - pad.r) * i / Math.max(points.length - 1, 1); };
-    var y = function (v) {
-      var f = log ? (Math.log(Math.max(v, min)) - Math.log(min)) / (Math.log(max) - Math.log(min))
-                  : v / max;
-      return h - pad.b - (h - pad.t - pad.b) * f;
-    };
-    var root = svg("svg", { viewBox: "0 0 " + w + " " + h, width: w, height: h });
-    root.appendChild(svg("line", { x1: pad.l, y1: h - pad.b, x2: w - pad.r, y2: h - pad.b,
-                                   class: "axis" }));
-    [[max, pad.t + 10], [log ? min : 0, h - pad.b]].forEach(function (lab) {
-      var text = svg("text", { x: pad.l - 4, y: lab[1], "text-anchor": "end", class: "tick" });
-      text.textContent = log ? fmtS(lab[0]) : fmtN(Math.round(lab[0] * 10) / 10) + unit;
-      root.appendChild(text);
-    });
-    if (points.length) {
-      [[0, "start"], [points.length - 1, "end"]].forEach(function (lab) {
-        var text = svg("text", { x: x(lab[0]), y: h - 4, "text-anchor": lab[1], class: "tick" });
-        text.textContent = timeLabel(points[lab[0]].t, step);
-        root.appendChild(text);
-      });
-    }
-    series.forEach(function (s, n) {
-      var d = "", drawn = 0, pen = "M";
-      points.forEach(function (p, i) {
-        var v = p[s[0]];
-        if (v === null || v === undefined) { pen = "M"; return; }
-        d += pen + x(i).toFixed(1) + " " + y(v).toFixed(1) + " ";
+        if (v === null || v === undefined) { pen = "M"; mark(); return; }
+        d += pen + x(p.t).toFixed(1) + " " + y(v).toFixed(1) + " ";
         pen = "L";
         if (v > 0) { drawn += 1; }
+        if (!opts.log && v > axis.top) {
+          if (run === null || v > run.v) { run = { t: p.t, v: v }; }
+        } else { mark(); }
       });
-      root.appendChild(svg("path", { d: d, class: "line s" + n, "data-series": s[0],
+      mark();
+      root.appendChild(svg("path", { d: d, class: "line k-" + s[0], "data-series": s[0],
                                      "data-points": drawn }));
     });
+    root.setAttribute("data-clipped", clipped);
     var legend = el("p", null, "legend");
-    series.forEach(function (s, n) { legend.appendChild(el("span", s[1], "s" + n)); });
+    series.forEach(function (s) { legend.appendChild(el("span", s[1], "k-" + s[0])); });
+    if (clipped) { legend.appendChild(el("span", "▲ above " + fmtN(axis.top) + opts.unit, "note")); }
     box.textContent = "";
     box.appendChild(root);
     box.appendChild(legend);
   }
 
   function renderSeries(s) {
-    chart($("chart-rate"), RATES, s.points, s.step_s, false, "/s");
-    chart($("chart-latency"), LATENCIES, s.points, s.step_s, true, "");
+    chart($("chart-rate"), DELIVERED, s.points, { height: 170, unit: "/s" });
+    chart($("chart-problems"), PROBLEMS, s.points, { height: 120, unit: "/s" });
+    chart($("chart-latency"), LATENCIES, s.points, { height: 170, log: true, unit: "" });
     $("window-name").textContent = "last " + s.window;
     RATES.forEach(function (r) {
       document.querySelector('[data-t="' + r[0] + '"]').textContent = fmtN(s.totals[r[0]]);
@@ -190,7 +259,9 @@
 
   function act(promise, what) {
     promise.then(function (r) {
-      say(what + ": " + r.moved + " dead letter(s) moved");
+      var skipped = r.skipped_invalid ? "; " + r.skipped_invalid + " invalid skipped: the " +
+        "worker would refuse them again (pick the reason \u201cinvalid\u201d to requeue them)" : "";
+      say(what + ": " + r.moved + " dead letter(s) moved" + skipped);
       refresh();
     }).catch(function (e) { say(what + " failed: " + e.message); });
   }
@@ -218,11 +289,10 @@
     d.entries.forEach(function (e) {
       var tr = el("tr");
       tr.setAttribute("data-id", e.id);
-      [e.error_class, e.error, e.attempts, fmtS(e.age_s)].forEach(function (c) {
-        tr.appendChild(el("td", c));
-      });
+      [[e.error_class, "nowrap"], [e.error, "reason"], [e.attempts, "num"],
+       [fmtS(e.age_s), "nowrap"]].forEach(function (c) { tr.appendChild(el("td", c[0], c[1])); });
       tr.appendChild(el("td", e.head + (e.size > e.head.length ? "…" : ""), "payload"));
-      var actions = el("td");
+      var actions = el("td", null, "actions");
       actions.appendChild(button("requeue", "requeue", function () {
         act(post("/api/dead/requeue", { id: e.id }), "requeue");
       }));
