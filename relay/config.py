@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from relay import redis_url
+from relay import redis_url, rules
 from relay.errors import RelayError
 from relay.message import Limits
 
@@ -86,13 +86,12 @@ def _text(text: str) -> str:
     return text
 
 
-MAX_DATA_BYTES_CEILING = 1024 * 1024  # above this no known server takes an event
-
-
 def _data_limit(text: str) -> int:
+    """The producer's rule too (relay.rules), so both refuse the same limits."""
     value = int(text)
-    if not 1 <= value <= MAX_DATA_BYTES_CEILING:
-        raise ValueError(f"must be 1 to {MAX_DATA_BYTES_CEILING} bytes")
+    problem = rules.data_limit_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 

@@ -107,6 +107,10 @@ class HealthServer:
                                  error_log=log)
 
     @property
+    def host(self) -> str:
+        return str(self.server.server_host)
+
+    @property
     def port(self) -> int:
         return int(self.server.server_port)
 

@@ -14,7 +14,7 @@ import redis
 from gevent import monkey
 from redis.exceptions import NoPermissionError
 
-from relay import admin, explain, redis_url
+from relay import admin, explain, logs, redis_url
 from relay.config import Config
 from relay.connect import redis_client
 from relay.delivery import Delivery
@@ -37,6 +37,7 @@ def assemble(cfg: Config, burst: bool = False) -> Worker:
     metrics = Metrics()
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order)
+    logs.set_worker(queue.worker_id)  # every line from here on names this process
     tally = Tally()  # the dashboard's call figures, riding on settle steps (history.py)
 
     def on_call(status: int | None, seconds: float) -> None:
@@ -66,6 +67,8 @@ def run(cfg: Config, burst: bool = False) -> int:
             watchdog = Watchdog(on_block=metrics.blocked.inc)
             watchdog.start()
             server = start_health_server(cfg.metrics_addr, metrics, worker.health, watchdog)
+            if server is not None:  # what `relay check` asks, from any host (heartbeat)
+                worker.metrics_addr = f"{server.host}:{server.port}"
         return worker.run()
     except NoPermissionError as exc:
         log.error("Redis refused a command the worker needs (%s); grant it to the REDIS_URL "

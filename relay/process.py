@@ -70,6 +70,7 @@ class Worker:
         self.pool = gevent.pool.Pool(config.pool_size)
         self.services: list[gevent.Greenlet] = []
         self.replaced: list[float] = []  # when pool greenlets ended unexpectedly (monotonic)
+        self.metrics_addr = "off"  # where /healthz answers, once the launcher bound it
         self.serving = False
         limiter = None
         if config.rate_limit > 0:
@@ -204,7 +205,7 @@ class Worker:
         engine = self.engine
         return {"busy": engine.busy, "inflight": engine.held, "pool": self.config.pool_size,
                 "prefetch": engine.window.prefetch,
-                "metrics_addr": self.config.metrics_addr,
+                "metrics_addr": self.metrics_addr,
                 "circuit": {"open": c.is_open, "reason": c.reason,
                             "next_probe_in_s": round(max(0.0, c.next_probe_at - now), 1)
                             if c.is_open else None},

@@ -182,7 +182,7 @@ def test_check_without_metrics_needs_a_live_worker(r, redis_server, pusher, star
 
 def advertise(r, queue_name, worker_id, ttl=30, **info):
     """A registered worker whose heartbeat info carries `info` (metrics_addr, host...)."""
-    RedisQueue(r, queue_name, worker_id=worker_id).heartbeat(ttl, 1)
+    RedisQueue(r, queue_name, worker_id=worker_id).heartbeat(ttl)
     found = json.loads(r.hget(f"{queue_name}:workers:info", worker_id))
     r.hset(f"{queue_name}:workers:info", worker_id, json.dumps({**found, **info}))
 
@@ -190,9 +190,10 @@ def advertise(r, queue_name, worker_id, ttl=30, **info):
 def test_check_asks_every_live_worker_at_the_address_it_publishes(
         r, redis_server, pusher, start_worker, queue_name):
     """Issue 21, stumble 13: the second process's /healthz is found without --metrics-addr.
-    One real worker answers; fabricated entries stand for its siblings."""
+    One real worker answers (and publishes its own address); fabricated entries stand for
+    its siblings."""
     port = free_port()
-    start_worker(RELAY_METRICS_ADDR=f"127.0.0.1:{port}")
+    real = start_worker(RELAY_METRICS_ADDR=f"127.0.0.1:{port}")
     advertise(r, queue_name, "here:1:aa", metrics_addr=f"127.0.0.1:{port}")
     advertise(r, queue_name, "here:2:bb", metrics_addr=f"0.0.0.0:{port}")  # a wildcard bind
     advertise(r, queue_name, "here:3:cc", metrics_addr="off")
@@ -210,6 +211,8 @@ def test_check_asks_every_live_worker_at_the_address_it_publishes(
     [gone] = [v for k, v in lines.items() if k.startswith("worker gone:5:ee at ")]
     assert gone.startswith("unhealthy: no answer from http://127.0.0.1:")
     assert not any("dead:6:ff" in line for line in out.stdout.splitlines())
+    [own] = [v for k, v in lines.items() if f":{real.proc.pid}:" in k]
+    assert own.startswith('{"status": "ok"')
     assert out.stdout.splitlines()[-1] == f"5 of 6 live worker(s) on {queue_name} healthy"
     r.zrem(f"{queue_name}:workers", "gone:5:ee")
     out = admin(redis_server, queue_name, "check", RELAY_METRICS_ADDR="off")
@@ -219,8 +222,14 @@ def test_check_asks_every_live_worker_at_the_address_it_publishes(
 
 def test_check_falls_back_to_relay_metrics_addr_when_no_worker_publishes_one(
         r, redis_server, pusher, start_worker, queue_name):
+    """Workers of 1.0 publish no address: the check asks RELAY_METRICS_ADDR instead. One such
+    worker registered here; the /healthz at that address is a real worker of another queue."""
     port = free_port()
-    start_worker(RELAY_METRICS_ADDR=f"127.0.0.1:{port}")
+    advertise(r, queue_name, "old:1:aa")
+    info = json.loads(r.hget(f"{queue_name}:workers:info", "old:1:aa"))
+    info.pop("metrics_addr", None)
+    r.hset(f"{queue_name}:workers:info", "old:1:aa", json.dumps(info))
+    start_worker(RELAY_METRICS_ADDR=f"127.0.0.1:{port}", RELAY_QUEUE=f"{queue_name}-other")
     out = admin(redis_server, queue_name, "check", RELAY_METRICS_ADDR=f"127.0.0.1:{port}")
     assert out.returncode == 0 and out.stdout.startswith('{"status": "ok"'), out.stdout
     out = admin(redis_server, queue_name, "check", RELAY_METRICS_ADDR=f"127.0.0.1:{free_port()}")

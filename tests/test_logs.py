@@ -66,16 +66,16 @@ def test_every_line_of_a_real_worker_names_its_process(
     wait_for(lambda: "delivered 5" in worker.log(), 20, "the summary line")
     lines = [line for line in worker.log().splitlines() if STAMPED.match(line)]
     assert len(lines) >= 3, worker.log()
-    tag = f"[pid {worker.proc.pid}] "
+    # Every line names the worker id (host:pid:random) that Redis and the page know it by.
+    [wid] = re.findall(rf"worker (\S+:{worker.proc.pid}:\w+) starting", worker.log())
+    tag = f"[{wid}] "
     assert all(tag in line for line in lines), "\n".join(x for x in lines if tag not in x)
-    # The start line ties the pid to the worker id (host:pid:random) the other lines use.
-    assert re.search(rf"worker \S+:{worker.proc.pid}:\w+ starting", worker.log())
 
 
 def test_a_recovery_line_says_some_may_be_sent_again(
         r: redis.Redis, queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
     dead = RedisQueue(r, queue_name, worker_id="host-b:7:dead01")
-    dead.heartbeat(1, 1)
+    dead.heartbeat(1)
     r.rpush(dead.keys.inflight("host-b:7:dead01", 0), b'{"channel": "c", "n": 1}')
     r.zincrby(dead.keys.workers, -60, "host-b:7:dead01")  # its deadline passed a minute ago
     cfg = config.load(env={"RELAY_QUEUE": queue_name}, need_pusher=False)
