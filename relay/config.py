@@ -391,6 +391,11 @@ def _pusher_target(raw: Mapping[str, Any]) -> PusherTarget:
     )
 
 
+def default_burst(rate_limit: float) -> int:
+    """RELAY_RATE_BURST when unset (and an app's rate_burst): one second's worth, rounded up."""
+    return int(rate_limit + 0.999999)
+
+
 def _check_redis_url(url: str) -> None:
     try:
         redis_url.parse(url)
@@ -451,7 +456,7 @@ def load(env: Mapping[str, str] | None = None, args: argparse.Namespace | None =
         raise ConfigError("RELAY_QUEUE", "must be a non-empty name without spaces")
     burst = raw["rate_burst"]
     if burst is None:
-        burst = int(raw["rate_limit"] + 0.999999)  # one second's worth, rounded up
+        burst = default_burst(raw["rate_limit"])
     pusher = _pusher_target(raw) if need_pusher else None
     values = {k: v for k, v in raw.items() if not k.startswith("pusher_")}
     values.update(pusher=pusher, rate_burst=burst, pusher_timeout=raw["pusher_timeout"],
