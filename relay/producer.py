@@ -4,7 +4,8 @@
    can say everything (one channel, a dict without a `channel` key, the worker's default
    event, no socket_id), so the queue stays readable by older workers and tools.
 2. Anything more (several channels, an event name, a socket_id to exclude the sender, data
-   that is not a dict or has its own `channel` key) becomes an *envelope*
+   that is not a dict or has its own `channel` key, an `app` of RELAY_APPS to send it
+   through) becomes an *envelope*
    (`relay.wire.envelope`), stamped with `enqueued_at` for the worker's max-age policy.
 3. Everything is validated before the RPUSH with the worker's own parser (relay.wire), so
    bad input raises `InvalidMessage` in the app, where the bug is, and nothing is pushed.
@@ -62,15 +63,15 @@ def _serialisable(data):
 
 
 def encode(channels, data, event=None, socket_id=None, default_event=DEFAULT_EVENT, now=None,
-           limit=rules.MAX_DATA_BYTES):
-    # type: (str | list[str], object, str | None, str | None, str, float | None, int) -> str
+           limit=rules.MAX_DATA_BYTES, app=None):
+    # type: (str | list[str], object, str | None, str | None, str, float | None, int, str | None) -> str  # noqa: E501
     """The queue element for this notification; raises InvalidMessage for bad input."""
     _serialisable(data)
-    if _is_classic(channels, data, event, socket_id):
+    if app is None and _is_classic(channels, data, event, socket_id):
         return wire.classic(channels, data, default_event, limit)
     listed = [channels] if isinstance(channels, rules.TEXT_TYPES) else list(channels)
     return wire.envelope(listed, default_event if event is None else event, data, socket_id,
-                         enqueued_at=time.time() if now is None else now, limit=limit)
+                         enqueued_at=time.time() if now is None else now, limit=limit, app=app)
 
 
 class Producer(object):
@@ -83,11 +84,12 @@ class Producer(object):
         self.default_event = default_event or os.environ.get("RELAY_EVENT") or DEFAULT_EVENT
         self.clock = clock
 
-    def notify(self, channel_or_channels, data, event=None, socket_id=None):
-        # type: (str | list[str], object, str | None, str | None) -> str
-        """Queue one notification; returns the text pushed. Raises InvalidMessage first."""
+    def notify(self, channel_or_channels, data, event=None, socket_id=None, app=None):
+        # type: (str | list[str], object, str | None, str | None, str | None) -> str
+        """Queue one notification; returns the text pushed. Raises InvalidMessage first.
+        `app` names one of the worker's RELAY_APPS (None: `default`)."""
         text = encode(channel_or_channels, data, event, socket_id,
-                      default_event=self.default_event, now=self.clock())
+                      default_event=self.default_event, now=self.clock(), app=app)
         self.client.rpush(self.queue, text.encode("utf-8"))
         return text
 
@@ -101,12 +103,13 @@ class Producer(object):
             self.client.connection_pool.disconnect()
 
 
-def notify(channel_or_channels, data, event=None, socket_id=None, client=None, queue=None):
-    # type: (str | list[str], object, str | None, str | None, redis.Redis | None, str | None) -> str  # noqa: E501
+def notify(channel_or_channels, data, event=None, socket_id=None, client=None, queue=None,
+           app=None):
+    # type: (str | list[str], object, str | None, str | None, redis.Redis | None, str | None, str | None) -> str  # noqa: E501
     """One-off `Producer(client, queue).notify(...)`; a client made here is closed here."""
     producer = Producer(client, queue)
     try:
-        return producer.notify(channel_or_channels, data, event, socket_id)
+        return producer.notify(channel_or_channels, data, event, socket_id, app=app)
     finally:
         if client is None:
             producer.close()
