@@ -245,8 +245,8 @@ def reload(path: str | None, current: Apps) -> Apps | AppsError:
         log.error("RELAY_APPS not reloaded, keeping the %d app(s) loaded before: %s",
                   len(current), exc)
         return exc
-    log.info("RELAY_APPS reloaded from %s (%s): %s", path, current.changes(new),
-             new.describe())
+    log.info("RELAY_APPS reloaded from %s: %d app(s) (%s)", path, len(new),
+             current.changes(new))
     return new
 
 

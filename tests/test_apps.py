@@ -325,8 +325,8 @@ def test_reload_adds_changes_and_removes(tmp_path: Path, caplog: pytest.LogCaptu
     assert (changes.added, changes.removed, changes.changed) == (("tenant-c",), ("tenant-b",),
                                                                  ("default",))
     assert str(changes) == "added tenant-c; removed tenant-b; changed default"
-    assert f"RELAY_APPS reloaded from {path} (added tenant-c; removed tenant-b; changed " \
-           "default)" in caplog.text
+    assert f"RELAY_APPS reloaded from {path}: 2 app(s) (added tenant-c; removed tenant-b; " \
+           "changed default)" in caplog.text
     assert not after.changes(reload(path, after))  # the same file: no change
     assert str(after.changes(after)) == "no change"
 
