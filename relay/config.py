@@ -33,6 +33,7 @@ class ConfigError(RelayError, ValueError):
     def __init__(self, setting: str, problem: str) -> None:
         super().__init__(f"{setting}: {problem}")
         self.setting = setting
+        self.problem = problem
 
 
 def _positive_int(text: str) -> int:
@@ -213,6 +214,10 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a notification that ends a quiet spell waits for others to share its "
             "call (0 = off: it goes at once); fewer calls and round trips at moderate rates, "
             "for that much latency"),
+    Setting("RELAY_APPS", "apps_file", None, _text,
+            "path to a TOML file of named apps ([apps.NAME] with url, and optionally "
+            "rate_limit, rate_burst, max_data_bytes, timeout, encryption_master_key_base64); "
+            "`default` gets notifications naming no app (default: PUSHER_URL is `default`)"),
     Setting("RELAY_METRICS_ADDR", "metrics_addr", "127.0.0.1:9300", _metrics_addr,
             "HOST:PORT for /metrics and /healthz, or off"),
     Setting("RELAY_LOG_LEVEL", "log_level", "info",
@@ -282,6 +287,11 @@ class Config:
         return Limits(self.max_data_bytes, encryption=bool(encryption))
     dashboard_addr: str = "127.0.0.1:9400"
     dashboard_auth: str | None = field(default=None, repr=False)
+    apps_file: str | None = None  # RELAY_APPS; relay.apps reads it
+    # The global PUSHER_TIMEOUT and key, kept apart from `pusher`: an app of RELAY_APPS
+    # inherits them, and with RELAY_APPS there may be no PUSHER_URL.
+    pusher_timeout: float = 5.0
+    pusher_encryption_master_key: str | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
@@ -290,8 +300,8 @@ class Config:
             parts.append(f"pusher={self.pusher.base_url}/apps/{self.pusher.app_id}")
             parts.append(f"key={self.pusher.key} secret=*** timeout={self.pusher.timeout}")
         for f in fields(self):
-            if f.name == "dashboard_auth":
-                parts.append(f"dashboard_auth={'***' if self.dashboard_auth else None}")
+            if f.name in ("dashboard_auth", "pusher_encryption_master_key"):
+                parts.append(f"{f.name}={'***' if getattr(self, f.name) else None}")
             elif f.name not in ("redis_url", "pusher"):
                 parts.append(f"{f.name}={getattr(self, f.name)}")
         return " ".join(parts)
@@ -384,6 +394,11 @@ def _pusher_target(raw: Mapping[str, Any]) -> PusherTarget:
     )
 
 
+def default_burst(rate_limit: float) -> int:
+    """RELAY_RATE_BURST when unset (and an app's rate_burst): one second's worth, rounded up."""
+    return int(rate_limit + 0.999999)
+
+
 def _check_redis_url(url: str) -> None:
     try:
         redis_url.parse(url)
@@ -400,6 +415,13 @@ def _parse_one(setting: Setting, text: str | None) -> Any:
         shown = "***" if setting.secret else repr(text)
         reason = str(exc) if "invalid literal" not in str(exc) else "must be a number"
         raise ConfigError(setting.env, f"{reason} (got {shown})") from None
+
+
+def parse_setting(env: str, text: str) -> Any:
+    """`text` parsed as the setting `env` is: its parser, its ConfigError (relay.apps checks
+    an app's keys with the matching global settings' rules)."""
+    setting = next(s for s in SETTINGS if s.env == env)
+    return _parse_one(setting, text)
 
 
 def add_arguments(parser: argparse.ArgumentParser, suppress: bool = False,
@@ -437,8 +459,9 @@ def load(env: Mapping[str, str] | None = None, args: argparse.Namespace | None =
         raise ConfigError("RELAY_QUEUE", "must be a non-empty name without spaces")
     burst = raw["rate_burst"]
     if burst is None:
-        burst = int(raw["rate_limit"] + 0.999999)  # one second's worth, rounded up
+        burst = default_burst(raw["rate_limit"])
     pusher = _pusher_target(raw) if need_pusher else None
     values = {k: v for k, v in raw.items() if not k.startswith("pusher_")}
-    values.update(pusher=pusher, rate_burst=burst)
+    values.update(pusher=pusher, rate_burst=burst, pusher_timeout=raw["pusher_timeout"],
+                  pusher_encryption_master_key=raw["pusher_encryption_master_key"])
     return Config(**values)

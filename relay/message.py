@@ -11,7 +11,11 @@
    adds 16 bytes, base64 4/3, the `{"nonce": ..., "ciphertext": ...}` wrapper a fixed
    amount). The pusher library sends one encrypted channel per call, so an encrypted
    channel must be a notification's only one.
-3. A *retry wrapper* (`"relay": 1` with `payload`) is what the worker itself writes back when
+3. An envelope may name an app (`app`, RELAY_APPS); `Notification.app` is None for the
+   `default` app, whether named or not, so one app never has two keys. The data limit and
+   the encryption policy are an app's own: `parse` takes the Limits, or a function giving
+   an app's Limits (which raises InvalidMessage for an app it does not know).
+4. A *retry wrapper* (`"relay": 1` with `payload`) is what the worker itself writes back when
    a notification waits for another attempt: it carries the original text and the attempt
    history, so dead letters always show what the producer pushed.
 """
@@ -19,6 +23,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
@@ -26,8 +31,8 @@ from typing import Any
 from relay import rules, wire
 from relay.wire import ENVELOPE_VERSION, InvalidMessage, envelope
 
-__all__ = ["DEFAULT_LIMITS", "ENVELOPE_VERSION", "InvalidMessage", "Limits", "Notification",
-           "encrypted_size", "envelope", "parse", "payload_of", "retry_wrapper"]
+__all__ = ["DEFAULT_LIMITS", "ENVELOPE_VERSION", "InvalidMessage", "Limits", "LimitsFor",
+           "Notification", "encrypted_size", "envelope", "parse", "payload_of", "retry_wrapper"]
 
 ENCRYPTION_SETTING = "PUSHER_ENCRYPTION_MASTER_KEY_BASE64"
 _NONCE_B64 = 32  # base64 of NaCl's 24-byte nonce
@@ -45,6 +50,8 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# An app's Limits by its name (None: `default`); raises InvalidMessage for an unknown app.
+LimitsFor = Callable[[str | None], Limits]
 
 
 def encrypted_size(plain_bytes: int) -> int:
@@ -78,6 +85,7 @@ class Notification:
     attempts: int = 0
     first_failed_at: float | None = None
     id: str | None = None
+    app: str | None = None  # None: the `default` app
 
     @property
     def cost(self) -> int:
@@ -109,17 +117,21 @@ def _notification(raw: bytes, text: str, found: dict[str, Any], limits: Limits
     return Notification(raw=raw, payload=text, **found)
 
 
-def parse(raw: bytes, default_event: str, limits: Limits = DEFAULT_LIMITS) -> Notification:
-    """Turn one queue element into a Notification, or raise InvalidMessage with the reason."""
+def parse(raw: bytes, default_event: str, limits: Limits | LimitsFor = DEFAULT_LIMITS
+          ) -> Notification:
+    """Turn one queue element into a Notification, or raise InvalidMessage with the reason.
+
+    `limits` is one Limits for every notification, or a function giving the Limits of the
+    app a notification names (an unknown app is its InvalidMessage: a dead letter)."""
     text, obj = wire.decode(raw)
     if wire.is_retry_wrapper(obj):
         return _unwrap_retry(raw, obj, default_event, limits)
-    return _notification(raw, text, wire.fields(obj, default_event, limits.max_data_bytes),
-                         limits)
+    mine = limits if isinstance(limits, Limits) else limits(wire.app_of(obj))
+    return _notification(raw, text, wire.fields(obj, default_event, mine.max_data_bytes), mine)
 
 
-def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str, limits: Limits
-                  ) -> Notification:
+def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str,
+                  limits: Limits | LimitsFor) -> Notification:
     payload = obj["payload"]
     history = obj.get("retry") or {}
     attempts = history.get("attempts", 0) if isinstance(history, dict) else None
@@ -131,7 +143,7 @@ def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str, limits: L
         raise InvalidMessage("nested retry wrapper")
     return Notification(
         raw=raw, payload=payload, channels=inner.channels, event=inner.event, data=inner.data,
-        socket_id=inner.socket_id, enqueued_at=inner.enqueued_at, id=inner.id,
+        socket_id=inner.socket_id, enqueued_at=inner.enqueued_at, id=inner.id, app=inner.app,
         attempts=attempts,
         first_failed_at=wire.unix_seconds(history.get("first_failed_at"), "first_failed_at"),
     )

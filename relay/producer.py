@@ -8,6 +8,9 @@
    browser receives the same event and data as from the classic `{"channel": ..., **data}`:
    only the queue element differs. RELAY_EVENT is the worker's setting: the producer does
    not read it (an explicit `Producer(default_event=...)` is written into each envelope).
+   `app=` names one of the worker's RELAY_APPS to send it through (none: `default`); such
+   an envelope carries `"relay": 2`, which workers older than RELAY_APPS refuse rather than
+   send it to the default app (another tenant's).
 2. `classic=True` keeps the shape older versions wrote: classic whenever it can say
    everything (one channel, a dict without a `channel` key, no event, no socket_id), an
    envelope with an explicit event (default_event, else the app's RELAY_EVENT, else "hit")
@@ -93,21 +96,22 @@ def _serialisable(data):
 
 
 def encode(channels, data, event=None, socket_id=None, default_event=None, now=None,
-           limit=rules.MAX_DATA_BYTES, classic=False):
-    # type: (str | list[str], object, str | None, str | None, str | None, float | None, int, bool) -> str  # noqa: E501
+           limit=rules.MAX_DATA_BYTES, classic=False, app=None):
+    # type: (str | list[str], object, str | None, str | None, str | None, float | None, int, bool, str | None) -> str  # noqa: E501
     """The queue element for this notification; raises InvalidMessage for bad input.
 
     An envelope stamped `now` (default: this host's clock); `event` None means
     `default_event`, and when that is None too, the worker's RELAY_EVENT. With `classic`,
-    the old shapes (see the module's docstring)."""
+    the old shapes (see the module's docstring). `app` names one of the worker's RELAY_APPS
+    (None: `default`), which always makes an envelope."""
     _serialisable(data)
     if classic:
         default_event = default_event or DEFAULT_EVENT
-        if _is_classic(channels, data, event, socket_id):
+        if app is None and _is_classic(channels, data, event, socket_id):
             return wire.classic(channels, data, default_event, limit)
     listed = [channels] if isinstance(channels, rules.TEXT_TYPES) else list(channels)
     return wire.envelope(listed, default_event if event is None else event, data, socket_id,
-                         enqueued_at=time.time() if now is None else now, limit=limit)
+                         enqueued_at=time.time() if now is None else now, limit=limit, app=app)
 
 
 class Producer(object):
@@ -127,12 +131,13 @@ class Producer(object):
         self.default_event = default_event
         self.clock = clock
 
-    def notify(self, channel_or_channels, data, event=None, socket_id=None):
-        # type: (str | list[str], object, str | None, str | None) -> str
-        """Queue one notification; returns the text pushed. Raises InvalidMessage first."""
+    def notify(self, channel_or_channels, data, event=None, socket_id=None, app=None):
+        # type: (str | list[str], object, str | None, str | None, str | None) -> str
+        """Queue one notification; returns the text pushed. Raises InvalidMessage first.
+        `app` names one of the worker's RELAY_APPS (None: `default`)."""
         text = encode(channel_or_channels, data, event, socket_id,
                       default_event=self.default_event, now=self.clock(), limit=self.limit,
-                      classic=self.classic)
+                      classic=self.classic, app=app)
         self.client.rpush(self.queue, text.encode("utf-8"))
         return text
 
@@ -147,12 +152,12 @@ class Producer(object):
 
 
 def notify(channel_or_channels, data, event=None, socket_id=None, client=None, queue=None,
-           max_data_bytes=None, classic=False):
-    # type: (str | list[str], object, str | None, str | None, redis.Redis | None, str | None, int | str | None, bool) -> str  # noqa: E501
+           max_data_bytes=None, classic=False, app=None):
+    # type: (str | list[str], object, str | None, str | None, redis.Redis | None, str | None, int | str | None, bool, str | None) -> str  # noqa: E501
     """One-off `Producer(client, queue, ...).notify(...)`; a client made here is closed here."""
     producer = Producer(client, queue, max_data_bytes=max_data_bytes, classic=classic)
     try:
-        return producer.notify(channel_or_channels, data, event, socket_id)
+        return producer.notify(channel_or_channels, data, event, socket_id, app=app)
     finally:
         if client is None:
             producer.close()

@@ -18,11 +18,16 @@ MAX_EVENT_NAME = 200  # characters in an event name
 MAX_DATA_BYTES = 10240  # UTF-8 bytes of an event's data (Pusher's; RELAY_MAX_DATA_BYTES)
 MAX_DATA_BYTES_CEILING = 1024 * 1024  # the most RELAY_MAX_DATA_BYTES may say (no server takes more)
 
+MAX_APP_NAME = 64  # characters in an app name (RELAY_APPS, the envelope's `app`)
+
 SERVER_TO_USER_PREFIX = "#server-to-user-"
 ENCRYPTED_PREFIX = "private-encrypted-"
+DEFAULT_APP = "default"  # the app that gets notifications naming none
 
 _NAME = re.compile(r"\A[-a-zA-Z0-9_=@,.;]+\Z")
 _SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
+# TOML's bare-key characters, so `[apps.NAME]` never needs quotes (a dot would nest a table).
+_APP_NAME = re.compile(r"\A[A-Za-z0-9_-]+\Z")
 
 try:  # Python 2: JSON text arrives as unicode
     TEXT_TYPES = (str, unicode)  # noqa: F821
@@ -76,4 +81,15 @@ def socket_id_problem(socket_id):
         return None
     if not isinstance(socket_id, TEXT_TYPES) or not _SOCKET_ID.match(socket_id):
         return "socket_id must look like 1234.5678"
+    return None
+
+
+def app_problem(app):
+    """Why this app name is refused, or None: 1 to 64 of A-Z a-z 0-9 _ -, TOML's bare-key
+    characters, so the same name is a `[apps.NAME]` table and a label without quoting."""
+    if not isinstance(app, TEXT_TYPES) or not app:
+        return "app must be a non-empty string"
+    if len(app) > MAX_APP_NAME or not _APP_NAME.match(app):
+        return ("invalid app name {0!r}: 1 to {1} letters, digits, '_' or '-'"
+                .format(app[:80], MAX_APP_NAME))
     return None

@@ -10,6 +10,10 @@ refuses exactly what the worker would dead-letter.
    Without `event` it gets RELAY_EVENT, as a classic message does: so the producer can stamp
    `enqueued_at` on what would have been a classic message and the browser still receives
    the same event and data. (Workers before this rule dead-letter an envelope without one.)
+   It may name an app (`app`, one of RELAY_APPS; none means `default`). The producer then
+   writes `"relay": 2`: a worker older than RELAY_APPS refuses version 2 (dead letter, "no
+   channel"), where it would have sent a version 1 to the default app, another tenant's.
+   This worker reads `app` in either version.
 3. `fields()` turns either into a plain dict of what Pusher needs, or raises InvalidMessage
    with the reason. Policies that depend on the worker's settings (encryption key) stay in
    relay.message; retry wrappers, which only the worker writes, too.
@@ -26,6 +30,8 @@ from relay import rules
 from relay.errors import RelayError
 
 ENVELOPE_VERSION = 1
+APP_ENVELOPE_VERSION = 2  # what the producer writes for an envelope naming an app
+_VERSIONS = (ENVELOPE_VERSION, APP_ENVELOPE_VERSION)
 
 try:  # Python 3.5+; Python 2's json decoder raises RuntimeError when nested too deeply
     _TOO_DEEP = RecursionError
@@ -110,6 +116,14 @@ def check_socket_id(socket_id):
     return socket_id
 
 
+def check_app(app):
+    # type: (object) -> str | None
+    """An app name (None allowed: the default app)."""
+    if app is not None:
+        _check(rules.app_problem(app))
+    return app
+
+
 def unix_seconds(value, name):
     # type: (object, str) -> float | None
     """A number of Unix seconds (None allowed), as a float."""
@@ -169,6 +183,16 @@ def _channels(obj):
     return tuple(check_channel(c) for c in channels)
 
 
+def app_of(obj):
+    # type: (dict) -> str | None
+    """The app an envelope names, validated; None for the default app and for classic
+    messages (always `default`: their `app` key, if any, is data)."""
+    if "channel" in obj or obj.get("app") is None:
+        return None
+    app = check_app(obj["app"])
+    return None if app == rules.DEFAULT_APP else app
+
+
 def _envelope(obj, default_event, limit):
     # type: (dict, str, int) -> dict
     if "data" not in obj:
@@ -180,6 +204,7 @@ def _envelope(obj, default_event, limit):
         "data": check_data(encode_data(obj["data"]), limit),
         "socket_id": check_socket_id(obj.get("socket_id")),
         "enqueued_at": unix_seconds(obj.get("enqueued_at"), "enqueued_at"),
+        "app": app_of(obj),
         "id": u"%s" % (ident,) if ident is not None else None,
     }
 
@@ -187,11 +212,12 @@ def _envelope(obj, default_event, limit):
 def fields(obj, default_event, limit=rules.MAX_DATA_BYTES):
     # type: (dict, str, int) -> dict
     """What Pusher needs from a classic message or an envelope: `channels` (a tuple),
-    `event`, `data` (a string), and for envelopes `socket_id`, `enqueued_at` and `id`.
-    Raises InvalidMessage with the reason for anything Pusher would refuse."""
+    `event`, `data` (a string), and for envelopes `socket_id`, `enqueued_at`, `id` and
+    `app` (None for `default`). Raises InvalidMessage with the reason for anything Pusher
+    would refuse."""
     if "channel" in obj:
         return _classic(obj, default_event, limit)
-    if obj.get("relay") != ENVELOPE_VERSION:
+    if obj.get("relay") not in _VERSIONS:
         raise InvalidMessage("no channel (neither a classic message nor a relay envelope)")
     if "payload" in obj:
         raise InvalidMessage("a retry wrapper, which only the worker writes")
@@ -214,14 +240,16 @@ _SOME_EVENT = "hit"
 
 
 def envelope(channels, event, data, socket_id=None, enqueued_at=None, ident=None,
-             limit=rules.MAX_DATA_BYTES):
-    # type: (list[str], str | None, object, str | None, float | None, str | None, int) -> str
+             limit=rules.MAX_DATA_BYTES, app=None):
+    # type: (list[str], str | None, object, str | None, float | None, str | None, int, str | None) -> str  # noqa: E501
     """Encode an envelope, validated so bad input fails at the source; `event` None leaves
-    it out (the worker's RELAY_EVENT)."""
+    it out (the worker's RELAY_EVENT); naming an app makes it version 2."""
     obj = {"relay": ENVELOPE_VERSION, "channels": channels}
     if event is not None:
         obj["event"] = event
     obj["data"] = data
+    if app is not None:
+        obj.update(relay=APP_ENVELOPE_VERSION, app=app)
     if socket_id is not None:
         obj["socket_id"] = socket_id
     if enqueued_at is not None:

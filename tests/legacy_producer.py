@@ -4,8 +4,10 @@ Usage: python legacy_producer.py APP_DIR DEPS_DIR TAG, with REDIS_URL and RELAY_
 APP_DIR holds only the files the README says to copy into an app (relay/...).
 Pushes one classic message, one envelope and one through the one-off notify(), checks that
 bad input raises InvalidMessage and pushes nothing, and prints one JSON line: the
-interpreter, the redis-py version and the texts pushed. Syntax Python 2.7 reads, as the
-module it tests; exits non-zero on the first failed check.
+interpreter, the redis-py version and the texts pushed. Notifications naming an app
+(`app=`) go to a queue no worker reads, reported as `apps_pushed`: the worker's routing by
+app is not what this script tests. Syntax Python 2.7 reads, as the module it tests; exits
+non-zero on the first failed check.
 """
 
 import json
@@ -31,6 +33,7 @@ BAD = [  # (channels, data, event, socket_id): each must raise and push nothing
     ("a", {"x": object()}, None, None),
     (["a"], {"x": float("nan")}, None, None),
 ]
+BAD_APPS = ["", "tenant b", "tenant.b", "x" * 65, 5]
 
 
 def main():
@@ -57,6 +60,12 @@ def main():
         except InvalidMessage:
             continue
         raise AssertionError("no InvalidMessage for %r" % ((channels, event, socket_id),))
+    for app in BAD_APPS:
+        try:
+            refusing.notify("a", {"x": 1}, app=app)
+        except InvalidMessage:
+            continue
+        raise AssertionError("no InvalidMessage for app=%r" % (app,))
     assert client.llen(unread) == 0, "bad input was pushed"
     # RELAY_MAX_DATA_BYTES: the worker's limit, as an argument (or from the environment).
     Producer(client, queue=unread, max_data_bytes=20000).notify(tag, {"x": "y" * 15000})
@@ -67,9 +76,17 @@ def main():
         assert str(exc).startswith("RELAY_MAX_DATA_BYTES: must be"), exc
     assert client.llen(unread) == 1
     client.delete(unread)
+    apps_queue = queue + ":legacy-apps"
+    apps_pushed = [
+        Producer(client, queue=apps_queue).notify(tag, {"n": 4}, app="tenant-b"),
+        notify([tag], u"\u2713", "one-off", None, client, apps_queue, app=u"tenant_C-9"),
+    ]
+    assert client.llen(apps_queue) == 2
+    client.delete(apps_queue)
     producer.close()
     print(json.dumps({"python": "%d.%d.%d" % sys.version_info[:3],
-                      "redis": redis.__version__, "pushed": pushed}))
+                      "redis": redis.__version__, "pushed": pushed,
+                      "apps_pushed": apps_pushed}))
     return 0
 
 

@@ -130,6 +130,8 @@ CASES: list[tuple[str, str, str, str, Getter, Any, Any]] = [
      lambda c: c.dashboard_addr, "0.0.0.0:8080", "[::1]:9400"),
     ("RELAY_DASHBOARD_AUTH", "--dashboard-auth", "ops:pw", "a:b:c",
      lambda c: c.dashboard_auth, "ops:pw", "a:b:c"),
+    ("RELAY_APPS", "--apps", "/etc/relay/apps.toml", "apps.toml", lambda c: c.apps_file,
+     "/etc/relay/apps.toml", "apps.toml"),
 ]
 
 

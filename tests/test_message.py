@@ -229,7 +229,7 @@ def test_payload_of_never_raises_on_hostile_input() -> None:
     (b"null", "not a JSON object"),
     (b'{"title": "no channel"}', "no channel"),
     (b'{"channels": ["a"], "event": "e", "data": {}}', "no channel"),  # envelope without relay
-    (b'{"relay": 2, "channels": ["a"], "event": "e", "data": {}}', "no channel"),
+    (b'{"relay": 3, "channels": ["a"], "event": "e", "data": {}}', "no channel"),
     (b'{"channel": ""}', "channel must be a non-empty string"),
     (b'{"channel": 42}', "channel must be a non-empty string"),
     (b'{"channel": "a b"}', "invalid channel name"),
@@ -395,3 +395,87 @@ def test_server_to_user_envelope_and_limits() -> None:
     assert note.channels == ("#server-to-user-42",)
     refused(env(channels=["#server-to-user-" + "u" * 201]), "user id longer than 200")
     refused(env(channels=["#other"]), "invalid channel name")
+
+
+# -- the app an envelope names (RELAY_APPS) ----------------------------------------------------
+
+
+def app_env(**fields: Any) -> bytes:
+    return env(relay=2, **fields)
+
+
+def test_an_envelope_names_its_app() -> None:
+    note = parse(app_env(app="tenant-b"), "hit")
+    assert (note.app, note.channels, note.data) == ("tenant-b", ("c",), '{"x":1}')
+    assert parse(app_env(app="A_z-9" * 12 + "abcd"), "hit").app == "A_z-9" * 12 + "abcd"
+
+
+@pytest.mark.parametrize("message", [
+    b'{"channel": "c"}',  # classic: always the default app
+    b'{"channel": "c", "app": "tenant-b", "relay": 2}',  # classic: its `app` is data
+    env(),  # version 1, no app
+    env(app=None),
+    app_env(),  # version 2 without an app
+    app_env(app="default"),  # named or not, one key for the default app
+])
+def test_the_default_app_is_none(message: bytes) -> None:
+    assert parse(message, "hit").app is None
+
+
+def test_a_classic_message_keeps_app_as_data() -> None:
+    note = parse(b'{"channel": "c", "app": "tenant-b"}', "hit")
+    assert (note.app, json.loads(note.data)) == (None, {"app": "tenant-b"})
+
+
+@pytest.mark.parametrize("app", [
+    "", "tenant b", "tenant.b", "tenant/b", "t\u00e9nant", "x" * 65, 42, ["a"], {"a": 1}, True,
+])
+def test_bad_app_names_are_refused(app: Any) -> None:
+    refused(app_env(app=app), "app")
+
+
+def test_a_version_1_envelope_naming_an_app_is_read_as_the_contract_writes_it() -> None:
+    """The contract's envelope is version 1 with an optional `app`: this worker reads it.
+    (The producer writes version 2 with an app, which workers older than RELAY_APPS refuse
+    instead of sending it to the default app.)"""
+    assert parse(env(app="tenant-b"), "hit").app == "tenant-b"
+
+
+def test_envelope_encoder_writes_version_2_with_an_app() -> None:
+    text = envelope(["c"], "ev", {"x": 1}, app="tenant-b")
+    assert json.loads(text)["relay"] == 2
+    assert parse(text.encode(), "hit").app == "tenant-b"
+    assert json.loads(envelope(["c"], "ev", {"x": 1}))["relay"] == 1
+    with pytest.raises(InvalidMessage, match="invalid app name"):
+        envelope(["c"], "ev", {"x": 1}, app="no spaces")
+
+
+def test_a_retry_wrapper_keeps_the_app() -> None:
+    payload = app_env(app="tenant-b").decode()
+    note = parse(retry_wrapper(payload, 2, 10.0, "HTTP 503").encode(), "hit")
+    assert (note.app, note.attempts, note.payload) == ("tenant-b", 2, payload)
+
+
+def test_limits_per_app() -> None:
+    per_app = {None: Limits(max_data_bytes=10), "big": Limits(max_data_bytes=100_000),
+               "plain": Limits(encryption=False)}
+    asked: list[str | None] = []
+
+    def limits_for(app: str | None) -> Limits:
+        asked.append(app)
+        if app not in per_app:
+            raise InvalidMessage(f"unknown app {app!r}")
+        return per_app[app]
+
+    big = "x" * 50_000
+    assert parse(app_env(app="big", data=big), "hit", limits_for).data == big
+    with pytest.raises(InvalidMessage, match="over the limit of 10"):
+        parse(env(data=big), "hit", limits_for)  # no app: the default's limits
+    with pytest.raises(InvalidMessage, match="over the limit of 10"):
+        parse(b'{"channel": "c", "app": "big", "d": "' + big.encode() + b'"}', "hit", limits_for)
+    with pytest.raises(InvalidMessage, match="PUSHER_ENCRYPTION_MASTER_KEY_BASE64"):
+        parse(app_env(app="plain", channels=["private-encrypted-x"]), "hit", limits_for)
+    with pytest.raises(InvalidMessage, match="unknown app 'gone'"):
+        parse(retry_wrapper(app_env(app="gone").decode(), 1, 1.0, "e").encode(), "hit",
+              limits_for)
+    assert asked == ["big", None, None, "plain", "gone"]

@@ -139,6 +139,34 @@ def test_a_bad_relay_max_data_bytes_names_the_setting(
     assert r.exists(queue_name) == 0
 
 
+def test_an_app_makes_an_envelope_of_version_2(r: redis.Redis, queue_name: str) -> None:
+    producer = Producer(r, queue_name, clock=lambda: 99.5)
+    pushed = [producer.notify("a", {"n": 1}, app="tenant-b"),
+              producer.notify(["a", "b"], "text", "ev", "1.2", app="tenant_C-9"),
+              notify("a", {"n": 3}, client=r, queue=queue_name, app="default"),
+              producer.notify("a", {"n": 4}, app=None)]
+    assert popped(r, queue_name) == pushed
+    shapes = [json.loads(text) for text in pushed]
+    assert [(s.get("relay"), s.get("app"), "channel" in s) for s in shapes] == [
+        (2, "tenant-b", False), (2, "tenant_C-9", False), (2, "default", False),
+        (1, None, False)]  # no app: version 1, as before
+    assert shapes[0]["enqueued_at"] == 99.5
+    parsed = [parse(text.encode(), "hit") for text in pushed]
+    assert [(n.app, n.channels, n.event) for n in parsed] == [
+        ("tenant-b", ("a",), "hit"), ("tenant_C-9", ("a", "b"), "ev"), (None, ("a",), "hit"),
+        (None, ("a",), "hit")]
+
+
+@pytest.mark.parametrize("app", ["", "tenant b", "tenant.b", "x" * 65, 5, ["a"]])
+def test_a_bad_app_raises_and_pushes_nothing(r: redis.Redis, queue_name: str, app: Any
+                                             ) -> None:
+    with pytest.raises(InvalidMessage, match="app"):
+        notify("a", {"x": 1}, client=r, queue=queue_name, app=app)
+    with pytest.raises(InvalidMessage, match="app"):
+        Producer(r, queue_name).notify(["a"], "x", app=app)
+    assert r.exists(queue_name) == 0
+
+
 def test_import_does_not_load_gevent() -> None:
     code = "import relay.producer, sys; assert 'gevent' not in sys.modules, 'gevent loaded'"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

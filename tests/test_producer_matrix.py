@@ -170,6 +170,11 @@ def test_legacy_producer_then_worker_delivers(
         ((tag + "-a", tag + "-b"), "legacy-event", {"n": 2}, "123.456"),
         ((tag,), "one-off", "plain \u2713 text", None),
     ]
+    named = [parse(text.encode("utf-8"), "hit") for text in report["apps_pushed"]]
+    assert [(n.app, n.channels, n.event, _data(n.data)) for n in named] == [
+        ("tenant-b", (tag,), "hit", {"n": 4}),
+        ("tenant_C-9", (tag,), "one-off", "\u2713"),
+    ]
 
     def delivered() -> list[tuple[str, str, Any, Any]]:
         mine = [e for e in pusher_server.events() if e["channel"].startswith(tag)]

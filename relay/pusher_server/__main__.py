@@ -1,4 +1,7 @@
-"""``python -m relay.pusher_server --port 0 --app-id 1 --key K --secret S [--host H] [--print]``
+"""``python -m relay.pusher_server --port 0 --app-id 1 --key K --secret S [--app ID:KEY:SECRET
+...] [--host H] [--print]``
+
+``--app`` adds an app beside the first, with its own credentials (repeatable).
 
 Prints ``LISTENING <port>`` on stdout (the only stdout output, written directly rather
 than via logging so that a parent can rely on it whatever the logging setup); ``--print``
@@ -16,6 +19,8 @@ import gevent
 from gevent.event import Event
 from gevent.socket import wait_read
 
+from relay.pusher_server.auth import AppCredentials
+
 log = logging.getLogger("relay.pusher_server")
 
 
@@ -26,6 +31,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--app-id", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--secret", required=True)
+    parser.add_argument("--app", dest="extra_apps", action="append", default=[],
+                        type=AppCredentials.parse, metavar="ID:KEY:SECRET",
+                        help="another app, with its own credentials (repeatable)")
     parser.add_argument("--print", dest="print_events", action="store_true",
                         help="log every received event (dev mode)")
     parser.add_argument("--max-records", type=int, default=200_000,
@@ -57,12 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s pusher_server: %(message)s",
     )
     server = PusherServer(
-        args.app_id, args.key, args.secret, args.print_events, args.max_records
+        args.app_id, args.key, args.secret, args.print_events, args.max_records,
+        args.extra_apps,
     )
     port = server.start(args.host, args.port)
     sys.stdout.write(f"LISTENING {port}\n")
     sys.stdout.flush()
-    log.info("local Pusher API for app %s on http://%s:%d", args.app_id, args.host, port)
+    log.info("local Pusher API for app %s on http://%s:%d", ", ".join(server.apps), args.host,
+             port)
     done = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, done.set)

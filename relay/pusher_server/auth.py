@@ -1,16 +1,39 @@
 """Pusher's request authentication: auth_key, auth_timestamp, body_md5, HMAC signature.
 
 Checked exactly as Pusher documents it, comparing in constant time, so a client with a
-signing bug fails here as it would there.
+signing bug fails here as it would there. Each app has its own credentials
+(``AppCredentials``): a request is checked against the app its path names.
 """
 
 import hashlib
 import hmac
 import time
+from dataclasses import dataclass, field
 
 from relay.pusher_server.wire import ApiError, Request, equal, parse_query
 
 TIMESTAMP_TOLERANCE_S = 600
+
+
+@dataclass(frozen=True)
+class AppCredentials:
+    """One Pusher app the server serves: its id, key and secret."""
+
+    app_id: str
+    key: str
+    secret: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> "AppCredentials":
+        """``ID:KEY:SECRET`` (the command line's ``--app``); the secret may hold colons."""
+        app_id, key, secret = (text.split(":", 2) + ["", ""])[:3]
+        if not app_id or not key or not secret:
+            raise ValueError("an app is ID:KEY:SECRET")
+        return cls(app_id, key, secret)
+
+    def as_arg(self) -> str:
+        """The ``--app`` argument that parse() reads back (it holds the secret)."""
+        return f"{self.app_id}:{self.key}:{self.secret}"
 
 
 def authenticate(request: Request, key: str, secret: str, now: float) -> None:

@@ -2,6 +2,9 @@
 
 The child is ``python -m relay.pusher_server``; the parent needs no gevent and talks to the
 control API with stdlib ``urllib`` only, which works in plain and gevent-patched parents.
+With ``extra_apps`` it serves several apps, each with its own credentials: ``url_for(id)``
+is one app's PUSHER_URL, ``apps_toml`` a RELAY_APPS file for them, and the control methods
+take ``app_id=`` for one app's events, counts and fault modes.
 """
 
 import json
@@ -10,9 +13,12 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
+
+from relay.pusher_server.auth import AppCredentials
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 WAIT_POLL_S = 0.01
@@ -44,11 +50,16 @@ class LocalPusher:
         host: str = "127.0.0.1",
         startup_timeout: float = 15.0,
         stderr: StderrTarget = None,
+        extra_apps: Sequence[AppCredentials] = (),
     ) -> None:
         if stderr in (subprocess.PIPE, subprocess.STDOUT):
             raise ValueError("stderr=PIPE or STDOUT would block or corrupt the server's output; "
                              "pass a path, a file, DEVNULL or None")
         self.app_id, self.key, self.secret = app_id, key, secret
+        self.apps = {app.app_id: app for app in (AppCredentials(app_id, key, secret),
+                                                 *extra_apps)}
+        if len(self.apps) != 1 + len(extra_apps):
+            raise ValueError("every app needs an id of its own")
         self.print_events = print_events
         self.python = python
         self.host = host
@@ -68,8 +79,18 @@ class LocalPusher:
     @property
     def url(self) -> str:
         """PUSHER_URL-style URL for relay's config (pusher 3.3.4's from_url mangles ports)."""
-        key, secret = quote(self.key, safe=""), quote(self.secret, safe="")
-        return f"http://{key}:{secret}@{self.host}:{self.port}/apps/{self.app_id}"
+        return self.url_for(self.app_id)
+
+    def url_for(self, app_id: str) -> str:
+        """One app's PUSHER_URL (KeyError for an app the server does not have)."""
+        app = self.apps[app_id]
+        key, secret = quote(app.key, safe=""), quote(app.secret, safe="")
+        return f"http://{key}:{secret}@{self.host}:{self.port}/apps/{app.app_id}"
+
+    def apps_toml(self, names: Mapping[str, str]) -> str:
+        """A RELAY_APPS file: ``{relay's app name: this server's app id}``, one table each."""
+        return "".join(f"[apps.{name}]\nurl = {json.dumps(self.url_for(app_id))}\n\n"
+                       for name, app_id in names.items())
 
     @property
     def base_url(self) -> str:
@@ -89,6 +110,8 @@ class LocalPusher:
             "--app-id", self.app_id, "--key", self.key, "--secret", self.secret,
             "--exit-on-stdin-eof",
         ]
+        for app in list(self.apps.values())[1:]:
+            command += ["--app", app.as_arg()]
         if self.print_events:
             command.append("--print")
         env = dict(os.environ)
@@ -163,24 +186,32 @@ class LocalPusher:
         except urllib.error.HTTPError as error:
             raise ValueError(f"{method} {path}: {error.code} {error.read().decode()}") from None
 
-    def set_mode(self, **modes: Any) -> dict[str, Any]:
+    def set_mode(self, app_id: str | None = None, **modes: Any) -> dict[str, Any]:
         """Replace all fault modes and the dialect (see ``modes.Modes``); unknown names raise
-        ValueError."""
-        return self._call("POST", "/_control/mode", modes)
+        ValueError. With ``app_id``, that app's modes only (they replace the server-wide
+        ones for it); without, the whole server's, and every app's own are dropped."""
+        body = modes if app_id is None else dict(modes, app_id=app_id)
+        return self._call("POST", "/_control/mode", body)
 
-    def clear_mode(self) -> None:
-        self._call("POST", "/_control/mode", {})
+    def clear_mode(self, app_id: str | None = None) -> None:
+        """A healthy server (or app: healthy whatever the server-wide modes)."""
+        self.set_mode(app_id)
 
-    def events(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/_control/events")
+    @staticmethod
+    def _query(app_id: str | None) -> str:
+        return "" if app_id is None else "?" + urlencode({"app_id": app_id})
 
-    def count(self) -> dict[str, int]:
+    def events(self, app_id: str | None = None) -> list[dict[str, Any]]:
+        """Every event recorded (or one app's), each with its ``app_id``."""
+        return self._call("GET", "/_control/events" + self._query(app_id))
+
+    def count(self, app_id: str | None = None) -> dict[str, int]:
         """``{"events_total": N, "requests_total": M}``: cheap, whatever the record count."""
-        return self._call("GET", "/_control/count")
+        return self._call("GET", "/_control/count" + self._query(app_id))
 
-    def order(self) -> dict[str, list[str]]:
+    def order(self, app_id: str | None = None) -> dict[str, list[str]]:
         """Each channel's event data (plaintext when decrypted) in the order accepted."""
-        return self._call("GET", "/_control/order")
+        return self._call("GET", "/_control/order" + self._query(app_id))
 
     def stats(self, requests: bool = True) -> dict[str, Any]:
         """Counters and modes; ``requests=False`` leaves out the per-request list."""
@@ -190,8 +221,10 @@ class LocalPusher:
         """Forget events, counters and modes (between tests)."""
         self._call("POST", "/_control/reset", {})
 
-    def wait_for_events(self, n: int, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Poll until at least n events were recorded, then return them all.
+    def wait_for_events(self, n: int, timeout: float = 30.0, app_id: str | None = None
+                        ) -> list[dict[str, Any]]:
+        """Poll until at least n events were recorded (for one app, with ``app_id``), then
+        return them all.
 
         Polls the cheap count endpoint and fetches the event list once, when enough have
         arrived (or at the deadline, for the TimeoutError that says what did arrive). The
@@ -199,14 +232,18 @@ class LocalPusher:
         needs the margin.
         """
         deadline = time.monotonic() + timeout
-        while self.count()["events_total"] < n:
+        while self._counted(app_id) < n:
             if time.monotonic() >= deadline:
-                self._timed_out(n, timeout)
+                self._timed_out(n, timeout, app_id)
             time.sleep(WAIT_POLL_S)
-        return self.events()
+        return self.events() if app_id is None else self.events(app_id)
 
-    def _timed_out(self, n: int, timeout: float) -> NoReturn:
-        events = self.events()
+    def _counted(self, app_id: str | None) -> int:
+        # count() with no argument when no app is asked for: tests stub count() that way
+        return (self.count() if app_id is None else self.count(app_id))["events_total"]
+
+    def _timed_out(self, n: int, timeout: float, app_id: str | None = None) -> NoReturn:
+        events = self.events() if app_id is None else self.events(app_id)
         stats = self.stats(requests=False)
         seen = [(e["channel"], e["name"]) for e in events[-5:]]
         raise TimeoutError(

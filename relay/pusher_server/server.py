@@ -1,25 +1,30 @@
 """The local Pusher-compatible server's state and request handling.
 
-1. Serves ``POST /apps/{app_id}/events`` and ``POST /apps/{app_id}/batch_events`` and
-   answers like Pusher's HTTP API: ``200 {}`` on success (``{"batch": [...]}`` /
+1. Serves ``POST /apps/{app_id}/events`` and ``POST /apps/{app_id}/batch_events`` for each
+   of its apps, each request checked against its own app's key and secret, and answers
+   like Pusher's HTTP API: ``200 {}`` on success (``{"batch": [...]}`` /
    ``{"channels": {...}}`` only when ``info`` was asked for), 404 elsewhere.
-2. Records what it accepted (one record per channel per event) and counts every API
-   request, with its time and status, including those hit by a fault.
-3. Applies the run-time fault modes (see ``modes``).
+2. Records what it accepted (one record per channel per event, with its ``app_id``) and
+   counts every API request, with its time, app and status, including those hit by a fault.
+3. Applies the run-time fault modes (see ``modes``): server-wide, or one app's own, which
+   replace the server-wide ones for that app (a 401 for one app while another answers 200).
 4. Exposes an unauthenticated control API on the same port under ``/_control/``:
-   ``POST mode``, ``POST reset``, ``GET events``, ``GET stats`` (``?requests=0`` leaves
-   out the per-request list) and ``GET count`` (just ``events_total`` and
-   ``requests_total``: cheap to poll however many records are kept), ``GET order`` (each
-   channel's event data in the order the events were accepted, for ordering tests).
+   ``POST mode`` (with ``"app_id"`` in the body: that app's modes only; without: the whole
+   server's, every app's own dropped), ``POST reset``, ``GET events``, ``GET stats``
+   (``?requests=0`` leaves out the per-request list) and ``GET count`` (just
+   ``events_total`` and ``requests_total``: cheap to poll however many records are kept),
+   ``GET order`` (each channel's event data in the order the events were accepted, for
+   ordering tests). ``events``, ``count`` and ``order`` take ``?app_id=`` for one app's.
 """
 
 import json
 import logging
+import re
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import asdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -29,7 +34,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from relay import rules
-from relay.pusher_server.auth import authenticate
+from relay.pusher_server.auth import AppCredentials, authenticate
 from relay.pusher_server.e2e import DecryptError, decrypt, master_key
 from relay.pusher_server.modes import STYLES, Modes
 from relay.pusher_server.validate import channels_in, parse_batch, parse_trigger
@@ -46,6 +51,16 @@ from relay.pusher_server.wire import (
 log = logging.getLogger(__name__)
 
 _FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+_APP_PATH = re.compile(r"\A/apps/([^/]+)/")
+_PARSERS = {"events": parse_trigger, "batch_events": parse_batch}
+
+
+@dataclass
+class _Faults:
+    """One set of modes in force (server-wide, or one app's) and its fail_next countdown."""
+
+    modes: Modes
+    left: int
 
 
 class PusherServer:
@@ -58,16 +73,20 @@ class PusherServer:
         secret: str,
         print_events: bool = False,
         max_records: int = 200_000,
+        extra_apps: Sequence[AppCredentials] = (),
     ) -> None:
         self.app_id, self.key, self.secret = app_id, key, secret
+        self.apps = {app.app_id: app for app in (AppCredentials(app_id, key, secret),
+                                                 *extra_apps)}
+        if len(self.apps) != 1 + len(extra_apps):
+            raise ValueError("every app needs an id of its own")
         self.print_events = print_events
         self.max_records = max_records
-        self.routes = {
-            f"/apps/{app_id}/events": parse_trigger,
-            f"/apps/{app_id}/batch_events": parse_batch,
-        }
+        self.routes = {f"/apps/{app}/{name}": (self.apps[app], parse)
+                       for app in self.apps for name, parse in _PARSERS.items()}
         self._server: StreamServer | None = None
-        self._release = Event()
+        self._faults: dict[str | None, _Faults] = {}  # None: server-wide
+        self._release: dict[str | None, Event] = {}  # wakes an app's hung requests
         self._clear_records()
         self._set_modes(Modes())
 
@@ -81,7 +100,8 @@ class PusherServer:
 
     def stop(self) -> None:
         """Release hung requests, then stop accepting and close connections."""
-        self._release.set()
+        for release in self._release.values():
+            release.set()
         if self._server is not None:
             self._server.stop(timeout=1)
 
@@ -94,28 +114,50 @@ class PusherServer:
         self.events_total = 0
         self.by_status: dict[str, int] = {}
         self.faults: dict[str, int] = {}
+        self.by_app = {app: {"events_total": 0, "requests_total": 0, "by_status": {}}
+                       for app in self.apps}
 
-    def _set_modes(self, modes: Modes) -> None:
-        """Install modes and wake requests hung under the previous ones."""
-        self.modes = modes
-        self._fail_left = modes.fail_next
-        self._release.set()
-        self._release = Event()
+    @property
+    def modes(self) -> Modes:
+        """The server-wide modes (an app may have its own: ``app_modes``)."""
+        return self._faults[None].modes
 
-    def _take_modes(self) -> tuple[Modes, Event]:
-        """Modes for this request; count down fail_next and go healthy when it runs out.
+    @property
+    def app_modes(self) -> dict[str, Modes]:
+        return {app: faults.modes for app, faults in self._faults.items() if app is not None}
 
-        Running out does not wake hung requests: they wait for an explicit change.
+    def _set_modes(self, modes: Modes, app_id: str | None = None) -> None:
+        """Install modes and wake requests hung under the ones they replace: server-wide
+        modes replace every app's own; an app's replace that app's only."""
+        if app_id is None:
+            self._faults = {None: _Faults(modes, modes.fail_next)}
+            woken = list(self._release)
+        else:
+            self._faults[app_id] = _Faults(modes, modes.fail_next)
+            woken = [app_id] if app_id in self._release else []
+        for app in woken:
+            self._release.pop(app).set()
+
+    def _take_modes(self, app_id: str | None) -> tuple[Modes, Event]:
+        """Modes for a request to this app; count down fail_next and go healthy when it runs
+        out. Running out does not wake hung requests: they wait for an explicit change.
         """
-        modes, release = self.modes, self._release
+        faults = self._faults.get(app_id) or self._faults[None]
+        release = self._release.setdefault(app_id, Event())
+        modes = faults.modes
         if modes.active and modes.fail_next:
-            self._fail_left -= 1
-            if self._fail_left <= 0:
-                self.modes = Modes()
+            faults.left -= 1
+            if faults.left <= 0:
+                faults.modes = Modes()
         return modes, release
 
-    def count(self) -> dict[str, int]:
-        """The totals only: constant cost, unlike events() and stats() with many records."""
+    def count(self, app_id: str | None = None) -> dict[str, int]:
+        """The totals only (of one app, or all): constant cost, unlike events() and stats()
+        with many records."""
+        if app_id is not None:
+            mine = self.by_app[app_id]
+            return {"events_total": mine["events_total"],
+                    "requests_total": mine["requests_total"]}
         return {"events_total": self.events_total, "requests_total": self.requests_total}
 
     def stats(self, requests: bool = True) -> dict[str, Any]:
@@ -126,6 +168,9 @@ class PusherServer:
             "faults": dict(self.faults),
             "events_total": self.events_total,
             "modes": asdict(self.modes),
+            "app_modes": {app: asdict(modes) for app, modes in self.app_modes.items()},
+            "apps": {app: dict(counts, by_status=dict(counts["by_status"]))
+                     for app, counts in self.by_app.items()},
         }
         if requests:
             stats["requests"] = list(self.requests)
@@ -165,12 +210,17 @@ class PusherServer:
     def api(self, request: Request, sock: socket.socket) -> Response | None:
         """Answer one API request under the current modes; None means no answer at all."""
         received_at = time.time()
-        modes, release = self._take_modes()
+        app_id = self._app_of(request.path)
+        modes, release = self._take_modes(app_id)
         entry: dict[str, Any] = {
             "at": received_at, "path": request.path, "status": None, "fault": None,
+            "app_id": app_id,
         }
         self.requests.append(entry)
         self.requests_total += 1
+        mine = self.by_app.get(app_id) if app_id is not None else None
+        if mine is not None:
+            mine["requests_total"] += 1
         delay = modes.random_delay()
         if delay:
             gevent.sleep(delay)
@@ -186,7 +236,14 @@ class PusherServer:
         entry["status"] = response.status
         key = str(response.status)
         self.by_status[key] = self.by_status.get(key, 0) + 1
+        if mine is not None:
+            mine["by_status"][key] = mine["by_status"].get(key, 0) + 1
         return response
+
+    def _app_of(self, path: str) -> str | None:
+        """The app a request's path names, when the server has it."""
+        match = _APP_PATH.match(path)
+        return match.group(1) if match and match.group(1) in self.apps else None
 
     def _drop(
         self, entry: dict[str, Any], modes: Modes, release: Event, sock: socket.socket
@@ -213,15 +270,16 @@ class PusherServer:
         return response
 
     def _pusher(self, request: Request, modes: Modes, now: float) -> Response:
-        parse = self.routes.get(request.path)
-        if parse is None:
+        route = self.routes.get(request.path)
+        if route is None:
             return Response.text(404, "Not found")
+        app, parse = route
         if request.method != "POST":
             response = Response.text(405, "Method not allowed")
             response.headers.append(("Allow", "POST"))
             return response
         try:
-            authenticate(request, self.key, self.secret, now)
+            authenticate(request, app.key, app.secret, now)
             try:
                 body = json.loads(request.body)
             except ValueError:
@@ -231,18 +289,21 @@ class PusherServer:
             return Response.text(error.status, error.message)
         if modes.encryption_master_key_base64:
             _decrypt_records(records, master_key(modes.encryption_master_key_base64))
-        self._record(records, request.path, time.time())
+        self._record(records, request.path, time.time(), app.app_id)
         return Response.json(200, reply)
 
-    def _record(self, records: list[dict[str, Any]], path: str, now: float) -> None:
+    def _record(self, records: list[dict[str, Any]], path: str, now: float, app_id: str
+                ) -> None:
         for record in records:
-            record.update(received_at=now, path=path, seq=self.events_total)
+            record.update(received_at=now, path=path, seq=self.events_total, app_id=app_id)
             self.events_total += 1
+            self.by_app[app_id]["events_total"] += 1
             self.events.append(record)
             if self.print_events:
                 log.info(
-                    "event %s on %s (socket_id=%s): %s",
-                    record["name"], record["channel"], record["socket_id"], record["data"][:500],
+                    "%sevent %s on %s (socket_id=%s): %s",
+                    f"app {app_id}: " if len(self.apps) > 1 else "", record["name"],
+                    record["channel"], record["socket_id"], record["data"][:500],
                 )
 
     # -- control
@@ -251,25 +312,48 @@ class PusherServer:
         """The unauthenticated test-control API: modes, records, stats."""
         handlers = {
             ("POST", "/_control/mode"): self._control_mode,
-            ("GET", "/_control/events"): lambda _r: Response.json(200, list(self.events)),
+            ("GET", "/_control/events"):
+                lambda r: Response.json(200, list(self._events_of(r))),
             ("GET", "/_control/stats"): self._control_stats,
-            ("GET", "/_control/count"): lambda _r: Response.json(200, self.count()),
+            ("GET", "/_control/count"):
+                lambda r: Response.json(200, self.count(self._asked_app(r))),
             ("GET", "/_control/order"):
-                lambda _r: Response.json(200, arrival_order(self.events)),
+                lambda r: Response.json(200, arrival_order(self._events_of(r))),
             ("POST", "/_control/reset"): self._control_reset,
         }
         handler = handlers.get((request.method, request.path))
         if handler is None:
             return Response.text(404, "Unknown control endpoint")
-        return handler(request)
+        try:
+            return handler(request)
+        except ApiError as error:
+            return Response.text(error.status, error.message)
+
+    def _asked_app(self, request: Request) -> str | None:
+        """The ``?app_id=`` of a control request (None: every app)."""
+        app_id = parse_query(request.query).get("app_id")
+        if app_id is not None and app_id not in self.apps:
+            raise ApiError(400, f"unknown app_id {app_id!r}")
+        return app_id
+
+    def _events_of(self, request: Request) -> Iterable[dict[str, Any]]:
+        app_id = self._asked_app(request)
+        if app_id is None:
+            return self.events
+        return (event for event in self.events if event["app_id"] == app_id)
 
     def _control_mode(self, request: Request) -> Response:
         try:
-            modes = Modes.from_dict(json.loads(request.body or b"{}"))
+            body = json.loads(request.body or b"{}")
+            app_id = body.pop("app_id", None) if isinstance(body, dict) else None
+            if app_id is not None and app_id not in self.apps:
+                raise ValueError(f"unknown app_id {app_id!r}")
+            modes = Modes.from_dict(body)
         except (ValueError, TypeError) as error:
             return Response.text(400, str(error))
-        self._set_modes(modes)
-        log.info("modes set: %s", modes.shown())
+        self._set_modes(modes, app_id)
+        log.info("modes set%s: %s", "" if app_id is None else f" for app {app_id}",
+                 modes.shown())
         return Response.json(200, asdict(modes))
 
     def _control_stats(self, request: Request) -> Response:

@@ -7,7 +7,8 @@
 // as Pusher's server libraries do. Prints one JSON object a line on stdout:
 //   {"ready": true}                              every subscription and the signin succeeded
 //   {"channel": C, "event": E, "data": D}        an event received (D as pusher-js gives it)
-//   {"error": ...}                               anything that went wrong
+//   {"error": ...}                               anything that went wrong (a refused
+//                                                connection: its protocol code, if any)
 // Settings come from the environment: SOKETI_PORT, APP_KEY, APP_SECRET, CHANNELS, USER_ID,
 // MASTER_KEY_BASE64.
 'use strict';
@@ -60,7 +61,12 @@ function oneReady() {
   if (waiting === 0) out({ ready: true });
 }
 
-pusher.connection.bind('error', (err) => out({ error: 'connection', detail: String(err && err.type) }));
+pusher.connection.bind('error', (err) => out({
+  error: 'connection',
+  detail: String(err && err.type),
+  // the Pusher protocol's close code, when the server gave one (4001: no app with this key)
+  code: err && err.error && err.error.data ? err.error.data.code : null,
+}));
 for (const name of channels) {
   const channel = pusher.subscribe(name);
   channel.bind('pusher:subscription_succeeded', oneReady);
