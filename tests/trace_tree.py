@@ -70,6 +70,10 @@ def _extras(span: Span, depth: int, known: dict[str, Span]) -> list[str]:
     return lines
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
 def _tree(members: Sequence[Span], origin: int, known: dict[str, Span]) -> list[str]:
     """One trace's lines: roots (and spans whose parent did not arrive) first."""
     ids = {s.span_id for s in members}
@@ -102,8 +106,8 @@ def render(spans: Sequence[Span]) -> str:
     for trace_id, members in sorted(by_trace.items(),
                                     key=lambda kv: min(s.start_ns for s in kv[1])):
         services = {s.resource.get("service.name") for s in members}
-        out.append(f"trace {trace_id[:8]}… ({len(members)} spans, "
-                   f"{len(services)} service{'s' if len(services) > 1 else ''})")
+        out.append(f"trace {trace_id[:8]}… ({_count(len(members), 'span')}, "
+                   f"{_count(len(services), 'service')})")
         out.extend(_tree(members, origin, {s.span_id: s for s in spans}))
     return "\n".join(out)
 
