@@ -28,8 +28,9 @@ and docs/http/http-spans.md ("HTTP client span") in open-telemetry/semantic-conv
    relay_delivery_age_seconds observes at the ack).
 3. Its CLIENT child per HTTP request: `POST /apps/{app_id}/events` (url.template, as the
    conventions name a client span when the template is known), http.request.method,
-   server.address, server.port, url.full (scheme, host, port and path only: the query holds
-   the signature), http.response.status_code, error.type (the status for >= 400, else the
+   server.address, server.port, url.full (scheme, host, port and path only: the query is
+   dropped whole, where the conventions would keep keys with REDACTED values, because all it
+   holds is the signature), http.response.status_code, error.type (the status for >= 400, else the
    exception's class). 4xx and 5xx set the status to error, as the conventions say for
    client spans.
 4. Retries: a retried notification's later calls are children of the call that first
@@ -88,7 +89,7 @@ BATCH_COUNT = "messaging.batch.message_count"
 MESSAGE_ID = "messaging.message.id"
 CLIENT_ID = "messaging.client.id"
 ERROR_TYPE = "error.type"
-OTHER_ERROR = "_OTHER"
+OTHER = "_OTHER"
 HTTP_METHOD = "http.request.method"
 HTTP_METHOD_ORIGINAL = "http.request.method_original"
 HTTP_STATUS = "http.response.status_code"
@@ -145,7 +146,7 @@ class HttpSpan:
         if parts.port is not None:
             netloc += f":{parts.port}"
         attributes: dict[str, Any] = {
-            HTTP_METHOD: method if method in KNOWN_METHODS else OTHER_ERROR,
+            HTTP_METHOD: method if method in KNOWN_METHODS else OTHER,
             SERVER_ADDRESS: host, SERVER_PORT: port,
             URL_FULL: f"{parts.scheme}://{netloc}{parts.path}"}
         if method not in KNOWN_METHODS:
@@ -232,7 +233,7 @@ class CallSpan:
             self.span.add_event(RETRY_EVENT, self._about(note, {
                 REASON: self.tracer.scrub(fate.reason), ATTEMPTS: fate.attempts,
                 RETRY_DELAY: fate.delay_s}))
-            self._failed(OTHER_ERROR, fate.reason)
+            self._failed(OTHER, fate.reason)
 
     def retry_traceparent(self, note: Notification) -> str | None:
         return note.first_traceparent or traceparent_of(self.span.get_span_context())
