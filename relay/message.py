@@ -17,14 +17,19 @@
    an app's Limits (which raises InvalidMessage for an app it does not know).
 4. A *retry wrapper* (`"relay": 1` with `payload`) is what the worker itself writes back when
    a notification waits for another attempt: it carries the original text and the attempt
-   history, so dead letters always show what the producer pushed.
+   history, so dead letters always show what the producer pushed. With tracing on, the
+   history also holds `first_traceparent`, the span context of the call that first carried
+   the notification, so every later attempt joins that trace (relay.tracing); wrappers
+   written without it read as before.
+5. An envelope's `traceparent`/`tracestate` (the producer's W3C trace context) ride on the
+   Notification unchanged through retries; a malformed one is ignored (relay.wire).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from secrets import token_hex
 from typing import Any
 
@@ -86,11 +91,21 @@ class Notification:
     first_failed_at: float | None = None
     id: str | None = None
     app: str | None = None  # None: the `default` app
+    traceparent: str | None = None  # the producer's W3C trace context (envelopes only)
+    tracestate: str | None = None
+    first_traceparent: str | None = None  # the first call that carried it (retry wrappers)
 
     @property
     def cost(self) -> int:
         """Messages Pusher counts for this notification: one per channel."""
         return len(self.channels)
+
+    def age_at(self, now: float) -> float | None:
+        """Seconds since the producer enqueued it (never negative: clocks differ), or None
+        when unknown; relay_delivery_age_seconds observes this at the ack, and so do spans."""
+        if self.enqueued_at is None:
+            return None
+        return max(0.0, now - self.enqueued_at)
 
 
 def _policy(found: dict[str, Any], limits: Limits) -> None:
@@ -141,21 +156,25 @@ def _unwrap_retry(raw: bytes, obj: dict[str, Any], default_event: str,
     inner = parse(payload.encode("utf-8"), default_event, limits)
     if inner.payload != payload or inner.attempts:
         raise InvalidMessage("nested retry wrapper")
-    return Notification(
-        raw=raw, payload=payload, channels=inner.channels, event=inner.event, data=inner.data,
-        socket_id=inner.socket_id, enqueued_at=inner.enqueued_at, id=inner.id, app=inner.app,
-        attempts=attempts,
+    first_traceparent, _ = wire.trace_context(history.get("first_traceparent"), None)
+    return replace(
+        inner, raw=raw, attempts=attempts, first_traceparent=first_traceparent,
         first_failed_at=wire.unix_seconds(history.get("first_failed_at"), "first_failed_at"),
     )
 
 
-def retry_wrapper(payload: str, attempts: int, first_failed_at: float, last_error: str) -> str:
-    """The queue element that carries a notification back for another attempt."""
+def retry_wrapper(payload: str, attempts: int, first_failed_at: float, last_error: str,
+                  first_traceparent: str | None = None) -> str:
+    """The queue element that carries a notification back for another attempt.
+    `first_traceparent`: the span context of the first call that carried it (tracing on)."""
+    history: dict[str, Any] = {"attempts": attempts, "first_failed_at": first_failed_at,
+                               "last_error": last_error}
+    if first_traceparent is not None:
+        history["first_traceparent"] = first_traceparent
     return json.dumps({
         "relay": ENVELOPE_VERSION,
         "payload": payload,
-        "retry": {"attempts": attempts, "first_failed_at": first_failed_at,
-                  "last_error": last_error},
+        "retry": history,
         # A sorted set keeps one copy of equal members: the nonce keeps twins apart.
         "nonce": token_hex(6),
     }, separators=(",", ":"))

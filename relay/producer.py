@@ -23,6 +23,10 @@
    `relay.errors.SettingError` naming the setting when the Producer is made.
 4. `Producer` keeps one Redis client for an app's lifetime; `notify()` is the one-off form
    that makes (and closes) a client from `REDIS_URL` on each call.
+5. When the app has an active OpenTelemetry span, an envelope carries its W3C trace context
+   (`traceparent`, `tracestate`), so the worker's spans link to the request that pushed it.
+   A classic message (`classic=True`) never changes: its keys are its data. Without
+   OpenTelemetry in the app, nothing is imported and nothing changes.
 
 This module lives inside legacy apps: it runs unchanged on Python 2.7 and 3.6 to 3.13 with
 the newest redis-py each supports, and imports only redis, the standard library and the
@@ -33,6 +37,7 @@ Celery process can use it without anything being patched.
 
 import json
 import os
+import sys
 import time
 
 from relay import redis_url, rules, wire
@@ -95,6 +100,29 @@ def _serialisable(data):
     raise InvalidMessage(reason)
 
 
+def _trace_context():
+    # type: () -> tuple[str | None, str | None]
+    """(traceparent, tracestate) of the app's active span, or (None, None).
+
+    Looked up only when the app has imported OpenTelemetry itself (no span can be active
+    otherwise), so an app without it imports nothing. W3C's propagator, whatever the app's
+    global one is: these envelope fields are W3C's. Any failure carries nothing: telemetry
+    never costs a notification.
+    """
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return None, None
+    carrier = {}  # type: dict[str, str]
+    try:
+        if not trace.get_current_span().get_span_context().is_valid:
+            return None, None
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        TraceContextTextMapPropagator().inject(carrier)
+    except Exception:  # an API too old, or broken: the notification goes without
+        return None, None
+    return carrier.get("traceparent"), carrier.get("tracestate")
+
+
 def encode(channels, data, event=None, socket_id=None, default_event=None, now=None,
            limit=rules.MAX_DATA_BYTES, classic=False, app=None):
     # type: (str | list[str], object, str | None, str | None, str | None, float | None, int, bool, str | None) -> str  # noqa: E501
@@ -110,8 +138,10 @@ def encode(channels, data, event=None, socket_id=None, default_event=None, now=N
         if app is None and _is_classic(channels, data, event, socket_id):
             return wire.classic(channels, data, default_event, limit)
     listed = [channels] if isinstance(channels, rules.TEXT_TYPES) else list(channels)
+    traceparent, tracestate = _trace_context()
     return wire.envelope(listed, default_event if event is None else event, data, socket_id,
-                         enqueued_at=time.time() if now is None else now, limit=limit, app=app)
+                         enqueued_at=time.time() if now is None else now, limit=limit, app=app,
+                         traceparent=traceparent, tracestate=tracestate)
 
 
 class Producer(object):

@@ -14,9 +14,14 @@ refuses exactly what the worker would dead-letter.
    writes `"relay": 2`: a worker older than RELAY_APPS refuses version 2 (dead letter, "no
    channel"), where it would have sent a version 1 to the default app, another tenant's.
    This worker reads `app` in either version.
+   An envelope may also carry the W3C trace context of the request that pushed it:
+   `traceparent` and `tracestate`.
 3. `fields()` turns either into a plain dict of what Pusher needs, or raises InvalidMessage
    with the reason. Policies that depend on the worker's settings (encryption key) stay in
    relay.message; retry wrappers, which only the worker writes, too.
+4. A malformed `traceparent` or `tracestate` is ignored, never dead-lettered: W3C Trace
+   Context says a receiver ignores an invalid traceparent (and then the tracestate too), and
+   telemetry must never cost a notification. `envelope()` leaves out what would be ignored.
 
 Written in syntax that Python 2.7 and 3.6 read (no annotations, no f-strings, no `from
 None`, no keyword-only arguments), importing only the standard library, relay.rules and
@@ -25,6 +30,7 @@ relay.errors: legacy apps import this module through relay.producer. Types are i
 
 import json
 import numbers
+import re
 
 from relay import rules
 from relay.errors import RelayError
@@ -39,6 +45,18 @@ except NameError:  # pragma: no cover - Python 2
     _TOO_DEEP = RuntimeError
 
 _FAILED = object()  # marks a failed step, so the error is raised outside `except` (no chain)
+
+# W3C Trace Context (https://www.w3.org/TR/trace-context/, section 3): version-traceid-
+# parentid-flags in lowercase hex. A version after 00 may carry more fields after a dash.
+_TRACEPARENT = re.compile(r"\A([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+# tracestate list members: key "=" value, keys simple or tenant@system (section 3.3.1).
+_TRACESTATE_MEMBER = re.compile(
+    r"\A(?:[a-z][_0-9a-z*/-]{0,255}|[a-z0-9][_0-9a-z*/-]{0,240}@[a-z][_0-9a-z*/-]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]\Z")
+MAX_TRACESTATE_CHARS = 512  # what W3C asks every vendor to pass on at least; more is ignored
+MAX_TRACESTATE_MEMBERS = 32
 
 
 class InvalidMessage(RelayError, ValueError):
@@ -134,6 +152,56 @@ def unix_seconds(value, name):
     return float(value)
 
 
+def traceparent_problem(value):
+    # type: (object) -> str | None
+    """Why this traceparent is ignored, or None when it is valid."""
+    if not isinstance(value, rules.TEXT_TYPES):
+        return "traceparent must be a string"
+    match = _TRACEPARENT.match(value)
+    if match is None:
+        return "traceparent is not version-traceid-parentid-flags in lowercase hex"
+    version, trace_id, span_id, _flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest is not None):
+        return "traceparent has an invalid version or trailing data"
+    if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+        return "traceparent has an all-zero id"
+    return None
+
+
+def tracestate_problem(value):
+    # type: (object) -> str | None
+    """Why this tracestate is ignored, or None when it is valid."""
+    if not isinstance(value, rules.TEXT_TYPES):
+        return "tracestate must be a string"
+    if len(value) > MAX_TRACESTATE_CHARS:
+        return "tracestate longer than %d characters" % MAX_TRACESTATE_CHARS
+    members = [m.strip(" \t") for m in value.split(",")]
+    members = [m for m in members if m]
+    if len(members) > MAX_TRACESTATE_MEMBERS:
+        return "tracestate has more than %d members" % MAX_TRACESTATE_MEMBERS
+    keys = set()
+    for member in members:
+        if not _TRACESTATE_MEMBER.match(member):
+            return "tracestate member %r is malformed" % (member[:40],)
+        key = member.split("=", 1)[0]
+        if key in keys:
+            return "tracestate repeats the key %r" % (key,)
+        keys.add(key)
+    return None
+
+
+def trace_context(traceparent, tracestate):
+    # type: (object, object) -> tuple[str | None, str | None]
+    """The trace context as the worker keeps it: a malformed traceparent is ignored with its
+    tracestate (W3C: a receiver ignores an invalid traceparent), a malformed tracestate alone.
+    """
+    if traceparent is None or traceparent_problem(traceparent) is not None:
+        return None, None
+    if tracestate is None or tracestate_problem(tracestate) is not None:
+        return traceparent, None
+    return traceparent, tracestate
+
+
 def decode(raw):
     # type: (bytes | str) -> tuple[str, dict]
     """The text and the JSON object of one queue element."""
@@ -198,6 +266,7 @@ def _envelope(obj, default_event, limit):
     if "data" not in obj:
         raise InvalidMessage("envelope needs data")
     ident = obj.get("id")
+    traceparent, tracestate = trace_context(obj.get("traceparent"), obj.get("tracestate"))
     return {
         "channels": _channels(obj),
         "event": check_event(obj["event"] if "event" in obj else default_event),
@@ -206,15 +275,17 @@ def _envelope(obj, default_event, limit):
         "enqueued_at": unix_seconds(obj.get("enqueued_at"), "enqueued_at"),
         "app": app_of(obj),
         "id": u"%s" % (ident,) if ident is not None else None,
+        "traceparent": traceparent,
+        "tracestate": tracestate,
     }
 
 
 def fields(obj, default_event, limit=rules.MAX_DATA_BYTES):
     # type: (dict, str, int) -> dict
     """What Pusher needs from a classic message or an envelope: `channels` (a tuple),
-    `event`, `data` (a string), and for envelopes `socket_id`, `enqueued_at`, `id` and
-    `app` (None for `default`). Raises InvalidMessage with the reason for anything Pusher
-    would refuse."""
+    `event`, `data` (a string), and for envelopes `socket_id`, `enqueued_at`, `id`, `app`
+    (None for `default`), `traceparent` and `tracestate` (None when absent or ignored as
+    malformed). Raises InvalidMessage with the reason for anything Pusher would refuse."""
     if "channel" in obj:
         return _classic(obj, default_event, limit)
     if obj.get("relay") not in _VERSIONS:
@@ -240,10 +311,11 @@ _SOME_EVENT = "hit"
 
 
 def envelope(channels, event, data, socket_id=None, enqueued_at=None, ident=None,
-             limit=rules.MAX_DATA_BYTES, app=None):
-    # type: (list[str], str | None, object, str | None, float | None, str | None, int, str | None) -> str  # noqa: E501
+             limit=rules.MAX_DATA_BYTES, app=None, traceparent=None, tracestate=None):
+    # type: (list[str], str | None, object, str | None, float | None, str | None, int, str | None, str | None, str | None) -> str  # noqa: E501
     """Encode an envelope, validated so bad input fails at the source; `event` None leaves
-    it out (the worker's RELAY_EVENT); naming an app makes it version 2."""
+    it out (the worker's RELAY_EVENT); naming an app makes it version 2. A trace context the
+    worker would ignore (malformed) is left out rather than refused: it costs nothing."""
     obj = {"relay": ENVELOPE_VERSION, "channels": channels}
     if event is not None:
         obj["event"] = event
@@ -256,6 +328,11 @@ def envelope(channels, event, data, socket_id=None, enqueued_at=None, ident=None
         obj["enqueued_at"] = enqueued_at
     if ident is not None:
         obj["id"] = ident
+    traceparent, tracestate = trace_context(traceparent, tracestate)
+    if traceparent is not None:
+        obj["traceparent"] = traceparent
+    if tracestate is not None:
+        obj["tracestate"] = tracestate
     try:
         text = dumps(obj)
     except ValueError:

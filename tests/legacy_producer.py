@@ -1,13 +1,16 @@
 """Run by tests/test_producer_matrix.py under each old interpreter (2.7, 3.6 ... 3.13).
 
-Usage: python legacy_producer.py APP_DIR DEPS_DIR TAG, with REDIS_URL and RELAY_QUEUE set;
-APP_DIR holds only the files the README says to copy into an app (relay/...).
+Usage: python legacy_producer.py APP_DIR DEPS_DIR TAG [OTEL_DIR], with REDIS_URL and
+RELAY_QUEUE set; APP_DIR holds only the files the README says to copy into an app (relay/...).
 Pushes one classic message, one envelope and one through the one-off notify(), checks that
 bad input raises InvalidMessage and pushes nothing, and prints one JSON line: the
 interpreter, the redis-py version and the texts pushed. Notifications naming an app
 (`app=`) go to a queue no worker reads, reported as `apps_pushed`: the worker's routing by
-app is not what this script tests. Syntax Python 2.7 reads, as the module it tests; exits
-non-zero on the first failed check.
+app is not what this script tests. Without OTEL_DIR, nothing of OpenTelemetry may be
+loaded. With it (the opentelemetry-api package alone), a classic message and an envelope
+are pushed inside an active span (the API's own non-recording span: no SDK), and the line
+also gives the API's version and the context expected. Syntax Python 2.7 reads, as the
+module it tests; exits non-zero on the first failed check.
 """
 
 import json
@@ -16,6 +19,9 @@ import sys
 
 sys.path.insert(0, sys.argv[1])  # the app: the producer's files, copied as the README says
 sys.path.insert(0, sys.argv[2])  # redis-py for this interpreter, nothing else
+OTEL_DIR = sys.argv[4] if len(sys.argv) > 4 else None
+if OTEL_DIR:
+    sys.path.insert(0, OTEL_DIR)  # opentelemetry-api, as an app that traces has it
 
 import redis  # noqa: E402
 
@@ -34,6 +40,29 @@ BAD = [  # (channels, data, event, socket_id): each must raise and push nothing
     (["a"], {"x": float("nan")}, None, None),
 ]
 BAD_APPS = ["", "tenant b", "tenant.b", "x" * 65, 5]
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
+
+
+def traced(producer, tag):
+    # type: (Producer, str) -> dict
+    """Push a classic message and an envelope inside an active span: the envelope carries its
+    context, the classic message does not change."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+    from opentelemetry.version import __version__
+    context = SpanContext(int(TRACE_ID, 16), int(SPAN_ID, 16), is_remote=False,
+                          trace_flags=TraceFlags(0x01),
+                          trace_state=TraceState([("legacy", "py%d%d" % sys.version_info[:2])]))
+    with trace.use_span(NonRecordingSpan(context), end_on_exit=False):
+        classic = Producer(producer.client, queue=producer.queue, classic=True)
+        pushed = [classic.notify(tag, {"n": 4}),
+                  producer.notify([tag + "-t"], {"n": 5}, "traced")]
+    return {"opentelemetry": __version__, "pushed": pushed, "trace_id": TRACE_ID,
+            "span_id": SPAN_ID, "traceparent": "00-%s-%s-01" % (TRACE_ID, SPAN_ID),
+            "tracestate": "legacy=py%d%d" % sys.version_info[:2]}
 
 
 def main():
@@ -83,10 +112,16 @@ def main():
     ]
     assert client.llen(apps_queue) == 2
     client.delete(apps_queue)
+    report = {"python": "%d.%d.%d" % sys.version_info[:3], "redis": redis.__version__,
+              "pushed": pushed, "apps_pushed": apps_pushed, "opentelemetry": None}
+    if OTEL_DIR:
+        more = traced(producer, tag)
+        report.update(more, pushed=pushed + more["pushed"])
+    else:
+        loaded = [m for m in sys.modules if m.split(".")[0] == "opentelemetry"]
+        assert not loaded, "OpenTelemetry loaded without being installed: %r" % loaded
     producer.close()
-    print(json.dumps({"python": "%d.%d.%d" % sys.version_info[:3],
-                      "redis": redis.__version__, "pushed": pushed,
-                      "apps_pushed": apps_pushed}))
+    print(json.dumps(report))
     return 0
 
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from importlib.metadata import packages_distributions
 from pathlib import Path
@@ -28,9 +29,10 @@ from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer, free_port
 from tests.support import ROOT, wait_for
 
-LISTS = ["requirements.txt", "requirements-test.txt"]
+LISTS = ["requirements.txt", "requirements-otel.txt", "requirements-test.txt"]
 LOCKS = {"requirements.lock": ["requirements.txt"],
-         "requirements-dev.lock": ["requirements.txt", "requirements-test.txt"]}
+         "requirements-otel.lock": ["requirements.txt", "requirements-otel.txt"],
+         "requirements-dev.lock": LISTS}
 INSTALL_TIMEOUT_S = 900
 
 
@@ -56,6 +58,17 @@ def test_lock_pins_every_listed_requirement_with_hashes(lock: str) -> None:
     assert text.count("--hash=sha256:") >= len(pins)
 
 
+def test_extras_come_from_the_lists() -> None:
+    """`pip install pusher-relay[otel]` installs requirements-otel.txt (checked by hand with
+    `pip install --dry-run '.[otel]'`; here, that pyproject.toml still says so)."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        project = tomllib.load(f)
+    assert "optional-dependencies" in project["project"]["dynamic"]
+    extras = project["tool"]["setuptools"]["dynamic"]["optional-dependencies"]
+    assert extras == {"test": {"file": ["requirements-test.txt"]},
+                      "otel": {"file": ["requirements-otel.txt"]}}
+
+
 # What the Python 2.7-readable modules (relay/redis_url.py...) import when Python 3's name
 # is missing: the standard library there, not a package to declare.
 PYTHON2_STDLIB = frozenset({"urlparse", "urllib2", "httplib", "Queue"})
@@ -75,7 +88,7 @@ def _third_party_imports() -> set[str]:
 
 
 def test_every_imported_package_is_declared() -> None:
-    declared = _names(ROOT / "requirements.txt") | _names(ROOT / "requirements-test.txt")
+    declared = set().union(*(_names(ROOT / listed) for listed in LISTS))
     owners = packages_distributions()
     undeclared = {}
     for module in sorted(_third_party_imports()):

@@ -1,10 +1,15 @@
 """relay.producer inside legacy apps: under every Python that pyenv has (2.7, 3.6 ... 3.13),
 with the newest redis-py that Python can install and nothing else, the producer pushes to
 the suite's real Redis, refuses bad input, and the worker delivers what each one wrote.
+Every 3.x runs twice: without OpenTelemetry (nothing of it may be loaded, no envelope
+carries a trace context), and with the newest `opentelemetry-api` it can install (the
+current API needs 3.10+; 3.6 to 3.9 get older ones), where an envelope pushed inside an
+active span carries its traceparent and tracestate and a classic message stays unchanged.
 
-Each interpreter gets redis-py in `.cache/producer-envs/<version>` (a `pip install
---target`, made once, all interpreters in parallel); an absent interpreter is a skip that
-names it. The script each one runs is tests/legacy_producer.py.
+Each interpreter gets redis-py in `.cache/producer-envs/<version>` and the API in
+`.cache/producer-envs/<version>+otel` (`pip install --target`, made once, all interpreters
+in parallel); an absent interpreter is a skip that names it. The script each one runs is
+tests/legacy_producer.py.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from relay.redis_server import RedisServer
 from tests.support import ROOT, WorkerProcess, wait_for
 
 VERSIONS = ["2.7", "3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+# OpenTelemetry never supported Python 2; opentelemetry-api 1.45 needs 3.10+, and pip gives
+# each older 3.x the newest release it supports (3.6: 1.12, 3.7: 1.22, 3.8: 1.33, 3.9: 1.41).
+OTEL_VERSIONS = [v for v in VERSIONS if v.startswith("3.")]
+OTEL = "+otel"
 # pip 18.1 (Python 3.6's) ignores Requires-Python on this index: the newest pip for 3.6
 # (21.3.1) installs there instead, and picks redis-py and its dependencies correctly.
 BOOTSTRAP_PIP = {"3.6": "pip<22"}
@@ -68,11 +77,12 @@ def _pip(python: Path, target: Path, spec: str, pythonpath: Path | None = None) 
         raise RuntimeError(f"pip install {spec} failed:\n{done.stdout}{done.stderr}")
 
 
-def install(python: Path, target: Path) -> None:
-    """redis-py for `python` in `target` (cached: done once, published by a rename)."""
+def install(python: Path, target: Path, spec: str = "redis") -> None:
+    """`spec` (redis-py, or the OpenTelemetry API) for `python` in `target` (cached: done
+    once, published by a rename)."""
     if (target / ".installed").exists():
         return
-    version = ".".join(target.name.split(".")[:2])
+    version = ".".join(target.name.split(OTEL)[0].split(".")[:2])
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         newer_pip = None
@@ -80,8 +90,8 @@ def install(python: Path, target: Path) -> None:
             newer_pip = tmp / ".pip"
             newer_pip.mkdir()
             _pip(python, newer_pip, BOOTSTRAP_PIP[version])
-        _pip(python, tmp, "redis", newer_pip)
-        (tmp / ".installed").write_text("redis\n")
+        _pip(python, tmp, spec, newer_pip)
+        (tmp / ".installed").write_text(spec + "\n")
         if not (target / ".installed").exists():  # a concurrent run may have won the race
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
@@ -91,7 +101,8 @@ def install(python: Path, target: Path) -> None:
 
 @pytest.fixture(scope="module")
 def interpreters() -> dict[str, tuple[Path, Path] | str]:
-    """version -> (python, redis-py directory), or the reason it cannot run."""
+    """version (and version+otel) -> (python, directory of its packages), or the reason it
+    cannot run."""
     CACHE.mkdir(parents=True, exist_ok=True)
     result: dict[str, tuple[Path, Path] | str] = {}
     for version in VERSIONS:
@@ -100,9 +111,14 @@ def interpreters() -> dict[str, tuple[Path, Path] | str]:
             result[version] = f"Python {version} is not installed under {pyenv_root()}"
         else:
             result[version] = (python, CACHE / python.parent.parent.name)
+        if version in OTEL_VERSIONS:
+            found = result[version]
+            result[version + OTEL] = (found if isinstance(found, str)
+                                      else (python, CACHE / (python.parent.parent.name + OTEL)))
     found = {v: pair for v, pair in result.items() if not isinstance(pair, str)}
-    with ThreadPoolExecutor(max_workers=len(found) or 1) as pool:
-        futures = {v: pool.submit(install, *pair) for v, pair in found.items()}
+    with ThreadPoolExecutor(max_workers=min(len(found), 8) or 1) as pool:
+        futures = {v: pool.submit(install, *pair, "opentelemetry-api" if OTEL in v else "redis")
+                   for v, pair in found.items()}
     for version, future in futures.items():
         if future.exception() is not None:
             result[version] = f"FAIL {future.exception()}"
@@ -122,18 +138,19 @@ def matrix_worker(redis_server: RedisServer, pusher_server: LocalPusher,
     proc.kill()
 
 
-def _run_producer(python: Path, deps: Path, tag: str, redis_url: str, app: Path
-                  ) -> dict[str, Any]:
-    """Copy the producer's files into `app` as the README says, then run the script there."""
+def _run_producer(python: Path, deps: Path, tag: str, redis_url: str, app: Path,
+                  otel: Path | None = None) -> dict[str, Any]:
+    """Copy the producer's files into `app` as the README says, then run the script there
+    (with the OpenTelemetry API's directory on its path when `otel` is given)."""
     (app / "relay").mkdir(parents=True)
     for name in PRODUCER_FILES:
         shutil.copyfile(ROOT / "relay" / name, app / "relay" / name)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RELAY_", "PUSHER_", "REDIS_", "PYTHON"))}
     env.update({"REDIS_URL": redis_url, "RELAY_QUEUE": QUEUE})
-    done = subprocess.run([str(python), str(ROOT / "tests" / "legacy_producer.py"), str(app),
-                           str(deps), tag], capture_output=True, text=True, env=env,
-                          cwd=deps, timeout=120)
+    args = [str(python), str(ROOT / "tests" / "legacy_producer.py"), str(app), str(deps), tag]
+    done = subprocess.run(args + ([str(otel)] if otel is not None else []),
+                          capture_output=True, text=True, env=env, cwd=deps, timeout=120)
     assert done.returncode == 0, f"{python} failed:\n{done.stdout}\n{done.stderr}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -147,25 +164,34 @@ def _canon(data: str) -> str:
     return json.dumps(_data(data), sort_keys=True)
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_legacy_producer_then_worker_delivers(
-        version: str, interpreters: dict[str, tuple[Path, Path] | str],
-        matrix_worker: WorkerProcess, redis_server: RedisServer,
-        pusher_server: LocalPusher, record_property: Any, tmp_path: Path) -> None:
+def _found(interpreters: dict[str, tuple[Path, Path] | str], version: str
+           ) -> tuple[Path, Path]:
     found = interpreters[version]
     if isinstance(found, str):
         if found.startswith("FAIL "):
             pytest.fail(found[5:])
         pytest.skip(found)
-    python, deps = found
-    tag = "legacy-py" + version.replace(".", "")
-    report = _run_producer(python, deps, tag, redis_server.url, tmp_path / "app")
-    assert report["python"].startswith(version + ".")
+    return found
+
+
+@pytest.mark.parametrize("version", VERSIONS + [v + OTEL for v in OTEL_VERSIONS])
+def test_legacy_producer_then_worker_delivers(
+        version: str, interpreters: dict[str, tuple[Path, Path] | str],
+        matrix_worker: WorkerProcess, redis_server: RedisServer,
+        pusher_server: LocalPusher, record_property: Any, tmp_path: Path) -> None:
+    python, deps = _found(interpreters, version.split(OTEL)[0])
+    otel = _found(interpreters, version)[1] if OTEL in version else None
+    tag = "legacy-py" + version.replace(".", "").replace(OTEL, "otel")
+    report = _run_producer(python, deps, tag, redis_url=redis_server.url, app=tmp_path / "app",
+                           otel=otel)
+    assert report["python"].startswith(version.split(OTEL)[0] + ".")
     record_property("redis-py", report["redis"])
+    record_property("opentelemetry-api", report["opentelemetry"])
+    assert (report["opentelemetry"] is None) == (otel is None), report
 
     # What each Python wrote reads exactly as the worker reads it.
     parsed = [parse(text.encode("utf-8"), "hit") for text in report["pushed"]]
-    assert [(n.channels, n.event, _data(n.data), n.socket_id) for n in parsed] == [
+    expected = [
         ((tag,), "hit", {"n": 1, "text": "h\u00e9llo"}, None),
         ((tag + "-a", tag + "-b"), "legacy-event", {"n": 2}, "123.456"),
         ((tag,), "one-off", "plain \u2713 text", None),
@@ -175,17 +201,26 @@ def test_legacy_producer_then_worker_delivers(
         ("tenant-b", (tag,), "hit", {"n": 4}),
         ("tenant_C-9", (tag,), "one-off", "\u2713"),
     ]
+    if otel is not None:  # pushed inside the span: a classic message and an envelope
+        expected += [((tag,), "hit", {"n": 4}, None), ((tag + "-t",), "traced", {"n": 5}, None)]
+    assert [(n.channels, n.event, _data(n.data), n.socket_id) for n in parsed] == expected
+    assert [(n.traceparent, n.tracestate) for n in parsed[:3]] == [(None, None)] * 3
+    if otel is not None:
+        assert report["pushed"][3] == json.dumps({"channel": tag, "n": 4}, separators=(",", ":"))
+        assert (parsed[4].traceparent, parsed[4].tracestate) == (
+            report["traceparent"], report["tracestate"])
+        assert parsed[4].traceparent.split("-")[1:3] == [report["trace_id"], report["span_id"]]
 
     def delivered() -> list[tuple[str, str, Any, Any]]:
         mine = [e for e in pusher_server.events() if e["channel"].startswith(tag)]
         return sorted((e["channel"], e["name"], _canon(e["data"]), e["socket_id"])
                       for e in mine)
 
-    wait_for(lambda: len(delivered()) >= 4, timeout=20, what=f"{tag}'s 4 events")
-    assert delivered() == sorted([
-        (tag, "hit", _canon(json.dumps({"n": 1, "text": "h\u00e9llo"})), None),
-        (tag + "-a", "legacy-event", _canon(json.dumps({"n": 2})), "123.456"),
-        (tag + "-b", "legacy-event", _canon(json.dumps({"n": 2})), "123.456"),
-        (tag, "one-off", _canon("plain \u2713 text"), None),
-    ])
+    events = [(channel, event, data, socket_id) for channels, event, data, socket_id in expected
+              for channel in channels]
+    wait_for(lambda: len(delivered()) >= len(events), timeout=20,
+             what=f"{tag}'s {len(events)} events")
+    assert delivered() == sorted(
+        (channel, event, _canon(data if isinstance(data, str) else json.dumps(data)), socket_id)
+        for channel, event, data, socket_id in events)
     assert matrix_worker.alive, matrix_worker.log()
