@@ -16,7 +16,7 @@
 Sides: `naive` (bench/naive.py: monkey-patched pool of 50, BLPOP + the pusher library, no
 reliability), `seed` (../shared/peers/seed_em.rb: needs `apt-get install ruby
 ruby-eventmachine ruby-em-http-request ruby-hiredis`), `relay` (python worker.py with its
-defaults), and relay variants given as NAME:VAR=VALUE,VAR=VALUE (e.g. `p500:RELAY_PREFETCH=500`,
+defaults), and relay variants given as NAME:VAR=VALUE+VAR=VALUE (e.g. `p500:RELAY_PREFETCH=500`,
 `2procs:PROCS=2` for two worker processes, `unordered:RELAY_CHANNEL_ORDER=false`).
 
 Run: .venv/bin/python bench/standard.py [--count 20000] [--channels 100] [--delays 0,50]
@@ -72,7 +72,7 @@ def parse_side(text: str) -> Side:
     if text in ("naive", "seed", "relay"):
         return Side(text, text)
     name, _, settings = text.partition(":")
-    env = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+    env = dict(kv.split("=", 1) for kv in settings.split("+") if kv)
     procs = int(env.pop("PROCS", "1"))
     return Side(name, "relay", env, procs)
 

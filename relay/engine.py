@@ -56,7 +56,7 @@ from relay.queue import RedisQueue, WorkerReaped
 from relay.ratelimit import RateLimiter
 from relay.redis_shared import REDIS_DOWN, REDIS_ERRORS
 from relay.retry import Outage
-from relay.settle import Settled, Settler
+from relay.settle import Fated, Settler
 from relay.window import PopCut, Window
 
 log = logging.getLogger(__name__)
@@ -176,28 +176,32 @@ class Engine:
             return room > 0 and not self.lanes.ready
         if not self.lanes.ready:
             return room > 0
-        return self.window.backlog and room >= REFILL_AT
+        return room >= REFILL_AT and (self.window.backlog or self.window.unpark)
 
     def _fetch(self, most: int, may_block: bool) -> None:
         """Hold the fetch role: take what fits, put it in the lanes, wake who can send it."""
         self.fetching = True
         try:
-            raws = self.window.fetch(most, may_block)
+            taken = self.window.fetch(most, may_block)
         finally:
             self.fetching = False
             self._notify(1)  # the role is free again: a follower may lead the next fetch
         self.outage.succeeded()
-        if raws:
+        if taken:
             self.metrics.inflight.set(self.window.held)
-            self._notify(self.lanes.add(self._entry(raw) for raw in raws))
+            self._notify(self.lanes.add(self._entry(raw, keys) for raw, keys in taken))
 
-    def _entry(self, raw: bytes) -> Entry:
+    def _entry(self, raw: bytes, keys: tuple[str, ...]) -> Entry:
+        """keys: the lane keys the fetch script read (relay.ownership), the ones its settling
+        counts down; with ordering off, none, and each notification has a lane of its own."""
         try:
             note = parse(raw, self.settings.event, self.settings.limits)
         except InvalidMessage as exc:
-            return Entry(raw, exc, (self._own_key(),), alone=True)
-        keys = note.channels if self.settings.channel_order else (self._own_key(),)
-        return Entry(raw, note, keys, alone=goes_alone(note))
+            entry = Entry(raw, exc, (self._own_key(),), alone=True)
+        else:
+            entry = Entry(raw, note, keys or (self._own_key(),), alone=goes_alone(note))
+        entry.extra = keys
+        return entry
 
     def _own_key(self) -> str:
         return f"#{next(self._own_keys)}"  # "#" is never in a channel name
@@ -206,7 +210,7 @@ class Engine:
         """The circuit is open: what waits in the lanes goes back to the queue, in order."""
         idle = self.lanes.take_idle()
         if idle:
-            self._settle_or_forget(idle, [(e.raw, e.item, PutBack()) for e in idle])
+            self._settle_or_forget(idle, [(e.raw, e.item, PutBack(), e.extra) for e in idle])
 
     def reaped(self) -> None:
         """Another worker declared this one dead and returned its in-flight list to the queue:
@@ -228,7 +232,7 @@ class Engine:
             except Exception:
                 log.exception("unexpected error while sending a call; its notifications go "
                               "back to the queue")
-                fates = [(e.raw, e.item, PutBack()) for e in call]
+                fates = [(e.raw, e.item, PutBack(), e.extra) for e in call]
             self._settle_or_forget(call, fates)
         finally:
             self.busy -= 1
@@ -237,7 +241,7 @@ class Engine:
             if any(e.called for e in call):  # killed (a shutdown): the release returns them
                 self.lanes.finish(call)
 
-    def _fates(self, call: Sequence[Entry], probing: bool) -> list[Settled]:
+    def _fates(self, call: Sequence[Entry], probing: bool) -> list[Fated]:
         """Decide, send what may go, tell the circuit once: every entry's fate."""
         now = self.clock()
         gate = Gate(holding=not probing and self.circuit.holding())
@@ -251,7 +255,7 @@ class Engine:
                 decided[id(entry)] = fate
         if to_send:
             decided.update(self._send(to_send, probing, gate))
-        return [(e.raw, e.item, decided[id(e)]) for e in call]
+        return [(e.raw, e.item, decided[id(e)], e.extra) for e in call]
 
     def _send(self, entries: Sequence[Entry], probing: bool, gate: Gate) -> dict[int, Fate]:
         notes: list[Notification] = [e.item for e in entries]
@@ -283,19 +287,21 @@ class Engine:
             log.warning("could not give back %d unused rate-limit events (%s)", cost,
                         type(exc).__name__)
 
-    def _settle_or_forget(self, entries: Sequence[Entry], fates: list[Settled]) -> None:
+    def _settle_or_forget(self, entries: Sequence[Entry], fates: list[Fated]) -> None:
         """Persist the fates (retried through outages), then free the lanes and the window.
 
         What goes back to the queue takes along what waits behind it in its lanes, in the same
         script: put back apart, the newer ones would land in front of the older. If settling
         fails otherwise, the window forgets them and adopts them again from the in-flight list
         at its next fetch: fail safe, they are sent again."""
-        if any(isinstance(fate, PutBack) for _, _, fate in fates):
+        if any(isinstance(fate, PutBack) for _, _, fate, _ in fates):
             behind = self.lanes.take_behind(entries)
-            fates = fates + [(e.raw, e.item, PutBack()) for e in behind]
+            fates = fates + [(e.raw, e.item, PutBack(), e.extra) for e in behind]
             entries = [*entries, *behind]
         try:
-            self.window.backlog = self.settler.settle(fates) > 0
+            settled = self.settler.settle(fates)
+            self.window.backlog = settled.length > 0
+            self.window.unpark = self.window.unpark or settled.parked > 0
         except Exception:
             self.window.resync = True
             raise

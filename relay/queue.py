@@ -51,6 +51,7 @@ from typing import Any
 import redis
 
 from relay.errors import RelayError
+from relay.ownership import HAND_OVER, LANE_KEYS, RETURN_LANES, SETTLE_OWNED, TAKE
 from relay.redis_shared import NOW_LUA
 
 log = logging.getLogger(__name__)
@@ -100,47 +101,57 @@ end
 """
 
 # Settles one call: every fate in one script (Sidekiq's UnitOfWork, for a whole call).
-# KEYS: in-flight list, queue, retry zset, dead list, stats hash, history prefix.
-# ARGV: push command (where the next pop happens), history extra, then one op after another:
-#   a RAW              delivered: forget it
-#   s RAW              shed by the max-age policy: forget it, count it
-#   b RAW              put back untouched, where the next pop happens, in the order given
-#   r RAW WRAPPER SECS retry later: into the retry set, due in SECS (Redis clock)
-#   d RAW ENTRY        dead letter: onto the dead list
+# KEYS: in-flight list, queue, retry zset, dead list, stats hash, history prefix, owners hash.
+# ARGV: push command (where the next pop happens), history extra, worker id, key prefix, then
+# one op after another, each with the item's lane keys joined by newlines ('' for none):
+#   a RAW KEYS              delivered: forget it
+#   s RAW KEYS              shed by the max-age policy: forget it, count it
+#   b RAW KEYS              put back untouched (relay.ownership, 5), in the order given
+#   r RAW KEYS WRAPPER SECS retry later: into the retry set, due in SECS (Redis clock)
+#   d RAW KEYS ENTRY        dead letter: onto the dead list
 # Each op acts only if its exact bytes were still in the in-flight list, so a script replayed
-# after a lost reply does nothing twice. Returns {1 or 0 per op: it landed; queue length}.
-SETTLE = _TALLY + """
-local landed, back = {}, {}
+# after a lost reply does nothing twice; the keys of what left the window are counted down and
+# released when empty (relay.ownership, 4). Returns {1 or 0 per op: it landed; the queue's
+# length; how many of this worker's keys have parked items}.
+SETTLE = _TALLY + SETTLE_OWNED + """
+local me, prefix = ARGV[3], ARGV[4]
+local landed, back, counted = {}, {}, {}
 local n = {delivered = 0, shed = 0, retried = 0, dead = 0, requeued = 0}
-local i = 3
+local i = 5
 while i <= #ARGV do
-  local op, raw = ARGV[i], ARGV[i + 1]
+  local op, raw, keys = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local hit = redis.call('LREM', KEYS[1], 1, raw)
   landed[#landed + 1] = hit
+  local ks = {}
+  if hit == 1 and keys ~= '' then
+    for k in string.gmatch(keys, '[^\\n]+') do ks[#ks + 1] = k end
+    counted[#counted + 1] = ks
+  end
   if op == 'a' then
     n.delivered = n.delivered + hit
   elseif op == 's' then
     n.shed = n.shed + hit
   elseif op == 'b' then
-    if hit == 1 then back[#back + 1] = raw end
+    if hit == 1 then back[#back + 1] = {raw, ks} end
   elseif op == 'r' then
     if hit == 1 then
-      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[i + 3]), ARGV[i + 2])
+      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[i + 4]), ARGV[i + 3])
       n.retried = n.retried + 1
     end
     i = i + 2
   elseif op == 'd' then
     if hit == 1 then
-      redis.call('RPUSH', KEYS[4], ARGV[i + 2])
+      redis.call('RPUSH', KEYS[4], ARGV[i + 3])
       n.dead = n.dead + 1
     end
     i = i + 1
   else
     return redis.error_reply('SETTLE: unknown op ' .. tostring(op))
   end
-  i = i + 2
+  i = i + 3
 end
-for j = #back, 1, -1 do redis.call(ARGV[1], KEYS[2], back[j]) end
+put_back(back, KEYS[2], ARGV[1], KEYS[7], me, prefix)
+count_down(counted, KEYS[7], me, prefix)
 n.requeued = #back
 if n.delivered > 0 then redis.call('HINCRBY', KEYS[5], 'delivered', n.delivered) end
 if n.shed > 0 then redis.call('HINCRBY', KEYS[5], 'shed_max_age', n.shed) end
@@ -153,7 +164,7 @@ for _, field in ipairs({'delivered', 'shed', 'retried', 'dead', 'requeued'}) do
     extra = ''
   end
 end
-return {landed, redis.call('LLEN', KEYS[2])}
+return {landed, redis.call('LLEN', KEYS[2]), redis.call('SCARD', prefix .. ':parked:' .. me)}
 """
 
 # KEYS: retry zset, queue. ARGV: push command, most to move.
@@ -178,30 +189,44 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 if known then return 1 else return 0 end
 """
 
-# Moves every item of the slot lists (KEYS[5..]) back to the queue (KEYS[3]), in order,
-# to where the next pop happens (ARGV[2]); counts them in n.
+# Moves every item of the in-flight lists (KEYS[6..]) back to the queue (KEYS[3]), in order,
+# to where the next pop happens (ARGV[2]); counts them in n (a local of the script).
 _DRAIN = """
-local n = 0
-for i = #KEYS, 5, -1 do
+n = 0
+for i = #KEYS, 6, -1 do
   while redis.call('LMOVE', KEYS[i], KEYS[3], 'RIGHT', ARGV[2]) do n = n + 1 end
 end
 """
 
-# KEYS: workers zset, info hash, queue, reaped zset, the worker's slot lists...
-# ARGV: worker id, where the next pop happens (LEFT or RIGHT), force (1 for our own shutdown).
-# Returns how many items went back, or -1 when the worker is alive (or already reaped).
-# A reaped worker stays in the reaped set for a while (see SWEEP); one that shut down does not.
-REAP = _NOW + """
+# KEYS: workers zset, info hash, queue, reaped zset, owners hash, the worker's in-flight
+# lists... ARGV: worker id, where the next pop happens (LEFT or RIGHT), force (1 for our own
+# shutdown), key prefix, heir (a live worker to hand its channels to; '' for none).
+# Hands the worker's channels and window over to the heir if it is alive, else gives its lane
+# lists and then its window back to the queue (relay.ownership, 6); unregisters it. Returns
+# how many items it moved, or -1 when the worker is alive (or already reaped). A reaped
+# worker stays in the reaped set for a while (see SWEEP); one that shut down does not.
+REAP = _NOW + HAND_OVER + RETURN_LANES + """
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if ARGV[3] ~= '1' and ((not deadline) or tonumber(deadline) > now) then return -1 end
+local push = 'LPUSH'
+if ARGV[2] == 'RIGHT' then push = 'RPUSH' end
+local heir_deadline = ARGV[5] ~= '' and redis.call('ZSCORE', KEYS[1], ARGV[5])
+local n, parked = 0, 0
+if heir_deadline and tonumber(heir_deadline) > now and ARGV[5] ~= ARGV[1] then
+  local lists = {}
+  for i = 6, #KEYS do lists[#lists + 1] = KEYS[i] end
+  parked = hand_over(ARGV[1], ARGV[5], lists, KEYS[3], push, KEYS[5], ARGV[4])
+else
+  parked = return_lanes(ARGV[1], KEYS[3], push, KEYS[5], ARGV[4])
 """ + _DRAIN + """
+end
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then
   redis.call('HDEL', KEYS[2], ARGV[1])
 else
   redis.call('ZADD', KEYS[4], now, ARGV[1])
 end
-return n
+return n + parked
 """
 
 # The housekeeping of one round in one script, so an idle worker costs one round trip for
@@ -237,13 +262,14 @@ return {promoted, dropped, redis.call('LLEN', KEYS[2]), next_due, expired, reape
 
 # A reaped worker may only have been frozen: if it thaws, pops, and dies again before its
 # heartbeat registers it anew, what it popped would sit in its lists with nobody to reap it.
-# So reaped workers' lists are swept for REAPED_GRACE_S. KEYS and ARGV[1..2] as REAP;
-# ARGV[3]: the grace in seconds. Returns items moved, or -1 if the worker is registered again.
+# So reaped workers' lists are swept for REAPED_GRACE_S. KEYS and ARGV as REAP, but ARGV[3]:
+# the grace in seconds. Returns items moved, or -1 if the worker is registered again.
 SWEEP = _NOW + """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZREM', KEYS[4], ARGV[1])
   return -1
 end
+local n = 0
 """ + _DRAIN + """
 local reaped_at = tonumber(redis.call('ZSCORE', KEYS[4], ARGV[1]) or '0')
 if now - reaped_at > tonumber(ARGV[3]) then
@@ -253,14 +279,14 @@ end
 return n
 """
 
-# KEYS: queue, retry zset, this worker's slot lists... Returns 1 when nothing is left for
-# a burst: the queue is empty, no retry is due, and no slot holds anything; all read at once.
+# KEYS: queue, retry zset, this worker's in-flight list, its parked set. Returns 1 when
+# nothing is left for a burst: the queue is empty, no retry is due, and this worker holds and
+# parks nothing; all read at once.
 IDLE = _NOW + """
 if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
 if redis.call('ZCOUNT', KEYS[2], '-inf', now) > 0 then return 0 end
-for i = 3, #KEYS do
-  if redis.call('LLEN', KEYS[i]) > 0 then return 0 end
-end
+if redis.call('LLEN', KEYS[3]) > 0 then return 0 end
+if redis.call('SCARD', KEYS[4]) > 0 then return 0 end
 return 1
 """
 
@@ -376,6 +402,20 @@ class Keys:
     def inflight(self, worker_id: str, slot: int) -> str:
         return f"{self.prefix}:inflight:{worker_id}:{slot}"
 
+    @property
+    def owners(self) -> str:
+        """Lane key -> the worker that owns it (relay.ownership)."""
+        return f"{self.prefix}:owners"
+
+    def held(self, worker_id: str) -> str:
+        return f"{self.prefix}:held:{worker_id}"
+
+    def parked(self, worker_id: str) -> str:
+        return f"{self.prefix}:parked:{worker_id}"
+
+    def lane(self, key: str) -> str:
+        return f"{self.prefix}:lane:{key}"
+
 
 def is_cluster(client: Any) -> bool:
     """True for redis-py's RedisCluster (absent from old redis-py: then never)."""
@@ -424,47 +464,79 @@ class Op:
     code: str
     raw: bytes
     args: tuple[Any, ...] = ()
+    keys: tuple[str, ...] = ()  # its lane keys, as the fetch read them (relay.ownership)
 
     @staticmethod
-    def ack(raw: bytes) -> Op:
-        return Op("a", raw)
+    def ack(raw: bytes, keys: tuple[str, ...] = ()) -> Op:
+        return Op("a", raw, keys=keys)
 
     @staticmethod
-    def shed(raw: bytes) -> Op:
-        return Op("s", raw)
+    def shed(raw: bytes, keys: tuple[str, ...] = ()) -> Op:
+        return Op("s", raw, keys=keys)
 
     @staticmethod
-    def put_back(raw: bytes) -> Op:
-        return Op("b", raw)
+    def put_back(raw: bytes, keys: tuple[str, ...] = ()) -> Op:
+        return Op("b", raw, keys=keys)
 
     @staticmethod
-    def retry(raw: bytes, wrapper: str, delay_s: float) -> Op:
-        return Op("r", raw, (wrapper, delay_s))
+    def retry(raw: bytes, wrapper: str, delay_s: float, keys: tuple[str, ...] = ()) -> Op:
+        return Op("r", raw, (wrapper, delay_s), keys)
 
     @staticmethod
-    def dead(raw: bytes, entry: dict[str, Any]) -> Op:
-        return Op("d", raw, (json.dumps(entry, ensure_ascii=False, separators=(",", ":")),))
+    def dead(raw: bytes, entry: dict[str, Any], keys: tuple[str, ...] = ()) -> Op:
+        text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+        return Op("d", raw, (text,), keys)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What settling a call did and saw."""
+
+    landed: list[bool]  # per op: it was still in flight, and was carried out
+    length: int  # the queue's length after
+    parked: int = 0  # keys of this worker with parked items (relay.ownership)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What one fetch brought: the items and their lane keys, in taking order, and what it
+    saw (with ownership: relay.ownership)."""
+
+    items: list[tuple[bytes, tuple[str, ...]]]
+    length: int | None  # the queue's length after; None when unknown
+    parked: int = 0  # keys of this worker with parked items left
+    waiting: int = 0  # of those, how many wait for another owner to finish (a takeover)
 
 
 class RedisQueue:
     """The queue's Redis side for one worker process.
 
     A fetch and a call's settling are one script each, so one round trip; the housekeeping
-    and admin calls a few.
+    and admin calls a few. With `owned` (per-channel order, the default), fetches go through
+    the channels' owners (relay.ownership); without, every item goes straight to the window.
     """
 
+    # Of one lane key, a window holds at most this many: three calls' worth, so a busy lane
+    # always has its next call ready; the rest is parked (relay.ownership, 2).
+    CAP = 30
+    # One fetch looks at no more than this many queue items (parking included): a bounded
+    # script, even when a busy channel's thousands are parked on the way.
+    WORK = 1000
+
     def __init__(self, client: redis.Redis, name: str, order: str = "fifo",
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, owned: bool = True) -> None:
         self.client = client
         self.keys = Keys(name, cluster=is_cluster(client))
         self.worker_id = worker_id or new_worker_id()
+        self.owned = owned
         # fifo pops the head (oldest); lifo pops the tail (newest). What goes back goes where
         # the next pop happens, so requeued and recovered items are next.
         self.pop_side = "LEFT" if order == "fifo" else "RIGHT"
         self.push_cmd = "LPUSH" if order == "fifo" else "RPUSH"
         self._started_at = time.time()
-        self._fetch = client.register_script(FETCH)
+        self._fetch = client.register_script(TAKE if owned else FETCH)
         self._settle = client.register_script(SETTLE)
+        self._lane_keys = client.register_script(LANE_KEYS)
         self._promote = client.register_script(PROMOTE)
         self._maintain = client.register_script(MAINTAIN)
         self._heartbeat = client.register_script(HEARTBEAT)
@@ -484,84 +556,89 @@ class RedisQueue:
         so workers of the previous version, which reap `slots` lists per worker, reap it."""
         return self.keys.inflight(self.worker_id, 0)
 
-    def fetch(self, most: int) -> tuple[list[bytes], int]:
-        """Move up to `most` items from the queue into the in-flight list, never blocking:
-        (the items in taking order, the queue's length after). One round trip."""
-        found = self._fetch(keys=[self.keys.queue, self.keys.workers, self.inflight_key],
-                            args=[self.pop_side, self.worker_id, most])
+    def _fetch_call(self, most: int) -> tuple[list[str], list[Any]]:
+        keys = [self.keys.queue, self.keys.workers, self.inflight_key]
+        args: list[Any] = [self.pop_side, self.worker_id, most]
+        if self.owned:
+            keys.append(self.keys.owners)
+            args += [self.CAP, self.WORK, self.keys.prefix]
+        return keys, args
+
+    def _taken(self, found: Any) -> Taken:
         if found is None:
             raise WorkerReaped(self.worker_id)
-        items, length = found
-        return list(items), int(length)
+        if not self.owned:
+            items, length = found
+            return Taken([(raw, ()) for raw in items], int(length))
+        items, length, parked, waiting = found
+        return Taken([(raw, tuple(k.decode() for k in ks)) for raw, ks in items],
+                     int(length), int(parked), int(waiting))
 
-    def pop(self, block_s: float, most: int) -> tuple[list[bytes], int | None]:
-        """Wait up to block_s for one item (BLMOVE into the in-flight list), then top up to
-        `most` without blocking, in the same round trip (a pipeline: Redis runs the script
-        once the pop is answered). (the items in taking order, the queue's length after, or
-        None when unknown). The window lets one greenlet of the process in here at a time."""
+    def fetch(self, most: int) -> Taken:
+        """Take up to `most` into the in-flight list, never blocking: one round trip."""
+        keys, args = self._fetch_call(most)
+        return self._taken(self._fetch(keys=keys, args=args))
+
+    def pop(self, block_s: float, most: int) -> Taken:
+        """Wait up to block_s for the queue to hold something, then take up to `most` as
+        `fetch` does, in the same round trip: a pipeline of BLMOVE from the queue to itself
+        (a rotation that leaves the item in place: it only waits) and the fetch script. So
+        nothing enters the window but through the script, which reads its channels' owners.
+        The window lets one greenlet of the process in here at a time."""
+        keys, args = self._fetch_call(most)
         if self.keys.cluster:  # a cluster pipeline cannot carry a script: two round trips
             try:
-                moved = self._blmove(self.client, block_s)
+                self._raise_demoted(self._wait(self.client, block_s))
             except redis.ResponseError as exc:
-                moved = exc
-            moved = self._raise_demoted(moved)
-            if moved is None or most <= 1:
-                return ([] if moved is None else [moved]), None
-            items, length = self.fetch(most - 1)
-            return [moved, *items], length
-        keys = [self.keys.queue, self.keys.workers, self.inflight_key]
+                self._raise_demoted(exc)
+            return self.fetch(most)
         pipe = self.client.pipeline(transaction=False)
-        self._blmove(pipe, block_s)
-        if most > 1:  # EVALSHA itself: a Script object would cost the pipeline a round trip
-            pipe.evalsha(self._fetch.sha, len(keys), *keys, self.pop_side, self.worker_id,
-                         most - 1)
-        results = pipe.execute(raise_on_error=False)
-        moved = self._raise_demoted(results[0])
-        if most <= 1 or moved is None:
-            return ([] if moved is None else [moved]), None
-        found = results[1]
+        self._wait(pipe, block_s)
+        # EVALSHA itself: a Script object would cost the pipeline a round trip
+        pipe.evalsha(self._fetch.sha, len(keys), *keys, *args)
+        waited, found = pipe.execute(raise_on_error=False)
+        self._raise_demoted(waited)
         if isinstance(found, redis.exceptions.NoScriptError):  # Redis restarted: load it
-            self.client.script_load(FETCH)
-            return [moved], None
+            self.client.script_load(TAKE if self.owned else FETCH)
+            return self.fetch(most)
         if isinstance(found, Exception):
             raise found
-        if found is None:
-            raise WorkerReaped(self.worker_id)
-        items, length = found
-        return [moved, *items], int(length)
+        return self._taken(found)
 
-    def _blmove(self, client: Any, block_s: float) -> Any:
-        return client.blmove(self.keys.queue, self.inflight_key, block_s, self.pop_side,
-                             "RIGHT")
+    def _wait(self, client: Any, block_s: float) -> Any:
+        side = self.pop_side
+        return client.blmove(self.keys.queue, self.keys.queue, block_s, side, side)
 
     @staticmethod
-    def _raise_demoted(moved: Any) -> bytes | None:
-        """A blocking pop's answer, or the error it stands for. UNBLOCKED ("... instance state
-        changed (master -> replica?)") means a failover demoted the server: Redis is away,
-        not the item's fault."""
-        if isinstance(moved, redis.ResponseError):
-            if str(moved).startswith("UNBLOCKED"):
-                raise RedisDemoted(str(moved))
-            raise moved
-        return moved
+    def _raise_demoted(answer: Any) -> None:
+        """A blocking pop's error, if it is one. UNBLOCKED ("... instance state changed
+        (master -> replica?)") means a failover demoted the server: Redis is away, not the
+        item's fault."""
+        if isinstance(answer, redis.ResponseError):
+            if str(answer).startswith("UNBLOCKED"):
+                raise RedisDemoted(str(answer))
+            raise answer
 
-    def inflight_items(self) -> list[bytes]:
-        """Everything in the in-flight list, in taking order (to adopt after a lost reply)."""
-        return list(self.client.lrange(self.inflight_key, 0, -1))
+    def inflight_items(self) -> list[tuple[bytes, tuple[str, ...]]]:
+        """Everything in the in-flight list with its lane keys, in taking order (to adopt
+        after a lost reply). Two round trips: a rare path."""
+        raws = list(self.client.lrange(self.inflight_key, 0, -1))
+        if not raws or not self.owned:
+            return [(raw, ()) for raw in raws]
+        keys = self._lane_keys(keys=[self.keys.queue], args=raws)
+        return [(raw, tuple(k.decode() for k in ks)) for raw, ks in zip(raws, keys, strict=True)]
 
-    def settle(self, ops: Sequence[Op], extra: str = "") -> tuple[list[bool], int]:
-        """Carry out a call's fates in one script: (whether each op landed, queue length).
+    def settle(self, ops: Sequence[Op], extra: str = "") -> Settled:
+        """Carry out a call's fates in one script.
 
         `extra` is the dashboard's figures riding along (history.Tally)."""
-        args: list[Any] = [self.push_cmd, extra]
+        args: list[Any] = [self.push_cmd, extra, self.worker_id, self.keys.prefix]
         for op in ops:
-            args.append(op.code)
-            args.append(op.raw)
-            args.extend(op.args)
+            args += [op.code, op.raw, "\n".join(op.keys), *op.args]
         keys = [self.inflight_key, self.keys.queue, self.keys.retry, self.keys.dead,
-                self.keys.stats, self.keys.history]
-        landed, length = self._settle(keys=keys, args=args)
-        return [bool(x) for x in landed], int(length)
+                self.keys.stats, self.keys.history, self.keys.owners]
+        landed, length, parked = self._settle(keys=keys, args=args)
+        return Settled([bool(x) for x in landed], int(length), int(parked))
 
     # -- housekeeping, per process -----------------------------------------------------------
 
@@ -605,7 +682,7 @@ class RedisQueue:
         recovered: dict[str, int] = {}
         for raw_id in expired:
             wid = raw_id.decode()
-            n = self._run_on_worker(self._reap, wid, "0")
+            n = self._run_on_worker(self._reap, wid, "0", heir=self.worker_id)
             if n >= 0:
                 recovered[wid] = n
         for raw_id in reaped:
@@ -641,15 +718,23 @@ class RedisQueue:
         pipe.execute()
 
     def release(self) -> int:
-        """On shutdown: return all of this worker's in-flight items and unregister."""
-        return self._run_on_worker(self._reap, self.worker_id, "1", INFLIGHT_LISTS)
+        """On shutdown: hand this worker's channels, with what it still holds and parks, to
+        the livest other worker (in taking order, at the front of their lanes); the last
+        worker gives everything back to the queue instead. Then unregister."""
+        heir = next((w.decode() for w in self.client.zrevrange(self.keys.workers, 0, 1)
+                     if w.decode() != self.worker_id), "")
+        return self._run_on_worker(self._reap, self.worker_id, "1", INFLIGHT_LISTS, heir)
 
-    def _run_on_worker(self, script: Any, wid: str, arg: str, slots: int | None = None) -> int:
+    def _run_on_worker(self, script: Any, wid: str, arg: str, slots: int | None = None,
+                       heir: str = "") -> int:
+        """REAP or SWEEP for worker `wid`; `heir`: the live worker to hand its channels to (a
+        reaper names itself; the script checks it is alive, else the queue gets them)."""
         if slots is None:
             slots = self.worker_slots(wid)
-        keys = [self.keys.workers, self.keys.info, self.keys.queue, self.keys.reaped]
+        keys = [self.keys.workers, self.keys.info, self.keys.queue, self.keys.reaped,
+                self.keys.owners]
         keys += [self.keys.inflight(wid, n) for n in range(slots)]
-        return int(script(keys=keys, args=[wid, self.pop_side, arg]))
+        return int(script(keys=keys, args=[wid, self.pop_side, arg, self.keys.prefix, heir]))
 
     def worker_slots(self, wid: str) -> int:
         """How many in-flight lists worker `wid` has: 1 since 1.1; a worker of the previous
@@ -667,8 +752,9 @@ class RedisQueue:
         return int(self._trim(keys=keys, args=[max_backlog]))
 
     def idle(self) -> bool:
-        """Nothing queued, nothing due for a retry, nothing in this worker's in-flight list."""
-        return bool(self._idle(keys=[self.keys.queue, self.keys.retry, self.inflight_key]))
+        """Nothing queued, nothing due for a retry, nothing this worker holds or parks."""
+        return bool(self._idle(keys=[self.keys.queue, self.keys.retry, self.inflight_key,
+                                     self.keys.parked(self.worker_id)]))
 
     def length(self) -> int:
         return int(self.client.llen(self.keys.queue))

@@ -20,19 +20,19 @@ from typing import Any
 
 import gevent
 
-from relay.fate import Ack, DeadLetter, Fate, PutBack, RetryLater, Shed
+from relay.fate import Ack, DeadLetter, Fate, RetryLater, Shed
 from relay.history import Tally
 from relay.housekeeping import Episode
 from relay.message import InvalidMessage, Notification, payload_of, retry_wrapper
 from relay.metrics import Metrics
-from relay.queue import Op, RedisQueue
+from relay.queue import Op, RedisQueue, Settled
 from relay.redis_shared import REDIS_DOWN
 from relay.retry import Outage
 
 log = logging.getLogger(__name__)
 
 Item = Notification | InvalidMessage
-Settled = tuple[bytes, Item, Fate]
+Fated = tuple[bytes, Item, Fate, tuple[str, ...]]  # raw, parsed, fate, lane keys
 
 
 class Settler:
@@ -49,40 +49,40 @@ class Settler:
         self.clock = clock
         self.sleep = sleep
 
-    def settle(self, fates: Sequence[Settled]) -> int:
-        """Persist every fate of one call (retried through outages); the queue's length."""
+    def settle(self, fates: Sequence[Fated]) -> Settled:
+        """Persist every fate of one call (retried through outages)."""
         now = self.clock()
-        ops: list[Op] = []
-        for raw, item, fate in fates:
-            ops.append(self._op(raw, item, fate, now))
+        ops = [self._op(raw, item, fate, keys, now) for raw, item, fate, keys in fates]
         # Counted before the script, so the ages ride on this very settle (history.Tally).
-        delivered = [i for _, i, f in fates if isinstance(f, Ack) and isinstance(i, Notification)]
+        delivered = [i for _, i, f, _ in fates
+                     if isinstance(f, Ack) and isinstance(i, Notification)]
         self._ages(delivered, now)
         extra = self.tally.take()
-        landed, length = self._persist(ops, extra)
-        self._count(fates, landed)
-        return length
+        settled = self._persist(ops, extra)
+        self._count(fates, settled.landed)
+        return settled
 
-    def _op(self, raw: bytes, item: Item, fate: Fate, now: float) -> Op:
+    def _op(self, raw: bytes, item: Item, fate: Fate, keys: tuple[str, ...], now: float
+            ) -> Op:
         if isinstance(fate, Ack):
-            return Op.ack(raw)
+            return Op.ack(raw, keys)
         if isinstance(fate, Shed):
-            return Op.shed(raw)
+            return Op.shed(raw, keys)
         if isinstance(fate, RetryLater) and isinstance(item, Notification):
             wrapper = retry_wrapper(item.payload, fate.attempts, fate.first_failed_at,
                                     fate.reason)
-            return Op.retry(raw, wrapper, fate.delay_s)
+            return Op.retry(raw, wrapper, fate.delay_s, keys)
         if isinstance(fate, DeadLetter):
             entry = {"payload": payload_of(raw), "error": fate.reason,
                      "error_class": fate.error_class, "failed_at": now,
                      "attempts": fate.attempts, "queue": self.queue_name,
                      "worker": self.queue.worker_id}
-            return Op.dead(raw, entry)
+            return Op.dead(raw, entry, keys)
         # PutBack, and anything unexpected: back to the queue untouched. Fail safe: it is
         # worse to lose a notification than to send it twice.
-        return Op.put_back(raw)
+        return Op.put_back(raw, keys)
 
-    def _persist(self, ops: list[Op], extra: str) -> tuple[list[bool], int]:
+    def _persist(self, ops: list[Op], extra: str) -> Settled:
         while True:
             try:
                 result = self.queue.settle(ops, extra)
@@ -98,10 +98,10 @@ class Settler:
                 self.metrics.age_seconds.observe(max(0.0, now - note.enqueued_at))
                 self.tally.age(now - note.enqueued_at)
 
-    def _count(self, fates: Sequence[Settled], landed: Sequence[bool]) -> None:
+    def _count(self, fates: Sequence[Fated], landed: Sequence[bool]) -> None:
         m = self.metrics
         delivered = shed = back = 0
-        for (raw, item, fate), hit in zip(fates, landed, strict=True):
+        for (raw, item, fate, _), hit in zip(fates, landed, strict=True):
             if not hit:
                 continue
             if isinstance(fate, Ack):
@@ -133,6 +133,3 @@ class Settler:
                     payload_of(raw)[:120], extra=fields)
 
 
-def put_back(fates_for: Sequence[tuple[bytes, Item]]) -> list[Settled]:
-    """The fates of notifications that go back untouched."""
-    return [(raw, item, PutBack()) for raw, item in fates_for]

@@ -5,17 +5,18 @@
    once the heartbeat expires. Duplicates after a crash are bounded by the window's size,
    RELAY_PREFETCH.
 2. One fetch at a time per process (the engine's leader holds the role), so the order in which
-   items enter the lanes is the order Redis handed them out. A fetch either moves up to the
-   window's room without blocking (a backlog is in view), or waits in one blocking pop for the
-   first item of a quiet spell (BLMOVE; with RELAY_LINGER, it then waits that long and tops
-   the batch up, so a moderate rate shares calls).
+   items enter the lanes is the order Redis handed them out. A fetch either takes up to the
+   window's room without blocking (a backlog, or parked notifications, in view), or first
+   waits in one blocking pop for a quiet spell to end (with RELAY_LINGER, it then waits that
+   long and tops the batch up, so a moderate rate shares calls). Every take goes through the
+   fetch script, which reads the channels' owners (relay.ownership).
 3. A reply lost on the wire may leave items in the list that the process never saw. After
    any failed fetch, the next one first reads the whole list and adopts what it does not know
    (`known` counts what the process holds), before taking anything new: nothing fetched later
    can overtake what the lost reply moved.
 4. `cut()` ends a blocking pop at once (a stop), throwing PopCut into the greenlet waiting in
-   it; redis-py drops the connection whose reply was cut off, and what the pop may have moved
-   waits in the list for the shutdown to return it.
+   it; redis-py drops the connection whose reply was cut off, and what the fetch behind the
+   pop may have moved waits in the list for the shutdown to return it.
 """
 
 from __future__ import annotations
@@ -27,18 +28,24 @@ from typing import Any
 
 import gevent
 
-from relay.queue import RedisQueue
+from relay.queue import RedisQueue, Taken
 from relay.redis_shared import BLOCK_S
 
 log = logging.getLogger(__name__)
 
 # A non-blocking fetch moves at most this many items: a bounded script on Redis, and a bounded
 # stretch of parsing in the greenlet that fetched, during which the others do not run.
-FETCH_MOST = 100
+FETCH_MOST = 250
+# While the process owns channels, its blocking pop comes up this often, so that what another
+# process hands over to it (relay.ownership) is not kept waiting for a whole BLOCK_S.
+SHORT_BLOCK_S = 0.1
 
 
 class PopCut(Exception):
     """The worker is stopping: the blocking pop was cut short (or never began)."""
+
+
+Item = tuple[bytes, tuple[str, ...]]  # a taken item and its lane keys (relay.ownership)
 
 
 class Window:
@@ -51,6 +58,9 @@ class Window:
         self.known: Counter[bytes] = Counter()  # what this process holds, by exact bytes
         self.held = 0  # sum of known: items taken and not yet settled or forgotten
         self.backlog = True  # the queue had items when last seen: fetch without blocking
+        self.parked = 0  # keys of this process with parked items
+        self.unpark = False  # some of them may move into the window now: fetch without blocking
+        self.waiting = 0  # of those, how many wait for another owner (the next fetch looks)
         self.resync = False  # a reply may have been lost: read the whole list first
         self.closed = False
         self._popper: gevent.Greenlet | None = None
@@ -59,61 +69,71 @@ class Window:
     def room(self) -> int:
         return max(0, self.prefetch - self.held)
 
-    def fetch(self, most: int, may_block: bool) -> list[bytes]:
+    @property
+    def owes(self) -> bool:
+        """The process owns channels (it holds their notifications, or parks some): a channel
+        handed over to it must not wait for a long blocking pop to end."""
+        return self.held > 0 or self.parked > 0
+
+    def fetch(self, most: int, may_block: bool) -> list[Item]:
         """Items newly taken, in taking order (the caller holds the process's fetch role).
 
-        Adopts first what a lost reply left in the list. Blocks (up to BLOCK_S, or until `cut`)
-        only when no backlog is in view and `may_block`. Raises redis errors (the caller backs
-        off) with `resync` set, and WorkerReaped when another worker reaped this one."""
+        Adopts first what a lost reply left in the list. Blocks (up to BLOCK_S, SHORT_BLOCK_S
+        while the process owns channels, or until `cut`) only when no backlog is in view and
+        `may_block`. Raises redis errors (the caller backs off) with `resync` set, and
+        WorkerReaped when another worker reaped this one."""
         if self.closed:
             return []
         adopt, self.resync = self.resync, True  # stays set unless this fetch completes
         items = self._adopt() if adopt else []
         most = min(most - len(items), FETCH_MOST)
         if most > 0:
-            if self.backlog or not may_block or items:
-                taken, length = self.queue.fetch(most)
-                self.backlog = length > 0
-                items += taken
+            if self.backlog or self.unpark or not may_block or items:
+                items += self._seen(self.queue.fetch(most), most)
             else:
                 items += self._pop(most)
         self.resync = False
-        self._know(items)
+        self._know(raw for raw, _ in items)
         return items
 
-    def _adopt(self) -> list[bytes]:
+    def _seen(self, taken: Taken, most: int) -> list[Item]:
+        """What a fetch saw: a backlog; parked items, which may move again once it filled its
+        room (what it left is capped, or waits for another owner, until a settle says)."""
+        if taken.length is not None:
+            self.backlog = taken.length > 0
+        self.parked, self.waiting = taken.parked, taken.waiting
+        self.unpark = taken.parked > 0 and len(taken.items) >= most
+        return taken.items
+
+    def _adopt(self) -> list[Item]:
         """What the in-flight list holds that this process does not know about, in order."""
-        found = self.queue.inflight_items()
         seen: Counter[bytes] = Counter()
         adopted = []
-        for raw in found:
+        for raw, keys in self.queue.inflight_items():
             seen[raw] += 1
             if seen[raw] > self.known[raw]:
-                adopted.append(raw)
+                adopted.append((raw, keys))
         if adopted:
             log.info("adopted %d notification(s) a lost Redis reply had left in flight",
                      len(adopted))
-        self._resync_pending = False
         return adopted
 
-    def _pop(self, most: int) -> list[bytes]:
-        """The first item of a quiet spell and whatever else is there (one round trip), then,
-        with linger, whatever came meanwhile."""
+    def _pop(self, most: int) -> list[Item]:
+        """The first items of a quiet spell (one round trip), then, with linger, whatever came
+        meanwhile."""
         self._popper = gevent.getcurrent()
         try:
-            items, length = self.queue.pop(BLOCK_S, most)
-            self.backlog = bool(length)
+            block_s = SHORT_BLOCK_S if self.owes else BLOCK_S
+            items = self._seen(self.queue.pop(block_s, most), most)
             if not items or self.linger_s <= 0 or len(items) >= most:
                 return items
             self.sleep(self.linger_s)  # a stop cuts this short too (PopCut)
         finally:
             self._popper = None
-        taken, length = self.queue.fetch(most - len(items))
-        self.backlog = length > 0
-        return items + taken
+        return items + self._seen(self.queue.fetch(most - len(items)), most - len(items))
 
-    def _know(self, items: Iterable[bytes]) -> None:
-        for raw in items:
+    def _know(self, raws: Iterable[bytes]) -> None:
+        for raw in raws:
             self.known[raw] += 1
             self.held += 1
 

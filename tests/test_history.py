@@ -27,9 +27,10 @@ def registered(r: redis.Redis, name: str, worker_id: str) -> RedisQueue:
 
 
 def fetch_n(q: RedisQueue, n: int, tag: str) -> list[bytes]:
-    raws = [f'{{"channel":"c","n":"{tag}{i}"}}'.encode() for i in range(n)]
+    # each tag its own channel: one worker's notifications are never another's to take
+    raws = [f'{{"channel":"c{tag}","n":"{tag}{i}"}}'.encode() for i in range(n)]
     q.client.rpush(q.keys.queue, *raws)
-    got, _ = q.fetch(n)
+    got = [raw for raw, _ in q.fetch(n).items]
     assert got == raws
     return got
 
@@ -86,10 +87,10 @@ def test_settle_scripts_count_into_second_and_minute_buckets(r: redis.Redis,
                                                              queue_name: str) -> None:
     q = registered(r, queue_name, "w1")
     got = fetch_n(q, 6, "a")
-    assert q.settle([Op.ack(x) for x in got[:3]], "calls=1 call:2=1 age:1=3")[0] == [True] * 3
-    assert q.settle([Op.shed(got[3])])[0] == [True]
-    assert q.settle([Op.dead(got[4], {"payload": "x", "error": "e"})])[0] == [True]
-    assert q.settle([Op.retry(got[5], "wrapper", 30)], "calls=1 failed=1 call:9=1")[0] == [True]
+    assert q.settle([Op.ack(x) for x in got[:3]], "calls=1 call:2=1 age:1=3").landed == [True] * 3
+    assert q.settle([Op.shed(got[3])]).landed == [True]
+    assert q.settle([Op.dead(got[4], {"payload": "x", "error": "e"})]).landed == [True]
+    assert q.settle([Op.retry(got[5], "wrapper", 30)], "calls=1 failed=1 call:9=1").landed == [True]
     want = {"delivered": 3, "shed": 1, "dead": 1, "retried": 1, "calls": 2, "failed": 1,
             "call:2": 1, "call:9": 1, "age:1": 3}
     assert sums(r, f"{queue_name}:history:s:*") == want
@@ -99,17 +100,17 @@ def test_settle_scripts_count_into_second_and_minute_buckets(r: redis.Redis,
 def test_a_replayed_settle_counts_nothing_twice(r: redis.Redis, queue_name: str) -> None:
     q = registered(r, queue_name, "w1")
     got = fetch_n(q, 2, "a")
-    assert q.settle([Op.ack(x) for x in got])[0] == [True, True]
+    assert q.settle([Op.ack(x) for x in got]).landed == [True, True]
     # a replay after a lost reply: removed nothing, counts nothing
-    assert q.settle([Op.ack(x) for x in got])[0] == [False, False]
-    assert q.settle([Op.put_back(x) for x in got])[0] == [False, False]
+    assert q.settle([Op.ack(x) for x in got]).landed == [False, False]
+    assert q.settle([Op.put_back(x) for x in got]).landed == [False, False]
     assert sums(r, f"{queue_name}:history:s:*") == {"delivered": 2}
 
 
 def test_requeue_and_trim_count_too(r: redis.Redis, queue_name: str) -> None:
     q = registered(r, queue_name, "w1")
     got = fetch_n(q, 2, "a")
-    assert q.settle([Op.put_back(x) for x in got], "calls=1 failed=1")[0] == [True, True]
+    assert q.settle([Op.put_back(x) for x in got], "calls=1 failed=1").landed == [True, True]
     r.rpush(queue_name, *[b"x"] * 5)
     assert q.trim(3) == 4
     assert sums(r, f"{queue_name}:history:s:*") == {"requeued": 2, "calls": 1, "failed": 1,

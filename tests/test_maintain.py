@@ -12,7 +12,7 @@ from relay.housekeeping import IDLE_MAINTENANCE_S, MAINTENANCE_S, MIN_WAIT_S, ne
 from relay.redis_server import RedisServer
 from relay.redis_shared import BLOCK_S
 from tests.support import WorkerProcess, wait_for
-from tests.test_queue import items, redis_now, registered
+from tests.test_queue import items, redis_now, registered, took
 
 
 @pytest.mark.parametrize("order", ["fifo", "lifo"])
@@ -47,7 +47,7 @@ def test_reaping_rounds_recover_expired_workers_once(r: redis.Redis, queue_name:
     dead = registered(r, queue_name)
     pushed = items(3)
     r.rpush(queue_name, *pushed)
-    assert dead.fetch(3) == (pushed, 0)
+    assert took(dead.fetch(3)) == (pushed, 0)
     dead.heartbeat(-1)  # its deadline is now in the past
     alive = registered(r, queue_name)
     assert alive.maintain(0, reap=False).recovered == {}  # not a reaping round

@@ -12,7 +12,7 @@ from redis.crc import key_slot
 
 from relay.deadletters import DeadLetters
 from relay.message import retry_wrapper
-from relay.queue import Keys, Op, RedisQueue, WorkerReaped
+from relay.queue import Keys, Op, RedisQueue, Taken, WorkerReaped
 from relay.redis_server import RedisServer
 from tests.support import wait_for
 
@@ -22,10 +22,17 @@ def items(n: int, prefix: str = "m") -> list[bytes]:
 
 
 def registered(r: redis.Redis, name: str, order: str = "fifo",
-               worker_id: str | None = None) -> RedisQueue:
-    q = RedisQueue(r, name, order, worker_id=worker_id)
+               worker_id: str | None = None, owned: bool = False) -> RedisQueue:
+    """A registered worker's queue; without channel ownership unless asked: these tests are
+    about the queue's own mechanics (ownership is tests/test_ownership.py's)."""
+    q = RedisQueue(r, name, order, worker_id=worker_id, owned=owned)
     q.heartbeat(60)
     return q
+
+
+def took(taken: Taken) -> tuple[list[bytes], int | None]:
+    """A fetch's items (without their lane keys) and the queue's length after."""
+    return [raw for raw, _ in taken.items], taken.length
 
 
 def redis_now(r: redis.Redis) -> float:
@@ -41,12 +48,12 @@ def test_fetch_moves_up_to_most_fifo_into_the_inflight_list(r: redis.Redis,
     q = registered(r, queue_name)
     pushed = items(5)
     r.rpush(queue_name, *pushed)
-    assert q.fetch(3) == (pushed[:3], 2)
+    assert took(q.fetch(3)) == (pushed[:3], 2)
     assert r.lrange(q.inflight_key, 0, -1) == pushed[:3]
     assert r.lrange(queue_name, 0, -1) == pushed[3:]
-    assert q.fetch(10) == (pushed[3:], 0)
-    assert q.fetch(10) == ([], 0)
-    assert q.inflight_items() == pushed
+    assert took(q.fetch(10)) == (pushed[3:], 0)
+    assert took(q.fetch(10)) == ([], 0)
+    assert [raw for raw, _ in q.inflight_items()] == pushed
     # The list keeps the name a per-slot list had for slot 0 (workers before 1.1 reap it).
     assert q.inflight_key == f"{queue_name}:inflight:{q.worker_id}:0"
 
@@ -55,7 +62,7 @@ def test_lifo_gives_the_newest_first(r: redis.Redis, queue_name: str) -> None:
     q = registered(r, queue_name, order="lifo")
     pushed = items(5)
     r.rpush(queue_name, *pushed)
-    assert q.fetch(2) == ([pushed[4], pushed[3]], 3)
+    assert took(q.fetch(2)) == ([pushed[4], pushed[3]], 3)
     assert r.lrange(queue_name, 0, -1) == pushed[:3]
 
 
@@ -63,7 +70,7 @@ def test_pop_on_an_empty_queue_blocks_then_returns_nothing(r: redis.Redis,
                                                            queue_name: str) -> None:
     q = registered(r, queue_name)
     started = time.monotonic()
-    assert q.pop(0.3, 10) == ([], None)
+    assert took(q.pop(0.3, 10)) == ([], 0)  # the fetch behind the pop found nothing either
     assert time.monotonic() - started >= 0.25  # it blocked (an upper bound would be load's)
 
 
@@ -77,14 +84,14 @@ def test_a_blocked_pop_wakes_for_a_push_and_tops_up_in_the_same_round_trip(
     r.rpush(queue_name, *pushed)
     # Woken by the push, not by the end of its 60 s block (20 s is load's margin): the first
     # by BLMOVE, two more by the script pipelined behind it, and the queue's length after.
-    assert popper.get(timeout=20) == (pushed[:3], 2)
+    assert took(popper.get(timeout=20)) == (pushed[:3], 2)
     assert r.lrange(q.inflight_key, 0, -1) == pushed[:3]
 
 
-def test_a_pop_for_one_does_not_top_up(r: redis.Redis, queue_name: str) -> None:
+def test_a_pop_takes_no_more_than_asked(r: redis.Redis, queue_name: str) -> None:
     q = registered(r, queue_name)
     r.rpush(queue_name, *items(3))
-    assert q.pop(1.0, 1) == (items(3)[:1], None)
+    assert took(q.pop(1.0, 1)) == (items(3)[:1], 2)
 
 
 def test_a_pop_after_a_redis_restart_loads_its_script_again(r: redis.Redis,
@@ -92,8 +99,7 @@ def test_a_pop_after_a_redis_restart_loads_its_script_again(r: redis.Redis,
     q = registered(r, queue_name)
     r.script_flush()
     r.rpush(queue_name, *items(3))
-    assert q.pop(1.0, 3) == (items(3)[:1], None)  # the length is unknown this once
-    assert q.pop(1.0, 3) == (items(3)[1:], 0)
+    assert took(q.pop(1.0, 3)) == (items(3), 0)  # loaded and run again at once
 
 
 def test_fetch_raises_when_unregistered(r: redis.Redis, queue_name: str) -> None:
@@ -103,18 +109,19 @@ def test_fetch_raises_when_unregistered(r: redis.Redis, queue_name: str) -> None
         q.fetch(10)
     assert r.llen(queue_name) == 2  # nothing moved
     assert q.heartbeat(60) is False
-    assert q.fetch(10) == (items(2), 0)
+    assert took(q.fetch(10)) == (items(2), 0)
 
 
-def test_a_reaped_worker_hands_back_what_a_blocking_pop_put_in_its_list(
-        r: redis.Redis, queue_name: str) -> None:
+def test_a_reaped_workers_pop_takes_nothing(r: redis.Redis, queue_name: str) -> None:
+    """The blocking pop only waits (BLMOVE from the queue to itself); the script behind it
+    sees the worker was reaped and takes nothing."""
     q = registered(r, queue_name)
     r.rpush(queue_name, *items(3))
     r.zrem(q.keys.workers, q.worker_id)  # another worker declared this one dead
     with pytest.raises(WorkerReaped):
-        q.pop(1.0, 10)  # BLMOVE does not check; the script pipelined behind it does
+        q.pop(1.0, 10)
     assert r.llen(q.inflight_key) == 0
-    assert r.lrange(queue_name, 0, -1) == items(3)  # back first in line
+    assert r.lrange(queue_name, 0, -1) == items(3)
 
 
 # -- settle ------------------------------------------------------------------------------------
@@ -131,7 +138,7 @@ def test_settle_carries_out_every_fate_of_a_call_in_one_script(r: redis.Redis,
     before = redis_now(r)
     ops = [Op.ack(a), Op.shed(b), Op.retry(c, wrapper, 30.0), Op.dead(d, entry),
            Op.put_back(e), Op.put_back(f)]
-    assert q.settle(ops, "calls=1") == ([True] * 6, 3)
+    assert (q.settle(ops, "calls=1").landed, q.length()) == ([True] * 6, 3)
     after = redis_now(r)
     assert r.llen(q.inflight_key) == 0
     assert r.lrange(queue_name, 0, -1) == [e, f, b"waiting"]  # put back in order, next
@@ -155,8 +162,8 @@ def test_a_replayed_settle_does_nothing_twice(r: redis.Redis, queue_name: str) -
     q.fetch(3)
     ops = [Op.ack(a), Op.put_back(b), Op.dead(c, {"payload": "x", "error": "e",
                                                     "failed_at": 1, "attempts": 0})]
-    assert q.settle(ops) == ([True, True, True], 1)
-    assert q.settle(ops) == ([False, False, False], 1)  # after a lost reply: nothing twice
+    assert q.settle(ops).landed == [True, True, True]
+    assert q.settle(ops).landed == [False, False, False]  # after a lost reply: nothing twice
     assert r.lrange(queue_name, 0, -1) == [b]
     assert r.llen(f"{queue_name}:dead") == 1
     assert r.hget(f"{queue_name}:stats", "delivered") == b"1"
@@ -167,9 +174,9 @@ def test_settle_removes_exactly_one_of_twins(r: redis.Redis, queue_name: str) ->
     twin, other = b'{"channel":"twin"}', b'{"channel":"other"}'
     r.rpush(queue_name, twin, other, twin)
     q.fetch(3)
-    assert q.settle([Op.ack(twin)]) == ([True], 0)
+    assert q.settle([Op.ack(twin)]).landed == [True]
     assert r.lrange(q.inflight_key, 0, -1) == [other, twin]
-    assert q.settle([Op.ack(b"never fetched")]) == ([False], 0)
+    assert q.settle([Op.ack(b"never fetched")]).landed == [False]
 
 
 @pytest.mark.parametrize("order", ["fifo", "lifo"])
@@ -178,11 +185,11 @@ def test_put_back_restores_the_original_order(r: redis.Redis, queue_name: str,
     q = registered(r, queue_name, order=order)
     pushed = items(6)
     r.rpush(queue_name, *pushed)
-    fetched, _ = q.fetch(3)
-    assert q.settle([Op.put_back(x) for x in fetched])[0] == [True] * 3
+    fetched, _ = took(q.fetch(3))
+    assert q.settle([Op.put_back(x) for x in fetched]).landed == [True] * 3
     assert r.lrange(queue_name, 0, -1) == pushed
     assert r.llen(q.inflight_key) == 0
-    assert q.fetch(3)[0] == fetched  # the same ones come out next
+    assert took(q.fetch(3))[0] == fetched  # the same ones come out next
 
 
 def test_an_unknown_op_is_refused_and_changes_nothing(r: redis.Redis, queue_name: str) -> None:
@@ -208,7 +215,7 @@ def test_promote_moves_only_due_members_where_the_next_pop_is(r: redis.Redis, qu
     assert r.zrange(f"{queue_name}:retry", 0, -1) == [later]
     queue = r.lrange(queue_name, 0, -1)
     assert queue == ([due, *waiting] if order == "fifo" else [*waiting, due])
-    assert q.fetch(1)[0] == [due]  # next in line
+    assert took(q.fetch(1))[0] == [due]  # next in line
 
 
 def test_promote_respects_its_limit(r: redis.Redis, queue_name: str) -> None:
@@ -225,8 +232,8 @@ def test_put_back_of_a_subset(r: redis.Redis, queue_name: str) -> None:
     q = registered(r, queue_name)
     pushed = items(4)
     r.rpush(queue_name, *pushed)
-    fetched, _ = q.fetch(3)
-    assert q.settle([Op.put_back(fetched[0]), Op.put_back(fetched[2])])[0] == [True, True]
+    fetched, _ = took(q.fetch(3))
+    assert q.settle([Op.put_back(fetched[0]), Op.put_back(fetched[2])]).landed == [True, True]
     assert r.lrange(queue_name, 0, -1) == [pushed[0], pushed[2], pushed[3]]
     assert r.lrange(q.inflight_key, 0, -1) == [pushed[1]]
 
@@ -258,8 +265,8 @@ def test_reap_returns_a_dead_workers_items_exactly_once(r: redis.Redis,
     dead = registered(r, queue_name)
     pushed = items(7)
     r.rpush(queue_name, *pushed)
-    slot0, _ = dead.fetch(3)
-    slot2, _ = dead.fetch(3)
+    slot0, _ = took(dead.fetch(3))
+    slot2, _ = took(dead.fetch(3))
     assert r.lrange(queue_name, 0, -1) == pushed[6:]
     dead.heartbeat(-1)  # its deadline is now in the past
 
@@ -299,12 +306,12 @@ def test_reap_in_lifo_puts_items_at_the_tail(r: redis.Redis, queue_name: str) ->
     dead = registered(r, queue_name, order="lifo")
     pushed = items(4)
     r.rpush(queue_name, *pushed)
-    fetched, _ = dead.fetch(2)
+    fetched, _ = took(dead.fetch(2))
     assert fetched == [pushed[3], pushed[2]]
     dead.heartbeat(-1)
     assert registered(r, queue_name, order="lifo").reap_expired() == {dead.worker_id: 2}
     assert r.lrange(queue_name, 0, -1) == pushed
-    assert registered(r, queue_name, order="lifo").fetch(2)[0] == fetched
+    assert took(registered(r, queue_name, order="lifo").fetch(2))[0] == fetched
 
 
 def test_release_returns_own_items_and_unregisters(r: redis.Redis, queue_name: str) -> None:
@@ -380,9 +387,9 @@ def test_requeue_dead_moves_each_back_exactly_once(r: redis.Redis, redis_server:
 
 def exercise_every_key(r: redis.Redis, name: str) -> RedisQueue:
     """Run every operation once, leaving each key the queue keeps non-empty."""
-    q = registered(r, name)
+    q = registered(r, name, owned=True)
     r.rpush(name, *items(8))
-    (a, b, c, d, e, f), _ = q.fetch(6)
+    (a, b, c, d, e, f), _ = took(q.fetch(6))
     q.settle([Op.ack(a)] + [Op.dead(raw, {"payload": raw.decode(), "error": "e",
                                          "failed_at": n, "attempts": 1})
                            for n, raw in enumerate((b, c))])
@@ -392,11 +399,14 @@ def exercise_every_key(r: redis.Redis, name: str) -> RedisQueue:
     q.promote_due()
     q.trim(1)
     q.lengths()
-    other = registered(r, name)
-    other.fetch(1)
+    other = registered(r, name, owned=True)
+    r.rpush(name, b'{"channel":"d"}')
+    assert took(other.fetch(2))[0] == [b'{"channel":"d"}']  # "c" is q's: handed over to it
     other.heartbeat(-1)
     q.reap_expired()
     assert r.lrange(q.inflight_key, 0, -1) == [f]  # f is still in flight
+    assert r.llen(q.keys.lane("c")) == 1  # a "c" left in the queue, parked for q, its owner
+    r.rpush(name, b"waiting")
     return q
 
 
@@ -404,7 +414,9 @@ def test_every_key_starts_with_the_queue_name(r: redis.Redis, queue_name: str) -
     q = exercise_every_key(r, queue_name)
     keys = {k.decode() for k in r.keys("*")}
     assert {queue_name, f"{queue_name}:stats", f"{queue_name}:retry", f"{queue_name}:workers",
-            f"{queue_name}:workers:info", f"{queue_name}:dead", q.inflight_key} <= keys
+            f"{queue_name}:workers:info", f"{queue_name}:dead", q.inflight_key,
+            q.keys.owners, q.keys.held(q.worker_id), q.keys.parked(q.worker_id),
+            q.keys.lane("c")} <= keys
     assert all(k == queue_name or k.startswith(f"{queue_name}:") for k in keys), keys
 
 
@@ -425,7 +437,7 @@ def _expire(r: redis.Redis, q: RedisQueue) -> None:
 def test_a_reaped_workers_lists_are_swept_for_a_while(r: redis.Redis, queue_name: str) -> None:
     frozen, live = registered(r, queue_name, worker_id="frozen"), registered(r, queue_name)
     r.rpush(queue_name, *items(2))
-    assert frozen.fetch(1)[0] == items(2)[:1]
+    assert took(frozen.fetch(1))[0] == items(2)[:1]
     _expire(r, frozen)
     assert live.reap_expired() == {"frozen": 1}
     # It thaws, pops once more, and dies before its heartbeat: the sweep finds the item.
@@ -441,7 +453,7 @@ def test_a_worker_registered_again_is_not_swept(r: redis.Redis, queue_name: str)
     live.reap_expired()
     assert frozen.heartbeat(60) is False  # it thawed: registered anew
     r.rpush(queue_name, *items(1))
-    assert frozen.fetch(10)[0] == items(1)
+    assert took(frozen.fetch(10))[0] == items(1)
     assert live.reap_expired() == {}
     assert r.lrange(frozen.inflight_key, 0, -1) == items(1)
     assert r.zscore(live.keys.reaped, "frozen") is None

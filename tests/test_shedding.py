@@ -17,7 +17,8 @@ def test_max_backlog_drops_the_oldest_excess_and_counts_it(r, pusher, start_work
                                                            queue_name):
     r.rpush(queue_name, *[json.dumps({"channel": "c", "n": i}) for i in range(500)])
     pusher.set_mode(hang=True)  # nothing leaves by delivery while the trim is checked
-    w = start_worker(RELAY_MAX_BACKLOG="100", RELAY_POOL_SIZE="1", PUSHER_TIMEOUT="30")
+    w = start_worker(RELAY_MAX_BACKLOG="100", RELAY_POOL_SIZE="1", RELAY_PREFETCH="10",
+                     PUSHER_TIMEOUT="30")
     wait_for(lambda: r.llen(queue_name) <= 100, what="the backlog trimmed to 100")
     stats = r.hgetall(f"{queue_name}:stats")
     left_now = pending(r, queue_name)  # queue and in-flight read at one instant

@@ -16,6 +16,10 @@ from tests.support import wait_for
 from tests.test_queue import items
 
 
+def raws(taken: list[tuple[bytes, tuple[str, ...]]]) -> list[bytes]:
+    return [raw for raw, _ in taken]
+
+
 @pytest.fixture
 def proxy(redis_server: RedisServer) -> Iterator[LostReply]:
     lossy = LostReply(redis_server.port)
@@ -37,7 +41,7 @@ def test_a_fetch_takes_up_to_the_room_and_counts_what_it_holds(r: redis.Redis,
                                                                window: Window) -> None:
     window.prefetch = 4
     r.rpush(window.queue.keys.queue, *items(6))
-    assert window.fetch(window.room, may_block=True) == items(6)[:4]
+    assert raws(window.fetch(window.room, may_block=True)) == items(6)[:4]
     assert (window.held, window.room, window.backlog) == (4, 0, True)
     window.forget(items(6)[:2])
     assert (window.held, window.room) == (2, 2)
@@ -55,9 +59,9 @@ def test_a_lost_fetch_reply_is_adopted_before_anything_newer(r: redis.Redis, pro
     assert window.resync and window.held == 0
     r.rpush(queue, *items(2, "later"))
     # Adopted first, in their order, then the rest: nothing taken later overtakes them.
-    assert window.fetch(100, may_block=False) == items(5) + items(2, "later")
+    assert raws(window.fetch(100, may_block=False)) == items(5) + items(2, "later")
     assert window.held == 7 and not window.resync
-    assert window.fetch(100, may_block=False) == []  # nothing adopted twice
+    assert raws(window.fetch(100, may_block=False)) == []  # nothing adopted twice
 
 
 def test_a_lost_pop_reply_is_adopted(r: redis.Redis, proxy: LostReply, window: Window) -> None:
@@ -69,7 +73,7 @@ def test_a_lost_pop_reply_is_adopted(r: redis.Redis, proxy: LostReply, window: W
     with pytest.raises(redis.ConnectionError):
         popper.get(timeout=10)
     assert r.lrange(window.queue.inflight_key, 0, -1) == items(3)  # popped and topped up
-    assert window.fetch(10, may_block=True) == items(3)
+    assert raws(window.fetch(10, may_block=True)) == items(3)
 
 
 def test_twins_are_adopted_only_as_often_as_they_are_missing(r: redis.Redis, proxy: LostReply,
@@ -77,12 +81,12 @@ def test_twins_are_adopted_only_as_often_as_they_are_missing(r: redis.Redis, pro
     twin = b'{"channel":"twin"}'
     queue = window.queue.keys.queue
     r.rpush(queue, twin)
-    assert window.fetch(1, may_block=False) == [twin]
+    assert raws(window.fetch(1, may_block=False)) == [twin]
     r.rpush(queue, twin, twin)
     proxy.lose_reply_to(b"EVALSHA")
     with pytest.raises(redis.ConnectionError):
         window.fetch(2, may_block=False)
-    assert window.fetch(10, may_block=False) == [twin, twin]  # one was known already
+    assert raws(window.fetch(10, may_block=False)) == [twin, twin]  # one was known already
     assert window.known[twin] == 3
 
 
@@ -93,7 +97,7 @@ def test_the_stop_cuts_a_blocking_pop_short(r: redis.Redis, window: Window) -> N
     window.cut()
     with pytest.raises(PopCut):
         popper.get(timeout=2)  # at once, not when the pop's 3 s are over
-    assert window.fetch(10, may_block=True) == []  # closed: no fetch begins
+    assert raws(window.fetch(10, may_block=True)) == []  # closed: no fetch begins
     assert window.queue.release() == 0
 
 
@@ -127,8 +131,8 @@ def test_a_greenlet_killed_mid_pop_leaves_the_item_for_the_release(r: redis.Redi
 
 def test_what_is_settled_leaves_the_window(r: redis.Redis, window: Window) -> None:
     r.rpush(window.queue.keys.queue, *items(3))
-    taken = window.fetch(3, may_block=False)
-    assert window.queue.settle([Op.ack(taken[0]), Op.put_back(taken[1])])[0] == [True, True]
+    taken = raws(window.fetch(3, may_block=False))
+    assert window.queue.settle([Op.ack(taken[0]), Op.put_back(taken[1])]).landed == [True, True]
     window.forget(taken[:2])
     assert window.held == 1 and dict(window.known) == {taken[2]: 1}
-    assert window.fetch(10, may_block=False) == [taken[1]]  # the put-back comes next
+    assert raws(window.fetch(10, may_block=False)) == [taken[1]]  # the put-back comes next
