@@ -129,6 +129,12 @@ def tls_args(certs: Certs, port: int) -> list[str]:
             "--tls-auth-clients", "no", "--tls-replication", "yes"]
 
 
+# A master that syncs a replica diskless (the default since Redis 7) first waits this long
+# for more replicas to arrive, 5 s by default: each replica here arrives alone, and would make
+# every deployment with one settle 5 s later for nothing. 0 starts the transfer at once.
+NO_SYNC_DELAY = ["--repl-diskless-sync-delay", "0"]
+
+
 def _server(certs: Certs | None, extra: list[str], appendonly: bool = False,
             conf: str | None = None) -> RedisServer:
     """A plain server, or a TLS-only one on a port of its own when certs are given."""
@@ -187,8 +193,8 @@ class SentinelSet:
         self.password = password
         self.sentinel_password = sentinel_password
         auth = ["--requirepass", password, "--masterauth", password] if password else []
-        self.master = _server(certs, auth, appendonly=True)
-        self.replica = _server(certs, [*auth, "--replicaof", "127.0.0.1",
+        self.master = _server(certs, [*auth, *NO_SYNC_DELAY], appendonly=True)
+        self.replica = _server(certs, [*auth, *NO_SYNC_DELAY, "--replicaof", "127.0.0.1",
                                        str(self.master.port)], appendonly=True)
         self.sentinels: list[RedisServer] = []
         self.dir = tempfile.mkdtemp(prefix="relay-sentinel-")
@@ -299,7 +305,8 @@ class ClusterSet:
         tls = [] if certs is None else ["--tls-cluster", "yes"]
         self.nodes = [_server(certs, ["--cluster-enabled", "yes", "--cluster-config-file",
                                       "nodes.conf", "--cluster-node-timeout", "2000",
-                                      "--cluster-port", str(free_port()), *tls],
+                                      "--cluster-port", str(free_port()), *tls,
+                                      *NO_SYNC_DELAY],
                               appendonly=replicas > 0)
                       for _ in range(3 * (1 + replicas))]
 
