@@ -65,7 +65,7 @@ def _push_until(stop: gevent.event.Event, client: redis.Redis, queue: str,
 
 def test_master_killed_mid_drain_worker_follows_the_promoted_replica(
         sentinels: SentinelSet, pusher, start_worker, queue_name, monkeypatch) -> None:
-    total = 2000
+    total = 1000
     monkeypatch.setenv("REDIS_URL", sentinels.url)
     p = producer.Producer(queue=queue_name)
     for i in range(total):
