@@ -9,12 +9,21 @@ from pathlib import Path
 
 import pytest
 import redis
+from gevent.hub import Hub
 
 from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer
 from tests.support import WorkerProcess
 
 _queue_names = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-timeout's SIGALRM handler raises pytest.fail.Exception in whichever greenlet
+    runs when the alarm lands. In a spawned one, gevent's hub would print it and let that
+    greenlet die: the test would pass, or hang on with no second alarm. As a SYSTEM_ERROR,
+    the hub throws it into the main greenlet, the test's, instead."""
+    Hub.SYSTEM_ERROR = (*Hub.SYSTEM_ERROR, pytest.fail.Exception)
 
 
 @pytest.fixture(scope="session")

@@ -199,8 +199,9 @@ def test_worker_refused_certificate_dead_letters_nothing_then_delivers(
 
 def test_worker_keeps_tls_connections_alive_through_the_proxy(
         r, pusher, front, certs, proxy, start_worker, queue_name, http_client):
-    # Two-channel envelopes go one call each: 100 calls from two greenlets.
-    r.rpush(queue_name, *[json.dumps({"relay": 1, "channels": ["a", "b"], "event": "e",
+    # Two-channel envelopes go one call each: 100 calls from two greenlets, side by side (each
+    # envelope on channels of its own: one channel's calls would go one at a time).
+    r.rpush(queue_name, *[json.dumps({"relay": 1, "channels": [f"a{n}", f"b{n}"], "event": "e",
                                       "data": {"n": n}}) for n in range(100)])
     start_worker(**worker_settings(pusher, front, http_client, certs.ca, proxy.url,
                                    RELAY_POOL_SIZE="2"))

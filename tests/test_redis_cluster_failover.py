@@ -16,8 +16,8 @@ from redis.cluster import RedisCluster
 
 from relay.connect import redis_client
 from relay.delivery import MAX_BATCH
-from tests.support import wait_for
-from tests.test_redis_cluster import _admin, _inflight
+from tests.support import all_delivered, events_total, wait_for
+from tests.test_redis_cluster import CHANNELS, _admin, _inflight
 from tests.topology import ClusterSet, require
 
 POOL_SIZE = 10
@@ -57,26 +57,28 @@ def _owner(cluster: ClusterSet, slot: int, asking: int) -> int:
 
 def test_the_queue_master_killed_mid_drain_its_replica_takes_over(
         cluster, pusher, start_worker, queue_name) -> None:
-    total = 3000
+    total = 1000
     rc = redis_client(cluster.url, 8)
-    rc.rpush(queue_name, *[json.dumps({"channel": "c", "n": i}) for i in range(total)])
+    rc.rpush(queue_name, *[json.dumps({"channel": f"c{i % CHANNELS}", "n": i})
+                           for i in range(total)])
     slot = rc.keyslot(queue_name)
     old = rc.get_node_from_key(queue_name).port
     wait_for(lambda: _replicated(cluster, old), timeout=30, what="the queue on the replica")
-    pusher.set_mode(delay=0.2)  # 10 slots x 10 a call: ~500/s, a drain of ~6 s
+    pusher.set_mode(delay=0.2)  # 10 calls x 10 a call: at most ~500/s, a drain of seconds
     # The default heartbeat TTL (10 s) outlasts the failover, so the worker is never reaped
     # by its own reaper mid-outage: what comes back twice is only what was in flight.
     worker = start_worker(REDIS_URL=cluster.url, RELAY_POOL_SIZE=str(POOL_SIZE),
                           RELAY_HEARTBEAT_TTL="10")
-    wait_for(lambda: len(pusher.events()) >= 500, timeout=30, what="the drain under way")
+    wait_for(lambda: events_total(pusher) >= total // 5, timeout=30, what="the drain under way")
     killed_at = time.time()
     cluster.by_port(old).kill()
+    assert events_total(pusher) < total, "the master was killed mid-drain"
     survivor = next(n.port for n in cluster.nodes if n.port != old)
     wait_for(lambda: _owner(cluster, slot, survivor) != old, timeout=30,
              what="the replica promoted")
     new = _owner(cluster, slot, survivor)
     delivered = lambda: Counter(json.loads(e["data"])["n"] for e in pusher.events())  # noqa: E731
-    wait_for(lambda: len(delivered()) == total, timeout=60,
+    wait_for(lambda: all_delivered(pusher, range(total)), timeout=60,
              what="every notification delivered after the failover")
     rc.close()
     rc = redis_client(f"redis+cluster://127.0.0.1:{new}", 8)

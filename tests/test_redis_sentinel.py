@@ -17,10 +17,12 @@ import redis
 from relay import producer
 from relay.connect import BlockingSentinelPool, redis_client
 from relay.delivery import MAX_BATCH
-from tests.support import wait_for
+from tests.support import all_delivered, events_total, wait_for
 from tests.topology import SentinelSet, require
 
 POOL_SIZE = 10
+# A channel has one call in flight at a time: a hundred keep the ten greenlets busy.
+CHANNELS = 100
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def _push_until(stop: gevent.event.Event, client: redis.Redis, queue: str,
     n = 100_000
     while not stop.is_set():
         try:
-            client.rpush(queue, json.dumps({"channel": "c", "n": n}))
+            client.rpush(queue, json.dumps({"channel": f"c{n % CHANNELS}", "n": n}))
             acked.append(n)
             n += 1
         except redis.RedisError:
@@ -63,22 +65,24 @@ def _push_until(stop: gevent.event.Event, client: redis.Redis, queue: str,
 
 def test_master_killed_mid_drain_worker_follows_the_promoted_replica(
         sentinels: SentinelSet, pusher, start_worker, queue_name, monkeypatch) -> None:
-    total = 4000
+    total = 1000
     monkeypatch.setenv("REDIS_URL", sentinels.url)
     p = producer.Producer(queue=queue_name)
     for i in range(total):
-        p.notify("c", {"n": i})
+        p.notify(f"c{i % CHANNELS}", {"n": i})
     wait_for(sentinels.replicated, timeout=30, what="the replica to have it all before the kill")
-    pusher.set_mode(delay=0.1)  # 10 slots x 10 a call: ~1000/s, a drain of ~4 s
+    pusher.set_mode(delay=0.1)  # 10 calls x 10 a call: at most ~1000/s, a drain of seconds
     # The default heartbeat TTL (10 s) outlasts the failover, so the worker is never reaped
     # by its own reaper mid-outage: what comes back twice is only what was in flight.
     worker = start_worker(REDIS_URL=sentinels.url, RELAY_POOL_SIZE=str(POOL_SIZE),
                           RELAY_HEARTBEAT_TTL="10")
     stop, acked = gevent.event.Event(), []
     pushing = gevent.spawn(_push_until, stop, producer.client_from_env(), queue_name, acked)
-    wait_for(lambda: len(pusher.events()) >= 1000, timeout=30, what="the drain under way")
+    wait_for(lambda: events_total(pusher) >= total // 5, timeout=30,
+             what="the drain under way")
     killed_at = time.time()
     sentinels.kill_master()
+    delivered_by_the_kill = events_total(pusher)
     wait_for(sentinels.promoted, timeout=60, what="the sentinels to promote the replica")
     pushed_by_then = len(acked)
     wait_for(lambda: len(acked) > pushed_by_then + 10, timeout=60,
@@ -87,7 +91,7 @@ def test_master_killed_mid_drain_worker_follows_the_promoted_replica(
     pushing.join(timeout=10)
     wanted = set(range(total)) | set(acked)
     delivered = lambda: Counter(json.loads(e["data"])["n"] for e in pusher.events())  # noqa: E731
-    wait_for(lambda: set(delivered()) >= set(range(total)), timeout=60,
+    wait_for(lambda: all_delivered(pusher, range(total)), timeout=60,
              what="every notification that reached the replica delivered")
     new_master = redis.Redis(port=sentinels.replica.port)
     wait_for(lambda: new_master.llen(queue_name) == 0 and not any(
@@ -107,6 +111,7 @@ def test_master_killed_mid_drain_worker_follows_the_promoted_replica(
         f"{gap_end - killed_at:.1f} s after the SIGKILL), "
         f"{lost_pre} of {total} queued before lost, {lost_during} of {len(acked)} pushed "
         f"during the failover lost, {duplicates} duplicates\n")
+    assert delivered_by_the_kill < total, "the master was killed mid-drain"
     assert worker.alive, "the worker followed the failover without a restart"
     log = worker.log()
     assert log.count("Redis unreachable") == 1, log

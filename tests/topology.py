@@ -72,13 +72,18 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+# P-256 keys: made in milliseconds, where an RSA key takes up to a second on a busy machine;
+# what the tests check (which CA, whether a client shows a certificate) is the same.
+NEW_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+
+
 def _ca(name: str, cwd: Path) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+    _openssl("req", "-x509", *NEW_KEY, "-nodes", "-days", "2", "-subj",
              f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=cwd)
 
 
 def _signed(name: str, ca: str, cwd: Path, server: bool) -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+    _openssl("req", *NEW_KEY, "-nodes", "-subj", f"/CN={name}",
              "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=cwd)
     ext = cwd / f"{name}.ext"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n" if server
@@ -127,6 +132,12 @@ def tls_args(certs: Certs, port: int) -> list[str]:
     return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", certs.server_cert,
             "--tls-key-file", certs.server_key, "--tls-ca-cert-file", certs.ca,
             "--tls-auth-clients", "no", "--tls-replication", "yes"]
+
+
+# A master that syncs a replica diskless (the default since Redis 7) first waits this long
+# for more replicas to arrive, 5 s by default: each replica here arrives alone, and would make
+# every deployment with one settle 5 s later for nothing. 0 starts the transfer at once.
+NO_SYNC_DELAY = ["--repl-diskless-sync-delay", "0"]
 
 
 def _server(certs: Certs | None, extra: list[str], appendonly: bool = False,
@@ -187,8 +198,8 @@ class SentinelSet:
         self.password = password
         self.sentinel_password = sentinel_password
         auth = ["--requirepass", password, "--masterauth", password] if password else []
-        self.master = _server(certs, auth, appendonly=True)
-        self.replica = _server(certs, [*auth, "--replicaof", "127.0.0.1",
+        self.master = _server(certs, [*auth, *NO_SYNC_DELAY], appendonly=True)
+        self.replica = _server(certs, [*auth, *NO_SYNC_DELAY, "--replicaof", "127.0.0.1",
                                        str(self.master.port)], appendonly=True)
         self.sentinels: list[RedisServer] = []
         self.dir = tempfile.mkdtemp(prefix="relay-sentinel-")
@@ -204,24 +215,35 @@ class SentinelSet:
     def _start(self) -> SentinelSet:
         self.master.start()
         self.replica.start()
-        for n in range(3):
-            conf = os.path.join(self.dir, f"sentinel{n}.conf")
-            lines = [f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2",
-                     f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
-                     f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
-                     f"sentinel parallel-syncs {SERVICE} 1"]
-            if self.password:
-                lines.append(f"sentinel auth-pass {SERVICE} {self.password}")
-            if self.sentinel_password:  # asked of clients, and of each other
-                lines += [f"requirepass {self.sentinel_password}",
-                          f"sentinel sentinel-pass {self.sentinel_password}"]
-            Path(conf).write_text("\n".join(lines) + "\n")
-            sentinel = _server(self.certs, ["--sentinel"], conf=conf)
-            self.sentinels.append(sentinel.start())
+        # Each sentinel is told the others (and the replica) up front, under ids of our own:
+        # left to find them, it hears of them in their hellos, sent every 2 s.
+        ids = [os.urandom(20).hex() for _ in range(3)]
+        confs = [os.path.join(self.dir, f"sentinel{n}.conf") for n in range(3)]
+        self.sentinels = [_server(self.certs, ["--sentinel"], conf=conf) for conf in confs]
+        for n, conf in enumerate(confs):
+            Path(conf).write_text("\n".join(self._sentinel_conf(n, ids)) + "\n")
+        for sentinel in self.sentinels:
+            sentinel.start()
         wait_for(self._replica_synced, timeout=20, what="the replica to sync")
         wait_for(lambda: all(self._sentinel_sees_replica(s) for s in self.sentinels),
-                 timeout=20, what="the sentinels to find the replica and each other")
+                 timeout=20, what="the sentinels to see the replica and reach each other")
         return self
+
+    def _sentinel_conf(self, n: int, ids: list[str]) -> list[str]:
+        lines = [f"sentinel myid {ids[n]}",
+                 f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2",
+                 f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
+                 f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
+                 f"sentinel parallel-syncs {SERVICE} 1",
+                 f"sentinel known-replica {SERVICE} 127.0.0.1 {self.replica.port}"]
+        lines += [f"sentinel known-sentinel {SERVICE} 127.0.0.1 {other.port} {ids[m]}"
+                  for m, other in enumerate(self.sentinels) if m != n]
+        if self.password:
+            lines.append(f"sentinel auth-pass {SERVICE} {self.password}")
+        if self.sentinel_password:  # asked of clients, and of each other
+            lines += [f"requirepass {self.sentinel_password}",
+                      f"sentinel sentinel-pass {self.sentinel_password}"]
+        return lines
 
     def node(self, server: RedisServer, **kwargs: object) -> redis.Redis:
         """The test's own client to the master or the replica (as the default user)."""
@@ -238,11 +260,15 @@ class SentinelSet:
             client.close()
 
     def _sentinel_sees_replica(self, sentinel: RedisServer) -> bool:
+        """It sees the replica up, and has working links to both other sentinels (a known
+        sentinel not reached yet is flagged disconnected)."""
         client = self._sentinel(sentinel)
         try:
-            master = client.sentinel_master(SERVICE)
-            return int(master.get("num-slaves", 0)) >= 1 and \
-                int(master.get("num-other-sentinels", 0)) >= 2
+            replicas = client.sentinel_slaves(SERVICE)
+            others = client.sentinel_sentinels(SERVICE)
+            return any(r["is_slave"] and not r["is_disconnected"] for r in replicas) and \
+                len(others) >= 2 and not any(o["is_disconnected"] or o["is_sdown"]
+                                             for o in others)
         finally:
             client.close()
 
@@ -299,7 +325,8 @@ class ClusterSet:
         tls = [] if certs is None else ["--tls-cluster", "yes"]
         self.nodes = [_server(certs, ["--cluster-enabled", "yes", "--cluster-config-file",
                                       "nodes.conf", "--cluster-node-timeout", "2000",
-                                      "--cluster-port", str(free_port()), *tls],
+                                      "--cluster-port", str(free_port()), *tls,
+                                      *NO_SYNC_DELAY],
                               appendonly=replicas > 0)
                       for _ in range(3 * (1 + replicas))]
 
