@@ -57,7 +57,7 @@ from relay.ratelimit import RateLimiter
 from relay.redis_shared import REDIS_DOWN, REDIS_ERRORS
 from relay.retry import Outage
 from relay.settle import Fated, Settler
-from relay.window import PopCut, Window
+from relay.window import SHORT_BLOCK_S, PopCut, Window
 
 log = logging.getLogger(__name__)
 
@@ -128,24 +128,26 @@ class Engine:
                 self._recover(exc)
 
     def _recover(self, exc: Exception) -> None:
-        """Back off from an error, and from an error met while handling it: the loop goes on."""
+        """Back off from an error, and from an error met while handling it: the loop goes on.
+        A backoff is a sleep only a stop cuts short: work arriving meanwhile must not wake a
+        greenlet into the same failure (all of them would then spin through an outage)."""
         try:
             if isinstance(exc, WorkerReaped):
                 self.on_reaped()
             elif isinstance(exc, REDIS_DOWN):
                 self.metrics.redis_errors.inc()
-                self._wait(self.outage.failed(exc))
+                self.stopping.wait(self.outage.failed(exc))
             else:
                 log.error("unexpected error in a pool greenlet; it goes on after a pause",
                           exc_info=exc)
-                self._wait(ERROR_PAUSE_S)
+                self.stopping.wait(ERROR_PAUSE_S)
         except REDIS_DOWN as again:
             self.metrics.redis_errors.inc()
-            self._wait(self.outage.failed(again))
+            self.stopping.wait(self.outage.failed(again))
         except Exception:
             log.exception("unexpected error while recovering from %s; going on after a pause",
                           type(exc).__name__)
-            self._wait(ERROR_PAUSE_S)
+            self.stopping.wait(ERROR_PAUSE_S)
 
     def _step(self) -> None:
         hold_s = self.circuit.wait_s()
@@ -162,7 +164,7 @@ class Engine:
             if probing:
                 self.circuit.abandon_probe()
             if not self._should_fetch(probing):
-                self._wait(IDLE_RECHECK_S)
+                self._wait(self._idle_for())
             return
         self._carry(call, probing)
 
@@ -171,12 +173,23 @@ class Engine:
     def _should_fetch(self, probing: bool) -> bool:
         if self.fetching or self.window.closed or self.stopping.is_set():
             return False
-        room = self.window.room
+        window = self.window
+        room = window.room
         if probing:
             return room > 0 and not self.lanes.ready
+        if time.monotonic() < window.idle_until and not window.unpark:
+            return False  # the last fetch could move nothing: look again soon, not in a loop
         if not self.lanes.ready:
             return room > 0
-        return room >= REFILL_AT and (self.window.backlog or self.window.unpark)
+        return room >= REFILL_AT and (window.backlog or window.unpark)
+
+    def _idle_for(self) -> float:
+        """How long a greenlet with nothing to do waits unless woken: until the fetch may look
+        again (parked items, a fetch that found nothing to move), else the safety net."""
+        if self.window.parked:
+            return SHORT_BLOCK_S
+        return min(IDLE_RECHECK_S, max(0.0, self.window.idle_until - time.monotonic()) or
+                   IDLE_RECHECK_S)
 
     def _fetch(self, most: int, may_block: bool) -> None:
         """Hold the fetch role: take what fits, put it in the lanes, wake who can send it."""
@@ -301,7 +314,9 @@ class Engine:
         try:
             settled = self.settler.settle(fates)
             self.window.backlog = settled.length > 0
-            self.window.unpark = self.window.unpark or settled.parked > 0
+            if settled.parked:  # what this call freed may let parked ones in: fetch soon
+                self.window.unpark = True
+                self._notify(1)
         except Exception:
             self.window.resync = True
             raise

@@ -36,7 +36,8 @@ def assemble(cfg: Config, burst: bool = False) -> Worker:
     assert cfg.pusher is not None  # load(need_pusher=True) guarantees it
     metrics = Metrics()
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
-    queue = RedisQueue(client, cfg.queue, cfg.order, owned=cfg.channel_order)
+    queue = RedisQueue(client, cfg.queue, cfg.order, owned=cfg.channel_order,
+                       spread=cfg.prefetch)
     logs.set_worker(queue.worker_id)  # every line from here on names this process
     tally = Tally()  # the dashboard's call figures, riding on settle steps (history.py)
 

@@ -16,7 +16,11 @@ The rules, each carried out inside one script (so two processes never see a half
    every key (claiming those nobody owns), and no key's lane list holds anything, it moves the
    item into its window. Otherwise the item is *parked*: appended to the lane list of each of
    its keys, for the owner. So each key has one owner at a time, and its notifications are
-   either in the owner's window or behind one another in its lane list.
+   either in the owner's window or behind one another in its lane list. While a backlog
+   longer than a window waits, a key nobody owns goes to the live worker that rendezvous
+   hashing (highest sha1 of worker and key) picks, whoever takes it: so a drain over many
+   channels is shared between the processes instead of going to the first one to fetch; at
+   everyday rates the taker claims it itself, so nothing waits for another's blocking pop.
 2. **Park a busy key.** An owner holding `cap` of a key's notifications (a few calls' worth)
    parks the next ones too: a busy channel cannot fill the window; the parked ones go before
    any newer one of the key, since a key with a non-empty lane list parks everything newer.
@@ -100,7 +104,8 @@ local function parked_of(prefix, w) return prefix .. ':parked:' .. w end
 
 # KEYS: queue, workers zset, in-flight list, owners hash.
 # ARGV: pop side, worker id, room (most to move into the window), cap (most of one key in the
-# window), work (most queue items to look at), prefix.
+# window), work (most queue items to look at), prefix, spread (a backlog longer than this is
+# shared out: new keys go to the worker rendezvous hashing picks).
 # Returns false when this worker was reaped (see FETCH), else {the items moved into the
 # window, each {raw, {its lane keys}}, in taking order; the queue's length after; the number
 # of keys with parked items; how many of those wait for another owner (a takeover)}.
@@ -166,18 +171,45 @@ local function unpark_head(k)
   into_window(head, ks)
   return 'moved'
 end
-for _, k in ipairs(redis.call('SMEMBERS', parked)) do
-  if room <= 0 then break end
-  local step = 'moved'
-  while room > 0 and step == 'moved' do step = unpark_head(k) end
-  if step == 'empty' then redis.call('SREM', parked, k) end
-  if step == 'waiting' then waiting = waiting + 1 end
+-- Rounds over the parked keys until nothing moves: an envelope moved from one lane may let
+-- another lane's head go.
+local progress = true
+while progress and room > 0 do
+  progress, waiting = false, 0
+  for _, k in ipairs(redis.call('SMEMBERS', parked)) do
+    if room <= 0 then break end
+    local step = unpark_head(k)
+    while step == 'moved' do
+      progress = true
+      if room <= 0 then break end
+      step = unpark_head(k)
+    end
+    if step == 'empty' then redis.call('SREM', parked, k) end
+    if step == 'waiting' then waiting = waiting + 1 end
+  end
 end
 
--- 2. Take from the queue: into the window, or parked for the owner.
+-- 2. Take from the queue: into the window, or parked for the owner. A key nobody owns is
+-- claimed by this worker; but while a backlog longer than `spread` waits, by the live worker
+-- that rendezvous hashing picks for it (relay.ownership, 1), so a drain is shared.
 local peek = 0
 if side == 'RIGHT' then peek = -1 end
 local looked = 0
+local spread = tonumber(ARGV[7])
+local live = nil
+local function chooser(k)
+  if redis.call('LLEN', queue) <= spread then return me end
+  if not live then
+    local t = redis.call('TIME')
+    live = redis.call('ZRANGEBYSCORE', KEYS[2], tonumber(t[1]), '+inf')
+  end
+  local best, score = me, nil
+  for _, w in ipairs(live) do
+    local s = redis.sha1hex(w .. '\0' .. k)
+    if not score or s > score then best, score = w, s end
+  end
+  return best
+end
 while room > 0 and looked < work do
   local item = redis.call('LINDEX', queue, peek)
   if not item then break end
@@ -197,7 +229,10 @@ while room > 0 and looked < work do
         if found[i] ~= me then mine = false end
       end
     end
-    target = target or me
+    if not target then
+      target = chooser(ks[1])
+      mine = target == me
+    end
     for i, x in ipairs(ks) do
       if not found[i] then own(x, target) end
     end

@@ -334,6 +334,7 @@ redis.call('LTRIM', k, 0, -1)
 redis.call('LREM', k, 0, 'p')
 redis.call('ZADD', k, now, 'p')
 redis.call('ZSCORE', k, 'p')
+redis.call('ZRANGE', k, 0, 0)
 redis.call('ZRANGEBYSCORE', k, '-inf', now, 'LIMIT', 0, 1)
 redis.call('ZCOUNT', k, '-inf', now)
 redis.call('ZREM', k, 'p')
@@ -341,6 +342,19 @@ redis.call('HSET', k, 'p', '1')
 redis.call('HINCRBY', k, 'p', 1)
 redis.call('EXPIRE', k, 60)
 redis.call('HDEL', k, 'p')
+redis.call('HSETNX', k, 'p', '1')
+redis.call('HGET', k, 'p')
+redis.call('HLEN', k)
+redis.call('HKEYS', k)
+redis.call('DEL', k)
+redis.call('SADD', k, 'p')
+redis.call('SCARD', k)
+redis.call('SMEMBERS', k)
+redis.call('SREM', k, 'p')
+redis.call('RPUSH', k, 'p', 'q')
+redis.call('LINDEX', k, 0)
+redis.call('LPOP', k)
+redis.call('RPOP', k)
 redis.call('SET', k, 'p', 'PX', 1000)
 redis.call('GET', k)
 redis.call('DEL', k)
@@ -524,8 +538,12 @@ class RedisQueue:
     WORK = 1000
 
     def __init__(self, client: redis.Redis, name: str, order: str = "fifo",
-                 worker_id: str | None = None, owned: bool = True) -> None:
+                 worker_id: str | None = None, owned: bool = True, spread: int = 1000
+                 ) -> None:
+        """spread: a backlog longer than this (the window) is shared out between the live
+        workers, channel by channel (relay.ownership, 1)."""
         self.client = client
+        self.spread = spread
         self.keys = Keys(name, cluster=is_cluster(client))
         self.worker_id = worker_id or new_worker_id()
         self.owned = owned
@@ -561,7 +579,7 @@ class RedisQueue:
         args: list[Any] = [self.pop_side, self.worker_id, most]
         if self.owned:
             keys.append(self.keys.owners)
-            args += [self.CAP, self.WORK, self.keys.prefix]
+            args += [self.CAP, self.WORK, self.keys.prefix, self.spread]
         return keys, args
 
     def _taken(self, found: Any) -> Taken:
@@ -711,6 +729,7 @@ class RedisQueue:
         pipe.lrange(key, 0, 0)
         pipe.lrem(key, 1, "p")
         pipe.zrange(key, 0, 0)
+        pipe.zrevrange(key, 0, 0)
         pipe.zcard(key)
         pipe.hget(key, "p")
         pipe.hgetall(key)

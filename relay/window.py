@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -62,6 +63,9 @@ class Window:
         self.unpark = False  # some of them may move into the window now: fetch without blocking
         self.waiting = 0  # of those, how many wait for another owner (the next fetch looks)
         self.resync = False  # a reply may have been lost: read the whole list first
+        # A fetch that could move nothing (all capped, an envelope waiting for its other owner,
+        # the queue's head another worker's to claim): the next one waits until this (monotonic)
+        self.idle_until = float("-inf")
         self.closed = False
         self._popper: gevent.Greenlet | None = None
 
@@ -74,6 +78,12 @@ class Window:
         """The process owns channels (it holds their notifications, or parks some): a channel
         handed over to it must not wait for a long blocking pop to end."""
         return self.held > 0 or self.parked > 0
+
+    @property
+    def may_pop(self) -> bool:
+        """Nothing in view to take without waiting: a blocking pop is the way. Not while this
+        process parks anything: what its settling frees must not wait for a pop to end."""
+        return not (self.backlog or self.unpark or self.parked)
 
     def fetch(self, most: int, may_block: bool) -> list[Item]:
         """Items newly taken, in taking order (the caller holds the process's fetch role).
@@ -88,10 +98,12 @@ class Window:
         items = self._adopt() if adopt else []
         most = min(most - len(items), FETCH_MOST)
         if most > 0:
-            if self.backlog or self.unpark or not may_block or items:
-                items += self._seen(self.queue.fetch(most), most)
-            else:
+            if may_block and self.may_pop and not items:
                 items += self._pop(most)
+            else:
+                items += self._seen(self.queue.fetch(most), most)
+                if not items:
+                    self.idle_until = time.monotonic() + SHORT_BLOCK_S
         self.resync = False
         self._know(raw for raw, _ in items)
         return items

@@ -16,7 +16,7 @@ from relay.message import InvalidMessage, parse
 from relay.producer import Producer, notify
 from relay.pusher_server import LocalPusher
 from relay.rules import MAX_DATA_BYTES
-from tests.support import ROOT, WorkerProcess
+from tests.support import ROOT, WorkerProcess, wait_for
 
 
 def popped(r: redis.Redis, queue: str) -> list[str]:
@@ -201,9 +201,9 @@ def test_worker_delivers_the_same_event_and_data_with_the_age_measured(
     producer = Producer(r, queue_name, max_data_bytes=102400)
     producer.notify("site-42", data)
     events = pusher.wait_for_events(1, timeout=10)
-    ages = [k for key in r.keys(f"{queue_name}:history:s:*") for k in r.hkeys(key)
-            if k.startswith(b"age:")]
-    assert ages, "no enqueue-to-delivery age was counted"
+    # The settle that counts the age follows the call's answer: wait for it, not just the event.
+    wait_for(lambda: [k for key in r.keys(f"{queue_name}:history:s:*") for k in r.hkeys(key)
+                      if k.startswith(b"age:")], what="an enqueue-to-delivery age counted")
     Producer(r, queue_name, max_data_bytes=102400, classic=True).notify("site-42", data)
     events = pusher.wait_for_events(2, timeout=10)
     stamped, classic = ((e["channel"], e["name"], e["data"]) for e in events)

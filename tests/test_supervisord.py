@@ -167,8 +167,8 @@ def worker_log(tmp_path: Path, num: int) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def push(r: redis.Redis, queue: str, count: int) -> None:
-    support.push(r, queue, count, channel="site-1", key="id")
+def push(r: redis.Redis, queue: str, count: int, channels: int = 1) -> None:
+    support.push(r, queue, count, channel="site-1", key="id", channels=channels)
 
 
 def delivered_ids(pusher: LocalPusher) -> set[int]:
@@ -227,7 +227,7 @@ def test_kill_9_is_restarted_and_nothing_is_lost(
     pusher.set_mode(delay=0.05)  # slow enough that the victim has work in flight
     victim = sup.pid(PROGRAMS[0])
     wid = wait_for(lambda: worker_id_of(r, queue_name, victim), 15, "the victim's worker id")
-    push(r, queue_name, count)
+    push(r, queue_name, count, channels=50)  # one channel would have one owner, not two
     wait_for(lambda: holds_inflight(r, queue_name, wid), 15, "the victim holding work")
 
     os.kill(victim, signal.SIGKILL)
