@@ -481,6 +481,10 @@ def test_the_deploy_recipe_as_written(redis_server: RedisServer, pusher: LocalPu
                     "worker instead of quieting it")
     [out] = run_supervisord_section(redis_server, pusher, scratch, ("supervisord", "deploy"))
     assert out.count("entered RUNNING state") >= 4, out  # both restarted
+    started = re.findall(r"INFO relay\.process: worker (\S+) started", out)
+    assert len(started) == 4, out
+    for wid in started[:2]:  # the first two went quiet before their restart, and said so
+        assert re.search(rf"^\S+ \S+ \[{re.escape(wid)}\] \S+ \S+ quiet", out, re.MULTILINE), out
 
 
 if __name__ == "__main__":
