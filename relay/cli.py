@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from relay import __version__, admin, config, launcher, logs
+from relay import __version__, admin, apps, config, launcher, logs
 
 log = logging.getLogger(__name__)
 
@@ -77,5 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.setup(cfg.log_level, cfg.log_format)
     if command == "run":
-        return launcher.run(cfg, burst=bool(getattr(args, "burst", False)))
+        try:
+            found = apps.from_config(cfg)
+        except config.ConfigError as exc:  # a bad RELAY_APPS file: nothing has started
+            sys.stderr.write(f"relay: bad configuration: {exc}\n")
+            return EXIT_CONFIG
+        return launcher.run(cfg, found, burst=bool(getattr(args, "burst", False)))
     return launcher.run_admin(command, args, cfg)

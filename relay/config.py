@@ -460,7 +460,8 @@ def load(env: Mapping[str, str] | None = None, args: argparse.Namespace | None =
     burst = raw["rate_burst"]
     if burst is None:
         burst = default_burst(raw["rate_limit"])
-    pusher = _pusher_target(raw) if need_pusher else None
+    # With RELAY_APPS the file names every app (relay.apps) and PUSHER_URL is not read.
+    pusher = _pusher_target(raw) if need_pusher and not raw["apps_file"] else None
     values = {k: v for k, v in raw.items() if not k.startswith("pusher_")}
     values.update(pusher=pusher, rate_burst=burst, pusher_timeout=raw["pusher_timeout"],
                   pusher_encryption_master_key=raw["pusher_encryption_master_key"])

@@ -35,13 +35,15 @@ from dataclasses import dataclass
 import gevent
 import gevent.event
 
-from relay.circuit import Circuit
-from relay.delivery import MAX_BATCH, Delivery, goes_alone
+from relay.apps import DEFAULT, UnknownApp
+from relay.delivery import MAX_BATCH, goes_alone
 from relay.fate import (
     DELIVERED,
     UNSENT,
+    DeadLetter,
     Fate,
     Gate,
+    Later,
     Policy,
     PutBack,
     Send,
@@ -50,12 +52,12 @@ from relay.fate import (
     verdict,
 )
 from relay.lanes import Entry, Lanes
-from relay.message import InvalidMessage, Limits, Notification, parse
+from relay.message import InvalidMessage, Notification, parse
 from relay.metrics import Metrics
 from relay.queue import RedisQueue, WorkerReaped
-from relay.ratelimit import RateLimiter
 from relay.redis_shared import REDIS_DOWN, REDIS_ERRORS
 from relay.retry import Outage
+from relay.routes import Route, Routes
 from relay.settle import Fated, Settler
 from relay.window import SHORT_BLOCK_S, PopCut, Window
 
@@ -81,37 +83,33 @@ class Settings:
     prefetch: int
     channel_order: bool
     event: str
-    limits: Limits
     policy: Policy
     linger_s: float = 0.0
 
 
 class Engine:
-    def __init__(self, settings: Settings, queue: RedisQueue, delivery: Delivery,
+    def __init__(self, settings: Settings, queue: RedisQueue, routes: Routes,
                  settler: Settler, metrics: Metrics, outage: Outage,
-                 stopping: gevent.event.Event, limiter: RateLimiter | None = None,
-                 circuit: Circuit | None = None, clock: Callable[[], float] = time.time,
+                 stopping: gevent.event.Event, clock: Callable[[], float] = time.time,
                  on_reaped: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self.queue = queue
-        self.delivery = delivery
+        self.routes = routes  # each app's delivery, circuit and rate limit (relay.routes)
         self.settler = settler
         self.metrics = metrics
         self.outage = outage
         self.stopping = stopping
-        self.limiter = limiter
-        self.circuit = circuit or Circuit()
         self.clock = clock
         self.on_reaped = on_reaped  # re-register (the housekeeper's heartbeat)
-        self.batch = MAX_BATCH if limiter is None else min(MAX_BATCH, limiter.burst)
         prefetch = settings.prefetch
-        if limiter is not None:  # hold no more than a couple of seconds' worth of budget
-            prefetch = min(prefetch, max(self.batch, 2 * limiter.burst))
+        limited = [r.limiter.burst for r in routes if r.limiter is not None]
+        if limited and len(limited) == len(routes):
+            # every app rate-limited: hold no more than a couple of seconds' worth of budget
+            prefetch = min(prefetch, max(MAX_BATCH, 2 * sum(limited)))
         self.window = Window(queue, prefetch, settings.linger_s)
-        self.lanes = Lanes(self.batch)
+        self.lanes = Lanes(MAX_BATCH)
         self.fetching = False
         self.busy = 0  # greenlets in a call now
-        self.last_success_at: float | None = None  # wall clock, for fate.is_suspect
         self._idle: deque[gevent.event.Event] = deque()
         self._own_keys = itertools.count()  # a lane of its own: ordering off, unreadable items
 
@@ -150,23 +148,69 @@ class Engine:
             self.stopping.wait(ERROR_PAUSE_S)
 
     def _step(self) -> None:
-        hold_s = self.circuit.wait_s()
-        if hold_s > 0:
-            if self.circuit.is_open:
-                self._put_back_idle()
-            self._wait(min(hold_s, RECHECK_S))
-            return
-        probing = self.circuit.is_open  # wait_s made this greenlet the probe
+        """One turn: with one app, its gate first (an open circuit stops the fetching and
+        sends the window back to the queue, as everything must then wait in Redis); then fetch
+        if it is time, form a call, pass it through its app's gate, carry it."""
+        only = next(iter(self.routes)) if len(self.routes) == 1 else None
+        probing = False
+        if only is not None:
+            probing = self._only_gate(only)
+            if probing is None:
+                return
         if self._should_fetch(probing):
             self._fetch(1 if probing else self.window.room, may_block=not self.lanes.ready)
         call = self.lanes.next_call(1 if probing else None)
         if not call:
-            if probing:
-                self.circuit.abandon_probe()
+            if probing and only is not None:
+                only.circuit.abandon_probe()
             if not self._should_fetch(probing):
                 self._wait(self._idle_for())
             return
-        self._carry(call, probing)
+        route = self.routes.get(call[0].group)
+        if route is not None:
+            if only is None:
+                probing = self._app_gate(route, call)
+                if probing is None:
+                    return
+            call = self._trim(call, 1 if probing else route.batch)
+        self._carry(call, probing, route)
+
+    def _app_gate(self, route: Route, call: list[Entry]) -> bool | None:
+        """One app's gate of several: None when it holds (the call was set aside), else
+        whether this greenlet is to probe its open circuit."""
+        hold_s = route.circuit.wait_s()
+        if hold_s > 0:
+            self._set_aside(route, call, hold_s)
+            return None
+        return route.circuit.is_open
+
+    def _trim(self, call: list[Entry], keep: int) -> list[Entry]:
+        """A probe takes one; a small rate-limit burst fewer than a batch: the rest waits."""
+        if len(call) > keep:
+            self.lanes.unsend(call[keep:])
+            return call[:keep]
+        return call
+
+    def _only_gate(self, only: Route) -> bool | None:
+        """The one app's gate: None while it holds (this greenlet waited a little), else
+        whether this greenlet is to probe the open circuit."""
+        hold_s = only.circuit.wait_s()
+        if hold_s > 0:
+            if only.circuit.is_open:
+                self._put_back_idle()
+            self._wait(min(hold_s, RECHECK_S))
+            return None
+        return only.circuit.is_open  # wait_s made this greenlet the probe
+
+    def _set_aside(self, route: Route, call: list[Entry], hold_s: float) -> None:
+        """One app of several is held (its circuit open, or a 429 pause): its calls and what
+        of it waits in the lanes go to the retry set until the gate may open again, with no
+        attempt counted, so the window stays free for the other apps."""
+        entries = [*call, *self.lanes.take_group(route.name)]
+        fates: list[Fated] = [(e.raw, e.item, Later(hold_s, f"app {route.name} held: "
+                               f"{route.circuit.reason or 'paused by a 429'}"), e.extra)
+                              for e in entries]
+        self._settle_or_forget(entries, fates, route)
 
     # -- the window ------------------------------------------------------------------------------
 
@@ -208,11 +252,12 @@ class Engine:
         """keys: the lane keys the fetch script read (relay.ownership), the ones its settling
         counts down; with ordering off, none, and each notification has a lane of its own."""
         try:
-            note = parse(raw, self.settings.event, self.settings.limits)
-        except InvalidMessage as exc:
-            entry = Entry(raw, exc, (self._own_key(),), alone=True)
+            note = parse(raw, self.settings.event, self.routes.apps.limits_for)
+        except InvalidMessage as exc:  # an unknown app too: dead-lettered, naming the known
+            entry = Entry(raw, exc, (self._own_key(),), alone=True, group=DEFAULT)
         else:
-            entry = Entry(raw, note, keys or (self._own_key(),), alone=goes_alone(note))
+            entry = Entry(raw, note, keys or (self._own_key(),), alone=goes_alone(note),
+                          group=note.app or DEFAULT)
         entry.extra = keys
         return entry
 
@@ -237,27 +282,35 @@ class Engine:
 
     # -- one call --------------------------------------------------------------------------------
 
-    def _carry(self, call: list[Entry], probing: bool) -> None:
+    def _carry(self, call: list[Entry], probing: bool, route: Route | None) -> None:
+        """route: the app the call goes to; None when that app is gone (a reload removed
+        it) or the call holds only what cannot be sent."""
         self.busy += 1
+        if route is not None:
+            route.calls += 1
         try:
             try:
-                fates = self._fates(call, probing)
+                fates = self._fates(call, probing, route)
             except Exception:
                 log.exception("unexpected error while sending a call; its notifications go "
                               "back to the queue")
                 fates = [(e.raw, e.item, PutBack(), e.extra) for e in call]
-            self._settle_or_forget(call, fates)
+            self._settle_or_forget(call, fates, route)
         finally:
             self.busy -= 1
-            if probing and self.circuit.probing:
-                self.circuit.abandon_probe()  # ended without a verdict (nothing sent, a 429)
+            if route is not None:
+                route.calls -= 1
+                if probing and route.circuit.probing:
+                    route.circuit.abandon_probe()  # no verdict (nothing sent, a 429)
+                route.close_if_idle()
             if any(e.called for e in call):  # killed (a shutdown): the release returns them
                 self.lanes.finish(call)
 
-    def _fates(self, call: Sequence[Entry], probing: bool) -> list[Fated]:
+    def _fates(self, call: Sequence[Entry], probing: bool, route: Route | None
+               ) -> list[Fated]:
         """Decide, send what may go, tell the circuit once: every entry's fate."""
         now = self.clock()
-        gate = Gate(holding=not probing and self.circuit.holding())
+        gate = Gate(holding=route is not None and not probing and route.circuit.holding())
         decided: dict[int, Fate] = {}
         to_send: list[Entry] = []
         for entry in call:
@@ -266,41 +319,47 @@ class Engine:
                 to_send.append(entry)
             else:
                 decided[id(entry)] = fate
-        if to_send:
-            decided.update(self._send(to_send, probing, gate))
+        if to_send and route is None:  # its app was removed by a reload meanwhile
+            known = self.routes.apps.by_name
+            decided.update({id(e): DeadLetter("invalid", str(UnknownApp(e.group, known)), 0)
+                            for e in to_send})
+        elif to_send:
+            decided.update(self._send(to_send, probing, gate, route))
         return [(e.raw, e.item, decided[id(e)], e.extra) for e in call]
 
-    def _send(self, entries: Sequence[Entry], probing: bool, gate: Gate) -> dict[int, Fate]:
+    def _send(self, entries: Sequence[Entry], probing: bool, gate: Gate, route: Route
+              ) -> dict[int, Fate]:
         notes: list[Notification] = [e.item for e in entries]
         cost = sum(n.cost for n in notes)
-        if not self._budget(cost) or self.stopping.is_set() or (
-                not probing and self.circuit.holding()):
+        if not self._budget(route, cost) or self.stopping.is_set() or (
+                not probing and route.circuit.holding()):
             # The stop came, or the gate closed, while this call waited for budget.
-            self._refund(cost)
+            self._refund(route, cost)
             return {id(e): PutBack() for e in entries}
-        answers = self.delivery.send(notes)
+        answers = route.delivery.send(notes)
         now = self.clock()
-        self._tell_circuit(verdict(notes, answers, self.last_success_at, now))
+        self._tell_circuit(route, verdict(notes, answers, route.last_success_at, now))
         policy = self.settings.policy
         return {id(e): decide(e.item, DELIVERED if a is None else a, gate, now, policy)
                 for e, a in zip(entries, answers, strict=True)}
 
-    def _budget(self, cost: int) -> bool:
-        """The shared rate limit's budget for exactly what this call sends (waits for it)."""
-        if self.limiter is None:
+    def _budget(self, route: Route, cost: int) -> bool:
+        """The app's shared rate limit: budget for exactly what this call sends (waits)."""
+        if route.limiter is None:
             return True
-        return self.limiter.take_all(cost, self.stopping.is_set) >= cost
+        return route.limiter.take_all(cost, self.stopping.is_set) >= cost
 
-    def _refund(self, cost: int) -> None:
-        if self.limiter is None:
+    def _refund(self, route: Route, cost: int) -> None:
+        if route.limiter is None:
             return
         try:
-            self.limiter.refund(cost)
+            route.limiter.refund(cost)
         except REDIS_ERRORS as exc:  # budget bookkeeping: never worth a notification
             log.warning("could not give back %d unused rate-limit events (%s)", cost,
                         type(exc).__name__)
 
-    def _settle_or_forget(self, entries: Sequence[Entry], fates: list[Fated]) -> None:
+    def _settle_or_forget(self, entries: Sequence[Entry], fates: list[Fated],
+                          route: Route | None = None) -> None:
         """Persist the fates (retried through outages), then free the lanes and the window.
 
         What goes back to the queue takes along what waits behind it in its lanes, in the same
@@ -312,7 +371,7 @@ class Engine:
             fates = fates + [(e.raw, e.item, PutBack(), e.extra) for e in behind]
             entries = [*entries, *behind]
         try:
-            settled = self.settler.settle(fates)
+            settled = self.settler.settle(fates, route.name if route is not None else DEFAULT)
             self.window.backlog = settled.length > 0
             if settled.parked:  # what this call freed may let parked ones in: fetch soon
                 self.window.unpark = True
@@ -327,18 +386,19 @@ class Engine:
             if called:
                 self._notify(self.lanes.finish(called))
 
-    def _tell_circuit(self, news: Verdict) -> None:
-        was_open = self.circuit.is_open
+    def _tell_circuit(self, route: Route, news: Verdict) -> None:
+        circuit = route.circuit
+        was_open = circuit.is_open
         if news.pause_s:  # Retry-After: 0 means no pause at all
-            self.circuit.pause(news.pause_s, news.pause_why)
+            circuit.pause(news.pause_s, news.pause_why)
         if news.systemic is not None:
-            self.circuit.systemic(news.systemic)
+            circuit.systemic(news.systemic)
         elif news.delivered:
-            self.last_success_at = self.clock()
-            self.circuit.succeeded()
+            route.last_success_at = self.clock()
+            circuit.succeeded()
         elif news.transient is not None:
-            self.circuit.transient(news.transient)
-        if was_open and not self.circuit.is_open:
+            circuit.transient(news.transient)
+        if was_open and not circuit.is_open:
             self._notify(len(self._idle))  # closed again: everybody back to work
 
     # -- waiting ---------------------------------------------------------------------------------

@@ -70,11 +70,20 @@ class PutBack:
 
 
 @dataclass(frozen=True)
+class Later:
+    """Set aside in the retry set for delay_s, no attempt counted: it was never sent (its
+    app, one of several, is held by its circuit or a 429 pause; relay.engine)."""
+
+    delay_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class Shed:
     policy: str  # the shed counter's label
 
 
-Fate = Send | Ack | RetryLater | DeadLetter | PutBack | Shed
+Fate = Send | Ack | RetryLater | DeadLetter | PutBack | Shed | Later
 
 
 @dataclass(frozen=True)

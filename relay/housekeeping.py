@@ -68,7 +68,7 @@ class Episode:
 
 class Housekeeper:
     def __init__(self, config: Config, queue: RedisQueue, metrics: Metrics, outage: Outage,
-                 circuit_open: Callable[[], bool], inflight: Callable[[], int],
+                 circuits: Callable[[], list[tuple[str, bool]]], inflight: Callable[[], int],
                  report: Callable[[], dict[str, Any]] = dict,
                  clock: Callable[[], float] = time.monotonic,
                  on_reaped: Callable[[], None] = lambda: None) -> None:
@@ -78,7 +78,7 @@ class Housekeeper:
         self.queue = queue
         self.metrics = metrics
         self.outage = outage
-        self.circuit_open = circuit_open
+        self.circuits = circuits  # (app, open) for each app's circuit
         self.inflight = inflight
         self.clock = clock
         self.backlog = 0  # queue length as of the last round
@@ -143,14 +143,15 @@ class Housekeeper:
             # At-least-once: the dead worker may have had Pusher accept some of them just
             # before it died, without the ack reaching Redis; the operator must know.
             log.warning("worker %s missed its heartbeat: %d in-flight notification(s) "
-                        "returned to the queue; some may already have been delivered and "
-                        "will be sent again", wid, n)
+                        "recovered, to be sent again in their channels' order; some may "
+                        "already have been delivered", wid, n)
         if round_.dropped:
             self.metrics.shed.labels("backlog").inc(round_.dropped)
             self.backlog_shedding.dropped(round_.dropped)
         for episode in (self.backlog_shedding, self.stale_shedding):
             episode.maybe_end()
-        self.metrics.circuit_open.set(1 if self.circuit_open() else 0)
+        for app, is_open in self.circuits():
+            self.metrics.circuit_open.labels(app).set(1 if is_open else 0)
         return next_round_s(round_.length + self.inflight(), round_.next_due_s)
 
 

@@ -13,9 +13,10 @@ order, asks for the next call, and finishes the call once it is settled.
    An entry with several keys (an envelope) goes once it is at the front of all its lanes
    and none of them is busy; the oldest entry waiting is always at the front of its lanes,
    so the waits form no cycle.
-3. **A call** is up to `batch` entries: the front run of one ready lane, then of the next
-   ready lanes while there is room, oldest ready lane first; or one entry that goes alone
-   (an envelope, a retried notification, something that cannot be sent at all).
+3. **A call** is up to `batch` entries of one group (a call goes to one Pusher app): the front
+   run of one ready lane, then of the next ready lanes of its group while there is room,
+   oldest ready lane first; or one entry that goes alone (an envelope, a retried
+   notification, something that cannot be sent at all).
 4. `finish(call)` removes the call's entries and frees their lanes; `take_idle()` removes
    every entry that is not in a call (a stop, the circuit opening, a pause).
 """
@@ -30,9 +31,10 @@ from typing import Any
 class Entry:
     """One taken notification (or an unreadable item) in the window."""
 
-    __slots__ = ("raw", "item", "keys", "alone", "called", "seq", "extra")
+    __slots__ = ("raw", "item", "keys", "alone", "called", "seq", "extra", "group")
 
-    def __init__(self, raw: bytes, item: Any, keys: Sequence[str], alone: bool) -> None:
+    def __init__(self, raw: bytes, item: Any, keys: Sequence[str], alone: bool,
+                 group: str = "") -> None:
         self.raw = raw  # exactly what sits in Redis: every settle step names these bytes
         self.item = item  # the parsed Notification, or the InvalidMessage its parse raised
         self.keys = tuple(dict.fromkeys(keys))  # its lanes, each once
@@ -40,6 +42,7 @@ class Entry:
         self.called = False  # in a call now
         self.seq = 0  # taking order, set by Lanes.add
         self.extra: Any = None  # what the window keeps beside it (ownership: its channels)
+        self.group = group  # a call never mixes groups (the Pusher app it goes to)
 
     def __repr__(self) -> str:
         return f"Entry({self.raw[:40]!r}, keys={self.keys}, called={self.called})"
@@ -83,14 +86,14 @@ class Lanes:
         keeps their lanes busy until `finish`."""
         room = self.batch if limit is None else min(limit, self.batch)
         call: list[Entry] = []
-        passed: list[str] = []  # ready lanes whose front goes alone: left for the next call
+        passed: list[str] = []  # ready lanes left for the next call (alone, or another group)
         while self._ready and len(call) < room:
             key = self._ready.popleft()
             self._queued.discard(key)
             front = self._front_goes(key)
             if front is None:
                 continue
-            if front.alone and call:
+            if call and (front.alone or front.group != call[0].group):
                 passed.append(key)
                 continue
             run = [front] if front.alone else self._front_run(key, room - len(call))
@@ -123,6 +126,21 @@ class Lanes:
         touched = self._remove(call)
         self._check(touched)
         return len(self._ready) - before
+
+    def unsend(self, entries: Sequence[Entry]) -> None:
+        """These entries of a call just formed will not go in it (a probe takes one): back to
+        waiting at the fronts of their lanes."""
+        for entry in entries:
+            entry.called = False
+        self._check(dict.fromkeys(k for e in entries for k in e.keys))
+
+    def take_group(self, group: str) -> list[Entry]:
+        """Remove and return the entries of one group not in a call, in taking order (an
+        app's gate closed: they are set aside until it opens)."""
+        taken = sorted({id(e): e for lane in self._lanes.values() for e in lane
+                        if not e.called and e.group == group}.values(), key=lambda e: e.seq)
+        self._check(self._remove(taken))
+        return taken
 
     def take_idle(self) -> list[Entry]:
         """Remove and return every entry not in a call, in taking order. For the circuit

@@ -15,14 +15,15 @@ from gevent import monkey
 from redis.exceptions import NoPermissionError
 
 from relay import admin, explain, logs, redis_url
+from relay.apps import Apps
 from relay.config import Config
 from relay.connect import redis_client
-from relay.delivery import Delivery
 from relay.health import HealthServer, Report, Watchdog
 from relay.history import Tally
 from relay.metrics import Metrics
 from relay.process import Worker
 from relay.queue import RedisQueue
+from relay.routes import Routes
 
 log = logging.getLogger(__name__)
 
@@ -30,37 +31,32 @@ SPARE_CONNECTIONS = 8  # housekeeping greenlets and the metrics endpoint
 EXIT_CONFIG = 2  # bad configuration, or a Redis user missing a right the worker needs
 
 
-def assemble(cfg: Config, burst: bool = False) -> Worker:
-    """The worker and its parts (Redis client, queue, delivery, metrics), not yet running:
-    what `run` runs, and what in-process tests drive."""
-    assert cfg.pusher is not None  # load(need_pusher=True) guarantees it
-    metrics = Metrics()
+def assemble(cfg: Config, apps: Apps, burst: bool = False) -> Worker:
+    """The worker and its parts (Redis client, queue, each app's route, metrics), not yet
+    running: what `run` runs, and what in-process tests drive. `apps`: relay.apps.from_config
+    (the caller reports a bad RELAY_APPS file before anything opens)."""
+    metrics = Metrics(apps.names)
     client = redis_client(cfg.redis_url, cfg.pool_size + SPARE_CONNECTIONS)
     queue = RedisQueue(client, cfg.queue, cfg.order, owned=cfg.channel_order,
                        spread=cfg.prefetch)
     logs.set_worker(queue.worker_id)  # every line from here on names this process
     tally = Tally()  # the dashboard's call figures, riding on settle steps (history.py)
-
-    def on_call(status: int | None, seconds: float) -> None:
-        metrics.observe_call(status, seconds)
-        tally.call(status, seconds)
-
-    delivery = Delivery(cfg.pusher, cfg.pool_size, on_call=on_call, http_client=cfg.http_client)
-    return Worker(cfg, queue, delivery, metrics, burst=burst, tally=tally)
+    routes = Routes(apps, queue, metrics, tally, cfg.http_client, cfg.pool_size)
+    return Worker(cfg, queue, routes, metrics, burst=burst, tally=tally)
 
 
 def close(worker: Worker) -> None:
     """Release what `assemble` opened."""
-    worker.delivery.close()
+    worker.routes.close()
     worker.queue.client.close()
 
 
-def run(cfg: Config, burst: bool = False) -> int:
+def run(cfg: Config, apps: Apps, burst: bool = False) -> int:
     """Run the worker until stopped (or drained, with burst); returns the exit status."""
     if not monkey.is_module_patched("socket"):
         log.warning("gevent has not patched the standard library: greenlets will block each "
                     "other; start relay with `python worker.py`")
-    worker = assemble(cfg, burst)
+    worker = assemble(cfg, apps, burst)
     metrics = worker.metrics
     watchdog = server = None
     try:

@@ -20,14 +20,20 @@ SHED_POLICIES = ("backlog", "max_age")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The series about an app's deliveries carry an `app` label (RELAY_APPS; `default` when
+    there is one app): delivered, dead-lettered, retried, Pusher calls and their latency, the
+    circuit, rate-limit waits. The others are the process's or the queue's."""
+
+    def __init__(self, apps: tuple[str, ...] = ("default",)) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.delivered = Counter("relay_notifications_delivered", "Notifications Pusher accepted",
-                                 registry=r)
+                                 ["app"], registry=r)
         self.dead = Counter("relay_notifications_dead_lettered",
-                            "Notifications moved to the dead-letter list", ["reason"], registry=r)
+                            "Notifications moved to the dead-letter list", ["reason", "app"],
+                            registry=r)
         self.retried = Counter("relay_notifications_retried",
-                               "Notifications scheduled for another attempt", registry=r)
+                               "Notifications scheduled for another attempt", ["app"],
+                               registry=r)
         self.requeued = Counter("relay_notifications_requeued",
                                 "Notifications put back untouched (circuit open, 429, stop)",
                                 registry=r)
@@ -36,17 +42,18 @@ class Metrics:
         self.recovered = Counter("relay_notifications_recovered",
                                  "In-flight notifications of dead workers returned to the queue",
                                  registry=r)
-        self.calls = Counter("relay_pusher_calls", "Pusher HTTP calls by outcome", ["status"],
-                             registry=r)
+        self.calls = Counter("relay_pusher_calls", "Pusher HTTP calls by outcome",
+                             ["status", "app"], registry=r)
         self.call_seconds = Histogram("relay_pusher_call_duration_seconds",
-                                      "Pusher HTTP call latency", buckets=CALL_BUCKETS,
+                                      "Pusher HTTP call latency", ["app"], buckets=CALL_BUCKETS,
                                       registry=r)
         self.age_seconds = Histogram("relay_delivery_age_seconds",
                                      "Enqueue-to-delivery age (envelopes with enqueued_at)",
                                      buckets=AGE_BUCKETS, registry=r)
         self.redis_errors = Counter("relay_redis_errors", "Failed Redis calls", registry=r)
         self.rate_waits = Counter("relay_rate_limit_waits",
-                                  "Times a greenlet waited for the shared rate limit", registry=r)
+                                  "Times a greenlet waited for the shared rate limit", ["app"],
+                                  registry=r)
         self.blocked = Counter("relay_event_loop_blocked",
                                "Times a greenlet blocked the gevent hub too long", registry=r)
         self.inflight = Gauge("relay_inflight", "Notifications being handled now", registry=r)
@@ -57,27 +64,33 @@ class Metrics:
         self.retry_length = Gauge("relay_retry_scheduled", "Notifications waiting for a retry",
                                   registry=r)
         self.circuit_open = Gauge("relay_circuit_open", "1 while the circuit to Pusher is open",
-                                  registry=r)
+                                  ["app"], registry=r)
         Info("relay_build", "relay version", registry=r).info({"version": __version__})
-        self._start_at_zero()
-
-    def _start_at_zero(self) -> None:
-        """Export every label value at 0 from the start. A series that first appears at 1 has
-        no increase to Prometheus, so the first dead letter of a process would never fire
-        RelayDeadLettersGrowing (deploy/prometheus/relay-alerts.yml)."""
-        for reason in ERROR_CLASSES:
-            self.dead.labels(reason)
-        for status in CALL_OUTCOMES:
-            self.calls.labels(status)
         for policy in SHED_POLICIES:
             self.shed.labels(policy)
+        self.start_at_zero(apps)
 
-    def observe_call(self, status: int | None, seconds: float) -> None:
+    def start_at_zero(self, apps: tuple[str, ...]) -> None:
+        """Export every label value of these apps at 0. A series that first appears at 1 has
+        no increase to Prometheus, so the first dead letter of a process would never fire
+        RelayDeadLettersGrowing (deploy/prometheus/relay-alerts.yml). Called again for the
+        apps a reload adds."""
+        for app in apps:
+            self.delivered.labels(app)
+            self.retried.labels(app)
+            self.rate_waits.labels(app)
+            self.circuit_open.labels(app)
+            for reason in ERROR_CLASSES:
+                self.dead.labels(reason, app)
+            for status in CALL_OUTCOMES:
+                self.calls.labels(status, app)
+
+    def observe_call(self, app: str, status: int | None, seconds: float) -> None:
         """Delivery's on_call hook: one count by the outcome relay acted on (the status class
         of the code it read, so an error inside a 200 is a 4xx; "network" when no answer came)
         and one latency sample."""
-        self.calls.labels("network" if status is None else f"{status // 100}xx").inc()
-        self.call_seconds.observe(seconds)
+        self.calls.labels("network" if status is None else f"{status // 100}xx", app).inc()
+        self.call_seconds.labels(app).observe(seconds)
 
     @staticmethod
     def total(counter: Counter, **labels: str) -> float:

@@ -30,19 +30,18 @@ import redis
 from redis.exceptions import NoPermissionError
 
 from relay import redis_url
-from relay.circuit import Circuit
+from relay.apps import DEFAULT
 from relay.config import Config
 from relay.connect import disconnect_all
-from relay.delivery import Delivery
 from relay.engine import Engine, Settings
 from relay.fate import Policy
 from relay.history import Tally
 from relay.housekeeping import MAINTENANCE_S, Housekeeper
 from relay.metrics import Metrics
 from relay.queue import RedisQueue
-from relay.ratelimit import RateLimiter
 from relay.redis_shared import REDIS_ERRORS
 from relay.retry import Outage
+from relay.routes import Route, Routes
 from relay.settle import Settler
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ REPLACE_WINDOW_S = 60.0
 
 
 class Worker:
-    def __init__(self, config: Config, queue: RedisQueue, delivery: Delivery,
+    def __init__(self, config: Config, queue: RedisQueue, routes: Routes,
                  metrics: Metrics, clock: Callable[[], float] = time.time,
                  burst: bool = False, tally: Tally | None = None) -> None:
         self.config = config
@@ -72,28 +71,21 @@ class Worker:
         self.replaced: list[float] = []  # when pool greenlets ended unexpectedly (monotonic)
         self.metrics_addr = "off"  # where /healthz answers, once the launcher bound it
         self.serving = False
-        limiter = None
-        if config.rate_limit > 0:
-            limiter = RateLimiter(queue.client, queue.keys.ratelimit, config.rate_limit,
-                                  config.rate_burst, sleep=gevent.sleep,
-                                  lock=gevent.lock.Semaphore(),
-                                  on_wait=metrics.rate_waits.inc)
-        self.circuit = Circuit()
+        self.routes = routes  # each app's delivery, circuit and rate limit
         self.housekeeper = Housekeeper(config, queue, metrics, self.redis_outage,
-                                       circuit_open=lambda: self.circuit.is_open,
+                                       circuits=self.circuits_open,
                                        inflight=lambda: self.engine.held, report=self.report,
                                        on_reaped=lambda: self.engine.reaped())
         settler = Settler(queue, metrics, self.redis_outage, self.tally,
-                          self.housekeeper.stale_shedding, config.queue, clock)
+                          self.housekeeper.stale_shedding, config.queue, clock,
+                          apps_apart=lambda: len(self.routes) > 1)
         settings = Settings(prefetch=config.prefetch, channel_order=config.channel_order,
-                            event=config.event, limits=config.limits,
+                            event=config.event,
                             policy=Policy(config.max_attempts, config.retry_for,
                                           config.max_age),
                             linger_s=config.linger)
-        self.engine = Engine(settings, queue, delivery, settler, metrics, self.redis_outage,
-                             self.stopping, limiter=limiter, circuit=self.circuit, clock=clock,
-                             on_reaped=self.housekeeper.heartbeat)
-        self.delivery = delivery
+        self.engine = Engine(settings, queue, routes, settler, metrics, self.redis_outage,
+                             self.stopping, clock=clock, on_reaped=self.housekeeper.heartbeat)
         metrics.pool_size.set(config.pool_size)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -102,6 +94,7 @@ class Worker:
         """Serve until a signal asks to stop (or, in burst mode, until drained)."""
         gevent.signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self.stop, "SIGINT")
+        gevent.signal_handler(signal.SIGHUP, self.reload)
         return self.serve()
 
     def serve(self) -> int:
@@ -110,6 +103,8 @@ class Worker:
         # what relay was told to use, then the outage line with the address and the reason.
         log.info("worker %s starting%s: %s", self.queue.worker_id,
                  " (burst: exits once drained)" if self.burst else "", self.config.describe())
+        if self.routes.apps.path is not None:
+            log.info("%s", self.routes.apps.describe())
         if not self._register():
             return 0
         log.info("worker %s started: registered in Redis, %d greenlets serving, a window of "
@@ -152,13 +147,25 @@ class Worker:
             self.stopping.set()
             self.engine.cut()  # the blocking pop ends now, not when it times out
 
+    def reload(self) -> None:
+        """SIGHUP: read RELAY_APPS again (relay.routes). Calls under way finish on the
+        routes they started with; the next ones use the new."""
+        if self.routes.reload():
+            self.metrics.circuit_open.clear()  # a removed app's gauge goes, the others return
+            for route in self.routes:
+                self.metrics.circuit_open.labels(route.name).set(int(route.circuit.is_open))
+            self.engine.wake_all()
+
+    def circuits_open(self) -> list[tuple[str, bool]]:
+        return [(route.name, route.circuit.is_open) for route in self.routes]
+
     def _end_burst(self) -> None:
         """Burst: stop once the queue is empty, no retry is due and nothing is held."""
         if self.engine.held == 0 and self.queue.idle():
             self.stop("burst: queue drained, no retry due")
 
     def shutdown(self) -> int:
-        deadline = self.config.pusher.timeout + SHUTDOWN_GRACE_S
+        deadline = max(r.app.timeout for r in self.routes) + SHUTDOWN_GRACE_S
         if not self.pool.join(timeout=deadline):
             log.warning("calls still in flight after %.1f s: cutting them off", deadline)
             self.pool.kill(timeout=SHUTDOWN_GRACE_S)
@@ -200,22 +207,37 @@ class Worker:
 
     def report(self) -> dict[str, Any]:
         """What the dashboard shows of this process; rides in the heartbeat's info JSON."""
-        c, now = self.circuit, self.circuit.clock()
         house = self.housekeeper
         engine = self.engine
+        circuits = [self._circuit(route) for route in self.routes]
+        opened = [c for c in circuits if c["open"]]
+        limits = {r.name: {"per_s": r.app.rate_limit, "burst": r.app.rate_burst}
+                  for r in self.routes}
         return {"busy": engine.busy, "inflight": engine.held, "pool": self.config.pool_size,
                 "prefetch": engine.window.prefetch,
                 "metrics_addr": self.metrics_addr,
-                "circuit": {"open": c.is_open, "reason": c.reason,
-                            "next_probe_in_s": round(max(0.0, c.next_probe_at - now), 1)
-                            if c.is_open else None},
-                "paused_for_s": round(max(0.0, c.paused_until - now), 1),
-                "rate_limit": {"per_s": self.config.rate_limit, "burst": self.config.rate_burst},
+                # the first open circuit (or the only app's), and every app's when several
+                "circuit": opened[0] if opened else circuits[0],
+                "circuits": circuits if len(circuits) > 1 else None,
+                "paused_for_s": max(c["paused_for_s"] for c in circuits),
+                "rate_limit": limits.get(DEFAULT) or next(iter(limits.values())),
+                "rate_limits": limits if len(limits) > 1 else None,
                 "shedding": {"backlog": house.backlog_shedding.state(),
                              "max_age": house.stale_shedding.state()}}
 
+    @staticmethod
+    def _circuit(route: Route) -> dict[str, Any]:
+        c = route.circuit
+        now = c.clock()
+        return {"app": route.name, "open": c.is_open, "reason": c.reason,
+                "next_probe_in_s": round(max(0.0, c.next_probe_at - now), 1)
+                if c.is_open else None,
+                "paused_for_s": round(max(0.0, c.paused_until - now), 1)}
+
     def health(self) -> tuple[list[str], dict[str, Any]]:
-        """Problems and facts for /healthz (relay.health adds the event loop's)."""
+        """Problems and facts for /healthz (relay.health adds the event loop's). An open
+        circuit makes the worker unhealthy only when every app's is open: one app's outage
+        does not stop the others' delivery, and a restart would not cure it."""
         problems: list[str] = []
         try:
             self.queue.client.ping()
@@ -223,22 +245,32 @@ class Worker:
         except redis.RedisError as exc:
             redis_state = f"unreachable ({type(exc).__name__})"
             problems.append("redis")
-        circuit = self.circuit
-        if circuit.is_open:
+        routes = list(self.routes)
+        opened = {r.name: r.circuit.reason for r in routes if r.circuit.is_open}
+        if opened and len(opened) == len(routes):
             problems.append("circuit")
         missing = self.pool_missing
         if missing:
             problems.append("pool")
-        skew = self.delivery.clock_skew_s
-        if skew is not None:  # a timestamp-expired 401 since the last success
-            problems.append("clock skew: server clock offset unknown (no Date header)"
+        for route in routes:
+            skew = route.delivery.clock_skew_s
+            if skew is None:
+                continue
+            # a timestamp-expired 401 since the last success
+            where = "" if len(routes) == 1 else f" (app {route.name})"
+            problems.append(f"clock skew{where}: server clock offset unknown (no Date header)"
                             if math.isnan(skew) else
-                            f"clock skew: server clock off by {skew:+.0f} s")
+                            f"clock skew{where}: server clock off by {skew:+.0f} s")
         # The same counters as /metrics and the summary line: an error inside a 200 is failed.
         calls = Metrics.total(self.metrics.calls)
+        if len(routes) == 1:
+            circuit: Any = f"open: {opened[routes[0].name]}" if opened else "closed"
+        else:
+            circuit = {r.name: f"open: {opened[r.name]}" if r.name in opened else "closed"
+                       for r in routes}
         return problems, {
             "worker": self.queue.worker_id, "redis": redis_state,
-            "circuit": f"open: {circuit.reason}" if circuit.is_open else "closed",
+            "circuit": circuit,
             "pool": {"size": self.config.pool_size, "missing": missing,
                      "replaced_lately": len(self.replaced)},
             "pusher_calls": {"total": int(calls), "failed": int(

@@ -102,22 +102,26 @@ end
 
 # Settles one call: every fate in one script (Sidekiq's UnitOfWork, for a whole call).
 # KEYS: in-flight list, queue, retry zset, dead list, stats hash, history prefix, owners hash.
-# ARGV: push command (where the next pop happens), history extra, worker id, key prefix, then
-# one op after another, each with the item's lane keys joined by newlines ('' for none):
+# ARGV: push command (where the next pop happens), history extra, worker id, key prefix, the
+# call's app when several are configured ('' for one; its totals `app:NAME:FIELD` in the
+# stats hash, its history under the history prefix's `:app:NAME`), then one op after another,
+# each with the item's lane keys joined by newlines ('' for none):
 #   a RAW KEYS              delivered: forget it
 #   s RAW KEYS              shed by the max-age policy: forget it, count it
 #   b RAW KEYS              put back untouched (relay.ownership, 5), in the order given
 #   r RAW KEYS WRAPPER SECS retry later: into the retry set, due in SECS (Redis clock)
+#   l RAW KEYS WRAPPER SECS set aside: the same, without counting an attempt (relay.engine)
 #   d RAW KEYS ENTRY        dead letter: onto the dead list
 # Each op acts only if its exact bytes were still in the in-flight list, so a script replayed
 # after a lost reply does nothing twice; the keys of what left the window are counted down and
 # released when empty (relay.ownership, 4). Returns {1 or 0 per op: it landed; the queue's
 # length; how many of this worker's keys have parked items}.
 SETTLE = _TALLY + SETTLE_OWNED + """
-local me, prefix = ARGV[3], ARGV[4]
+local me, prefix, app = ARGV[3], ARGV[4], ARGV[5]
 local landed, back, counted = {}, {}, {}
 local n = {delivered = 0, shed = 0, retried = 0, dead = 0, requeued = 0}
-local i = 5
+local later = 0
+local i = 6
 while i <= #ARGV do
   local op, raw, keys = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local hit = redis.call('LREM', KEYS[1], 1, raw)
@@ -133,10 +137,10 @@ while i <= #ARGV do
     n.shed = n.shed + hit
   elseif op == 'b' then
     if hit == 1 then back[#back + 1] = {raw, ks} end
-  elseif op == 'r' then
+  elseif op == 'r' or op == 'l' then
     if hit == 1 then
       redis.call('ZADD', KEYS[3], now + tonumber(ARGV[i + 4]), ARGV[i + 3])
-      n.retried = n.retried + 1
+      if op == 'r' then n.retried = n.retried + 1 else later = later + 1 end
     end
     i = i + 2
   elseif op == 'd' then
@@ -152,17 +156,21 @@ while i <= #ARGV do
 end
 put_back(back, KEYS[2], ARGV[1], KEYS[7], me, prefix)
 count_down(counted, KEYS[7], me, prefix)
-n.requeued = #back
-if n.delivered > 0 then redis.call('HINCRBY', KEYS[5], 'delivered', n.delivered) end
-if n.shed > 0 then redis.call('HINCRBY', KEYS[5], 'shed_max_age', n.shed) end
-if n.retried > 0 then redis.call('HINCRBY', KEYS[5], 'retried', n.retried) end
-if n.dead > 0 then redis.call('HINCRBY', KEYS[5], 'dead', n.dead) end
+n.requeued = #back + later
+for field, stat in pairs({delivered = 'delivered', shed = 'shed_max_age', retried = 'retried',
+                          dead = 'dead'}) do
+  if n[field] > 0 then
+    redis.call('HINCRBY', KEYS[5], stat, n[field])
+    if app ~= '' then redis.call('HINCRBY', KEYS[5], 'app:' .. app .. ':' .. stat, n[field]) end
+  end
+end
 local extra = ARGV[2]
 for _, field in ipairs({'delivered', 'shed', 'retried', 'dead', 'requeued'}) do
   if n[field] > 0 or extra ~= '' then
     tally(KEYS[6], field, n[field], extra)
     extra = ''
   end
+  if n[field] > 0 and app ~= '' then tally(KEYS[6] .. ':app:' .. app, field, n[field], '') end
 end
 return {landed, redis.call('LLEN', KEYS[2]), redis.call('SCARD', prefix .. ':parked:' .. me)}
 """
@@ -497,6 +505,10 @@ class Op:
         return Op("r", raw, (wrapper, delay_s), keys)
 
     @staticmethod
+    def later(raw: bytes, wrapper: str, delay_s: float, keys: tuple[str, ...] = ()) -> Op:
+        return Op("l", raw, (wrapper, delay_s), keys)
+
+    @staticmethod
     def dead(raw: bytes, entry: dict[str, Any], keys: tuple[str, ...] = ()) -> Op:
         text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
         return Op("d", raw, (text,), keys)
@@ -646,11 +658,13 @@ class RedisQueue:
         keys = self._lane_keys(keys=[self.keys.queue], args=raws)
         return [(raw, tuple(k.decode() for k in ks)) for raw, ks in zip(raws, keys, strict=True)]
 
-    def settle(self, ops: Sequence[Op], extra: str = "") -> Settled:
+    def settle(self, ops: Sequence[Op], extra: str = "", app: str = "") -> Settled:
         """Carry out a call's fates in one script.
 
-        `extra` is the dashboard's figures riding along (history.Tally)."""
-        args: list[Any] = [self.push_cmd, extra, self.worker_id, self.keys.prefix]
+        `extra` is the dashboard's figures riding along (history.Tally); `app` the Pusher app
+        the call went to when several are configured, whose own totals and history are
+        counted too ('' with one app: the queue's totals are its own)."""
+        args: list[Any] = [self.push_cmd, extra, self.worker_id, self.keys.prefix, app]
         for op in ops:
             args += [op.code, op.raw, "\n".join(op.keys), *op.args]
         keys = [self.inflight_key, self.keys.queue, self.keys.retry, self.keys.dead,
@@ -808,4 +822,17 @@ class RedisQueue:
         return found
 
     def totals(self) -> dict[str, int]:
+        """The running totals of every app together (delivered, dead, retried, shed...)."""
+        return {k: v for k, v in self._all_totals().items() if not k.startswith("app:")}
+
+    def app_totals(self) -> dict[str, dict[str, int]]:
+        """The same per Pusher app (RELAY_APPS; `default` with one app)."""
+        found: dict[str, dict[str, int]] = {}
+        for field, n in self._all_totals().items():
+            if field.startswith("app:"):
+                app, _, stat = field[4:].rpartition(":")
+                found.setdefault(app, {})[stat] = n
+        return found
+
+    def _all_totals(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(self.keys.stats).items()}

@@ -20,7 +20,8 @@ from typing import Any
 
 import gevent
 
-from relay.fate import Ack, DeadLetter, Fate, RetryLater, Shed
+from relay.apps import DEFAULT
+from relay.fate import Ack, DeadLetter, Fate, Later, RetryLater, Shed
 from relay.history import Tally
 from relay.housekeeping import Episode
 from relay.message import InvalidMessage, Notification, payload_of, retry_wrapper
@@ -39,8 +40,11 @@ class Settler:
     def __init__(self, queue: RedisQueue, metrics: Metrics, outage: Outage, tally: Tally,
                  stale_shedding: Episode, queue_name: str,
                  clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], Any] = gevent.sleep) -> None:
+                 sleep: Callable[[float], Any] = gevent.sleep,
+                 apps_apart: Callable[[], bool] = lambda: False) -> None:
         self.queue = queue
+        # Several apps: Redis keeps each one's totals and history beside the whole queue's.
+        self.apps_apart = apps_apart
         self.metrics = metrics
         self.outage = outage
         self.tally = tally
@@ -49,21 +53,22 @@ class Settler:
         self.clock = clock
         self.sleep = sleep
 
-    def settle(self, fates: Sequence[Fated]) -> Settled:
-        """Persist every fate of one call (retried through outages)."""
+    def settle(self, fates: Sequence[Fated], app: str = DEFAULT) -> Settled:
+        """Persist every fate of one call (retried through outages); `app`: the Pusher app
+        the call went to (a call never mixes apps), counted per app beside the totals."""
         now = self.clock()
-        ops = [self._op(raw, item, fate, keys, now) for raw, item, fate, keys in fates]
+        ops = [self._op(raw, item, fate, keys, now, app) for raw, item, fate, keys in fates]
         # Counted before the script, so the ages ride on this very settle (history.Tally).
         delivered = [i for _, i, f, _ in fates
                      if isinstance(f, Ack) and isinstance(i, Notification)]
         self._ages(delivered, now)
         extra = self.tally.take()
-        settled = self._persist(ops, extra)
-        self._count(fates, settled.landed)
+        settled = self._persist(ops, extra, app if self.apps_apart() else "")
+        self._count(fates, settled.landed, app)
         return settled
 
-    def _op(self, raw: bytes, item: Item, fate: Fate, keys: tuple[str, ...], now: float
-            ) -> Op:
+    def _op(self, raw: bytes, item: Item, fate: Fate, keys: tuple[str, ...], now: float,
+            app: str) -> Op:
         if isinstance(fate, Ack):
             return Op.ack(raw, keys)
         if isinstance(fate, Shed):
@@ -72,20 +77,24 @@ class Settler:
             wrapper = retry_wrapper(item.payload, fate.attempts, fate.first_failed_at,
                                     fate.reason)
             return Op.retry(raw, wrapper, fate.delay_s, keys)
+        if isinstance(fate, Later) and isinstance(item, Notification):
+            wrapper = retry_wrapper(item.payload, item.attempts, item.first_failed_at,
+                                    fate.reason)
+            return Op.later(raw, wrapper, fate.delay_s, keys)
         if isinstance(fate, DeadLetter):
             entry = {"payload": payload_of(raw), "error": fate.reason,
                      "error_class": fate.error_class, "failed_at": now,
                      "attempts": fate.attempts, "queue": self.queue_name,
-                     "worker": self.queue.worker_id}
+                     "worker": self.queue.worker_id, "app": app}
             return Op.dead(raw, entry, keys)
         # PutBack, and anything unexpected: back to the queue untouched. Fail safe: it is
         # worse to lose a notification than to send it twice.
         return Op.put_back(raw, keys)
 
-    def _persist(self, ops: list[Op], extra: str) -> Settled:
+    def _persist(self, ops: list[Op], extra: str, app: str) -> Settled:
         while True:
             try:
-                result = self.queue.settle(ops, extra)
+                result = self.queue.settle(ops, extra, app)
                 self.outage.succeeded()
                 return result
             except REDIS_DOWN as exc:
@@ -98,7 +107,7 @@ class Settler:
                 self.metrics.age_seconds.observe(max(0.0, now - note.enqueued_at))
                 self.tally.age(now - note.enqueued_at)
 
-    def _count(self, fates: Sequence[Fated], landed: Sequence[bool]) -> None:
+    def _count(self, fates: Sequence[Fated], landed: Sequence[bool], app: str) -> None:
         m = self.metrics
         delivered = shed = back = 0
         for (raw, item, fate, _), hit in zip(fates, landed, strict=True):
@@ -109,24 +118,25 @@ class Settler:
             elif isinstance(fate, Shed):
                 shed += 1
             elif isinstance(fate, RetryLater) and isinstance(item, Notification):
-                m.retried.inc()
-                log.debug("retry %d of a notification in %.1f s: %s", fate.attempts,
-                          fate.delay_s, fate.reason)
+                m.retried.labels(app).inc()
+                log.debug("retry %d of a notification for app %s in %.1f s: %s",
+                          fate.attempts, app, fate.delay_s, fate.reason)
             elif isinstance(fate, DeadLetter):
-                self._dead_logged(raw, item, fate)
+                self._dead_logged(raw, item, fate, app)
             else:
                 back += 1
         if delivered:
-            m.delivered.inc(delivered)
+            m.delivered.labels(app).inc(delivered)
         if shed:
             m.shed.labels("max_age").inc(shed)
             self.stale_shedding.dropped(shed)
         if back:
             m.requeued.inc(back)
 
-    def _dead_logged(self, raw: bytes, item: Item, fate: DeadLetter) -> None:
-        self.metrics.dead.labels(fate.error_class).inc()
-        fields: dict[str, Any] = {"error_class": fate.error_class, "attempts": fate.attempts}
+    def _dead_logged(self, raw: bytes, item: Item, fate: DeadLetter, app: str) -> None:
+        self.metrics.dead.labels(fate.error_class, app).inc()
+        fields: dict[str, Any] = {"error_class": fate.error_class, "attempts": fate.attempts,
+                                  "app": app}
         if isinstance(item, Notification) and item.id is not None:
             fields["notification_id"] = item.id
         log.warning("dead-lettered (%s): %s; payload starts %r", fate.error_class, fate.reason,

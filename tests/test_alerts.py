@@ -137,4 +137,5 @@ def test_the_rules_read_only_metrics_relay_exports_all_present_from_the_start() 
     names = set(re.findall(r"^(relay_[a-z_]+)", exported, flags=re.M))
     assert used - NOT_YET_EXPORTED <= names, used - NOT_YET_EXPORTED - names
     for reason in ("invalid", "rejected", "exhausted"):
-        assert f'relay_notifications_dead_lettered_total{{reason="{reason}"}} 0.0' in exported
+        assert (f'relay_notifications_dead_lettered_total{{app="default",reason="{reason}"}} 0.0'
+                in exported)

@@ -15,7 +15,7 @@ import gevent
 import pytest
 import redis
 
-from relay import config, launcher
+from relay import apps, config, launcher
 from relay.process import Worker
 from tests.support import delivered, pending, wait_for
 
@@ -41,7 +41,7 @@ def serve(worker_env: dict[str, str]) -> Iterator[Callable[..., Running]]:
 
     def start(burst: bool = False, **overrides: str) -> Running:
         cfg = config.load(env={**worker_env, **overrides})
-        worker = launcher.assemble(cfg, burst=burst)
+        worker = launcher.assemble(cfg, apps.from_config(cfg), burst=burst)
         running = Running(worker, gevent.spawn(worker.serve))
         started.append(running)
         return running
@@ -110,7 +110,8 @@ def test_one_failed_call_counts_once_for_the_circuit(r, pusher, serve, queue_nam
         wait_for(lambda: r.llen(queue_name) == 0, what="the worker taking it")
     pusher.set_mode(status=500)  # the hung call's connection drops; the nine get a 500
     wait_for(lambda: r.zcard(f"{queue_name}:retry") == 10, what="all ten in the retry set")
-    failures, opened = worker.circuit.failures, worker.circuit.is_open
+    circuit = worker.routes.get(None).circuit
+    failures, opened = circuit.failures, circuit.is_open
     pusher.clear_mode()
     # Two calls failed (a retry due meanwhile may have made a third): counted per greenlet,
     # the nine notifications' call alone would have counted nine and opened the circuit.
@@ -123,7 +124,7 @@ def test_the_circuit_opening_puts_the_window_back_in_order(r, pusher, serve,
     items = [json.dumps({"channel": f"c{n % 3}", "n": n}) for n in range(90)]
     r.rpush(queue_name, *items)
     running = serve(RELAY_POOL_SIZE="5")
-    wait_for(lambda: running.worker.circuit.is_open, what="the circuit to open")
+    wait_for(lambda: running.worker.routes.get(None).circuit.is_open, what="the circuit to open")
     # Nothing waits in the process while the circuit is open: back in the queue, in the order
     # taken (the calls that got the 401 wait in the retry set; a probe may hold one more).
     wait_for(lambda: r.llen(running.worker.queue.inflight_key) <= 1, what="the put-back")
@@ -145,7 +146,7 @@ def test_a_call_that_fails_unexpectedly_goes_back_and_is_sent_later(
     """Fail safe: a call whose sending raises something unforeseen is put back, never taken
     as delivered (the old lanes' default answer meant "delivered")."""
     running = serve(RELAY_POOL_SIZE="2")
-    delivery = running.worker.engine.delivery
+    delivery = running.worker.routes.get(None).delivery
     real_send = delivery.send
     failures = iter([RuntimeError("a bug in the transport")])
 
@@ -227,7 +228,7 @@ def test_a_failing_rate_limit_refund_costs_no_notification(r, pusher, serve, que
     budget back; if that fails, the notifications still go back untouched."""
     running = serve(RELAY_RATE_LIMIT="1", RELAY_RATE_BURST="1", RELAY_POOL_SIZE="2")
     worker = running.worker
-    limiter = worker.engine.limiter
+    limiter = worker.routes.get(None).limiter
     assert limiter is not None
 
     def refund_failing(unused: int) -> None:

@@ -43,10 +43,11 @@ def test_metrics_and_healthz_follow_the_worker(r, pusher, start_worker, queue_na
     r.rpush(queue_name, "not json")
     pusher.wait_for_events(7)
     text = wait_for(lambda: (t := _get(base + "/metrics")[1]) and
-                    _metric(t, "relay_notifications_delivered_total") == 7 and t,
+                    _metric(t, 'relay_notifications_delivered_total{app="default"}') == 7 and t,
                     what="delivered_total 7")
-    assert _metric(text, 'relay_notifications_dead_lettered_total{reason="invalid"}') == 1
-    assert _metric(text, 'relay_pusher_calls_total{status="2xx"}') >= 1
+    dead = 'relay_notifications_dead_lettered_total{app="default",reason="invalid"}'
+    assert _metric(text, dead) == 1
+    assert _metric(text, 'relay_pusher_calls_total{app="default",status="2xx"}') >= 1
     assert _metric(text, "relay_pool_size") == 10
     assert 'relay_build_info{version="' in text
     assert pusher.secret not in text
@@ -152,10 +153,10 @@ def test_summary_line_counts_this_interval(caplog):
 
     metrics = Metrics()
     summary = Summary(metrics, Queue(), inflight=lambda: 0)
-    metrics.delivered.inc(30)
-    metrics.calls.labels("2xx").inc(3)
-    metrics.calls.labels("5xx").inc(2)
-    metrics.calls.labels("network").inc(1)
+    metrics.delivered.labels("default").inc(30)
+    metrics.calls.labels("2xx", "default").inc(3)
+    metrics.calls.labels("5xx", "default").inc(2)
+    metrics.calls.labels("network", "default").inc(1)
     with caplog.at_level("INFO", logger="relay.housekeeping"):
         summary.tick()
         summary.tick()  # nothing new: no second line

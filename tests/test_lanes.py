@@ -188,3 +188,35 @@ def test_random_runs_keep_every_lane_in_taking_order_and_end(seed: int) -> None:
     for key, order in run.sent.items():
         assert order == sorted(order), f"lane {key} out of taking order: {order}"
     assert len(run.lanes) == 0 and run.lanes.keys() == []
+
+
+def g(name: str, key: str, group: str) -> Entry:
+    return Entry(name.encode(), name, (key,), alone=False, group=group)
+
+
+def test_a_call_never_mixes_groups() -> None:
+    """A call goes to one Pusher app: lanes of another app wait for a call of their own."""
+    lanes = Lanes()
+    lanes.add([g("a0", "a", "x"), g("b0", "b", "y"), g("c0", "c", "x"), g("d0", "d", "y")])
+    assert names(lanes.next_call()) == ["a0", "c0"]
+    assert names(lanes.next_call()) == ["b0", "d0"]
+
+
+def test_unsend_puts_entries_back_at_the_front_of_their_lanes() -> None:
+    lanes = Lanes()
+    lanes.add([e(f"a{i}", "a") for i in range(3)])
+    call = lanes.next_call()
+    lanes.unsend(call[1:])  # a probe takes one
+    assert lanes.next_call() == []  # lane a is still busy with a0
+    lanes.finish(call[:1])
+    assert names(lanes.next_call()) == ["a1", "a2"]
+
+
+def test_take_group_sets_one_groups_waiting_entries_aside() -> None:
+    lanes = Lanes()
+    lanes.add([g("a0", "a", "x"), g("a1", "a", "x"), g("b0", "b", "y")])
+    call = lanes.next_call(limit=1)
+    assert names(call) == ["a0"]
+    assert names(lanes.take_group("x")) == ["a1"]
+    assert names(lanes.next_call()) == ["b0"]
+    assert len(lanes) == 2

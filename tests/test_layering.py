@@ -50,7 +50,7 @@ def test_the_bottom_imports_nothing_of_relay() -> None:
 def test_only_the_top_knows_the_worker() -> None:
     users = {m for m, deps in graph().items() if "process" in deps}
     assert users == {"launcher"}
-    assert graph()["cli"] <= {"admin", "config", "launcher", "logs"}
+    assert graph()["cli"] <= {"admin", "apps", "config", "launcher", "logs"}  # settings only
 
 
 

@@ -80,12 +80,12 @@ def test_a_recovery_line_says_some_may_be_sent_again(
     r.zincrby(dead.keys.workers, -60, "host-b:7:dead01")  # its deadline passed a minute ago
     cfg = config.load(env={"RELAY_QUEUE": queue_name}, need_pusher=False)
     keeper = Housekeeper(cfg, RedisQueue(r, queue_name), Metrics(), Outage("redis"),
-                         circuit_open=lambda: False, inflight=lambda: 0)
+                         circuits=lambda: [], inflight=lambda: 0)
     with caplog.at_level("WARNING", logger="relay.housekeeping"):
         keeper.maintain()
     [line] = [rec.getMessage() for rec in caplog.records if "missed its heartbeat" in
               rec.getMessage()]
     assert line == ("worker host-b:7:dead01 missed its heartbeat: 1 in-flight notification(s) "
-                    "returned to the queue; some may already have been delivered and will be "
-                    "sent again")
+                    "recovered, to be sent again in their channels' order; some may already "
+                    "have been delivered")
     assert r.llen(queue_name) == 1

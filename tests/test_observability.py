@@ -25,7 +25,8 @@ from tests.support import (
     wait_settled,
 )
 
-DELIVERED = "relay_notifications_delivered_total"
+DELIVERED = 'relay_notifications_delivered_total{app="default"}'
+RETRIED = 'relay_notifications_retried_total{app="default"}'
 
 
 def envelope(n: int, enqueued_at: float) -> str:
@@ -42,15 +43,14 @@ def test_retried_requeued_shed_and_age_metrics(r, pusher, start_worker, queue_na
     port, settings = with_metrics(RELAY_MAX_AGE="60")
     start_worker(**settings)
     m = metrics(port)
-    for name in ("relay_notifications_retried_total", "relay_notifications_requeued_total",
+    for name in (RETRIED, "relay_notifications_requeued_total",
                  "relay_delivery_age_seconds_count"):
         assert m[name] == 0, name
 
     # retried: one 500, then the notification goes on its second attempt.
     pusher.set_mode(status=500, fail_next=1)
     r.rpush(queue_name, json.dumps({"channel": "c", "n": 0}))
-    wait_for(lambda: metrics(port)["relay_notifications_retried_total"] == 1, 15,
-             "relay_notifications_retried_total 1")
+    wait_for(lambda: metrics(port)[RETRIED] == 1, 15, "retried 1")
     wait_for(lambda: metrics(port)[DELIVERED] == 1, 15, "the retry delivered")
 
     # age: an envelope carrying enqueued_at is observed once delivered, however young.
@@ -72,7 +72,7 @@ def test_retried_requeued_shed_and_age_metrics(r, pusher, start_worker, queue_na
              "notifications put back after a 429")
     wait_for(lambda: metrics(port)[DELIVERED] == 22, 60, "all delivered after the pause")
     m = metrics(port)
-    assert m["relay_notifications_retried_total"] == 1  # the 429 cost no attempt
+    assert m[RETRIED] == 1  # the 429 cost no attempt
     assert m['relay_notifications_shed_total{policy="max_age"}'] == 1
     assert r.llen(f"{queue_name}:dead") == 0
 

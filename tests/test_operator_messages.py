@@ -118,7 +118,7 @@ def summary_lines(caplog, steps) -> list[str]:
     with caplog.at_level("INFO", logger="relay.housekeeping"):
         for seconds, delivered, backlog in steps:
             now[0] += seconds
-            metrics.delivered.inc(delivered)
+            metrics.delivered.labels("default").inc(delivered)
             queue.queue = backlog
             summary.tick()
     return [rec.getMessage() for rec in caplog.records]
@@ -159,10 +159,11 @@ def test_an_error_inside_a_200_is_a_failed_call_everywhere(r, pusher, start_work
     port = free_port()
     worker = start_worker(RELAY_METRICS_ADDR=f"127.0.0.1:{port}")
     push_unbatchable(r, queue_name, 1)
-    wait_for(lambda: metrics(port).get('relay_pusher_calls_total{status="4xx"}', 0) >= 1, 15,
+    refused = 'relay_pusher_calls_total{app="default",status="4xx"}'
+    wait_for(lambda: metrics(port).get(refused, 0) >= 1, 15,
              "the refused call counted as 4xx")
     samples = metrics(port)
-    assert samples.get('relay_pusher_calls_total{status="2xx"}', 0) == 0
+    assert samples.get('relay_pusher_calls_total{app="default",status="2xx"}', 0) == 0
     assert pusher.stats()["requests"]  # the server did answer (with a 200)
 
     def agree() -> bool:

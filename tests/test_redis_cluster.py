@@ -94,7 +94,8 @@ def test_two_workers_one_killed_mid_drain_nothing_lost(cluster, rc, pusher, star
     assert sum(c - 1 for c in counts.values()) <= held
     assert rc.llen(queue_name) == 0 and rc.llen("{" + queue_name + "}:dead") == 0
     assert held > 0, first.log()
-    assert "missed its heartbeat" in second.log(), second.log()
+    wait_for(lambda: "missed its heartbeat" in second.log(), timeout=15,
+             what="the survivor's line about the reap")
     names = {k.decode() for k in _keys(rc, "*")}
     assert names and all(k.startswith("{" + queue_name + "}:") for k in names), names
 

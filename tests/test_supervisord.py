@@ -191,7 +191,7 @@ def test_two_workers_deliver_and_stop_cleanly(
     def delivered_total() -> float:
         texts = [get(f"http://127.0.0.1:{port}/metrics") for port in ports]
         return sum(float(line.split()[-1]) for t in texts for line in t.splitlines()
-                   if line.startswith("relay_notifications_delivered_total "))
+                   if line.startswith('relay_notifications_delivered_total{app="default"} '))
     wait_for(lambda: delivered_total() == 20, 15, "the two metrics endpoints to count 20")
     assert all('"status": "ok"' in get(f"http://127.0.0.1:{p}/healthz") for p in ports)
 
