@@ -21,6 +21,8 @@
 5. **Gates.** While the circuit is open nothing is fetched and what the window holds goes back
    to the queue; one greenlet at a time probes with one notification. A 429 pause holds every
    greenlet until it is over. The shared rate limit is taken for exactly what a call sends.
+   An operator's pause (relay.pause) holds like an open circuit, without a probe; a quiet
+   process stops fetching and sends what its window holds.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from relay.fate import (
 from relay.lanes import Entry, Lanes
 from relay.message import InvalidMessage, Limits, Notification, parse
 from relay.metrics import Metrics
+from relay.pause import OperatorGate
 from relay.queue import RedisQueue, WorkerReaped
 from relay.ratelimit import RateLimiter
 from relay.redis_shared import REDIS_DOWN, REDIS_ERRORS
@@ -91,7 +94,8 @@ class Engine:
                  settler: Settler, metrics: Metrics, outage: Outage,
                  stopping: gevent.event.Event, limiter: RateLimiter | None = None,
                  circuit: Circuit | None = None, clock: Callable[[], float] = time.time,
-                 on_reaped: Callable[[], None] = lambda: None) -> None:
+                 on_reaped: Callable[[], None] = lambda: None,
+                 operator: OperatorGate | None = None) -> None:
         self.settings = settings
         self.queue = queue
         self.delivery = delivery
@@ -101,6 +105,7 @@ class Engine:
         self.stopping = stopping
         self.limiter = limiter
         self.circuit = circuit or Circuit()
+        self.operator = operator or OperatorGate()  # pause and quiet (relay.pause)
         self.clock = clock
         self.on_reaped = on_reaped  # re-register (the housekeeper's heartbeat)
         self.batch = MAX_BATCH if limiter is None else min(MAX_BATCH, limiter.burst)
@@ -148,6 +153,10 @@ class Engine:
             self._wait(ERROR_PAUSE_S)
 
     def _step(self) -> None:
+        if self.operator.holding:  # paused: the operator gate wakes everybody at resume
+            self._put_back_idle()
+            self._wait(IDLE_RECHECK_S)
+            return
         hold_s = self.circuit.wait_s()
         if hold_s > 0:
             if self.circuit.is_open:
@@ -169,7 +178,8 @@ class Engine:
     # -- the window ------------------------------------------------------------------------------
 
     def _should_fetch(self, probing: bool) -> bool:
-        if self.fetching or self.window.closed or self.stopping.is_set():
+        if self.fetching or self.window.closed or self.stopping.is_set() or \
+                not self.operator.may_fetch:
             return False
         room = self.window.room
         if probing:
@@ -207,7 +217,8 @@ class Engine:
         return f"#{next(self._own_keys)}"  # "#" is never in a channel name
 
     def _put_back_idle(self) -> None:
-        """The circuit is open: what waits in the lanes goes back to the queue, in order."""
+        """The circuit is open, or delivery paused: what waits in the lanes goes back to the
+        queue, in order."""
         idle = self.lanes.take_idle()
         if idle:
             self._settle_or_forget(idle, [(e.raw, e.item, PutBack(), e.extra) for e in idle])
@@ -260,9 +271,9 @@ class Engine:
     def _send(self, entries: Sequence[Entry], probing: bool, gate: Gate) -> dict[int, Fate]:
         notes: list[Notification] = [e.item for e in entries]
         cost = sum(n.cost for n in notes)
-        if not self._budget(cost) or self.stopping.is_set() or (
+        if not self._budget(cost) or self.stopping.is_set() or self.operator.holding or (
                 not probing and self.circuit.holding()):
-            # The stop came, or the gate closed, while this call waited for budget.
+            # The stop came, or a gate closed, while this call waited for budget.
             self._refund(cost)
             return {id(e): PutBack() for e in entries}
         answers = self.delivery.send(notes)

@@ -11,6 +11,9 @@
    still taken goes back to the queue untouched, in order -> exit 0. What Pusher accepted was
    settled, so a restarted worker does not send it again. It is worse to lose a notification
    than to send it twice.
+4. SIGTSTP: quiet (relay.pause): no more fetching; the window's calls are sent and settled,
+   the channels pass to another worker, and the process stays up until SIGTERM. `relay
+   pause` and `relay quiet` reach it through Redis (the fetch and housekeeping scripts).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from relay.fate import Policy
 from relay.history import Tally
 from relay.housekeeping import MAINTENANCE_S, Housekeeper
 from relay.metrics import Metrics
+from relay.pause import Controls, OperatorGate, Quiet
 from relay.queue import RedisQueue
 from relay.ratelimit import RateLimiter
 from relay.redis_shared import REDIS_ERRORS
@@ -79,10 +83,15 @@ class Worker:
                                   lock=gevent.lock.Semaphore(),
                                   on_wait=metrics.rate_waits.inc)
         self.circuit = Circuit()
+        self.operator = OperatorGate(queue.worker_id, Controls(queue.client, queue.keys),
+                                     metrics, queue.inflight_key, queue.push_cmd,
+                                     held=lambda: self.engine.held)
+        queue.on_gate_state = self.operator.observe  # what the scripts see of pause and quiet
         self.housekeeper = Housekeeper(config, queue, metrics, self.redis_outage,
                                        circuit_open=lambda: self.circuit.is_open,
                                        inflight=lambda: self.engine.held, report=self.report,
-                                       on_reaped=lambda: self.engine.reaped())
+                                       on_reaped=lambda: self.engine.reaped(),
+                                       operator=self.operator)
         settler = Settler(queue, metrics, self.redis_outage, self.tally,
                           self.housekeeper.stale_shedding, config.queue, clock)
         settings = Settings(prefetch=config.prefetch, channel_order=config.channel_order,
@@ -92,7 +101,8 @@ class Worker:
                             linger_s=config.linger)
         self.engine = Engine(settings, queue, delivery, settler, metrics, self.redis_outage,
                              self.stopping, limiter=limiter, circuit=self.circuit, clock=clock,
-                             on_reaped=self.housekeeper.heartbeat)
+                             on_reaped=self.housekeeper.heartbeat, operator=self.operator)
+        self.operator.on_change = self.engine.wake_all
         self.delivery = delivery
         metrics.pool_size.set(config.pool_size)
 
@@ -102,6 +112,7 @@ class Worker:
         """Serve until a signal asks to stop (or, in burst mode, until drained)."""
         gevent.signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self.stop, "SIGINT")
+        gevent.signal_handler(signal.SIGTSTP, self.quiet, "SIGTSTP")
         return self.serve()
 
     def serve(self) -> int:
@@ -151,6 +162,16 @@ class Worker:
             log.info("%s: finishing the calls in flight, then exiting", why)
             self.stopping.set()
             self.engine.cut()  # the blocking pop ends now, not when it times out
+
+    def quiet(self, how: str = "SIGTSTP") -> None:
+        """Fetch no more, send and settle what the window holds, stay up (relay.pause)."""
+        if self.stopping.is_set():
+            return
+        if self.operator.go_quiet(Quiet("signal", how, time.time())):
+            try:
+                self.operator.publish_quiet()  # so the fetch scripts refuse, and stats show it
+            except REDIS_ERRORS:
+                pass  # the next housekeeping round marks it
 
     def _end_burst(self) -> None:
         """Burst: stop once the queue is empty, no retry is due and nothing is held."""
@@ -210,6 +231,7 @@ class Worker:
                             "next_probe_in_s": round(max(0.0, c.next_probe_at - now), 1)
                             if c.is_open else None},
                 "paused_for_s": round(max(0.0, c.paused_until - now), 1),
+                "delivery": self.operator.state(),  # delivering, paused or quiet (relay.pause)
                 "rate_limit": {"per_s": self.config.rate_limit, "burst": self.config.rate_burst},
                 "shedding": {"backlog": house.backlog_shedding.state(),
                              "max_age": house.stale_shedding.state()}}
@@ -243,4 +265,6 @@ class Worker:
                      "replaced_lately": len(self.replaced)},
             "pusher_calls": {"total": int(calls), "failed": int(
                 calls - Metrics.total(self.metrics.calls, status="2xx"))},
-            "inflight": self.engine.held, "stopping": self.stopping.is_set()}
+            "inflight": self.engine.held, "stopping": self.stopping.is_set(),
+            # paused and quiet are healthy: said here, never a problem
+            **self.operator.facts(time.time())}
