@@ -173,7 +173,7 @@ def parse_for(text: str | None) -> float | None:
         return None
     seconds = duration_s(text)
     if seconds <= 0:
-        raise PauseError(f"--for must be longer than 0: {text!r}")
+        raise PauseError(f"must be longer than 0: {text!r}")
     return seconds
 
 
@@ -289,8 +289,12 @@ def span(seconds: float) -> str:
 
 def describe(pause: Pause, now: float) -> str:
     """'by ops@web1 since ... (2 min ago), until ... (in 8 min): pusher incident'."""
-    till = (f"until {when(pause.until)} (in {span(pause.until - now)})" if pause.until
-            else "until `relay resume`")
+    if pause.until is None:
+        till = "until `relay resume`"
+    elif pause.until > now:
+        till = f"until {when(pause.until)} (in {span(pause.until - now)})"
+    else:
+        till = f"until {when(pause.until)}"
     return (f"by {pause.who} since {when(pause.since)} ({span(now - pause.since)} ago), "
             f"{till}: {pause.reason or '(no reason given)'}")
 
