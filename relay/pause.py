@@ -181,6 +181,13 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
 def _pairs(flat: list[Any]) -> dict[str, str]:
     """HGETALL as a script answers it (a flat list), or as redis-py does (a dict)."""
     if isinstance(flat, dict):
@@ -200,9 +207,9 @@ class Pause:
         found = _pairs(fields)
         if not found:
             return None
-        till = found.get("until", "")
+        till = _number(found.get("until"))  # a hand-edited hash must not stop a worker
         return cls(found.get("reason", ""), found.get("who", "?"),
-                   float(found.get("since") or 0), float(till) if till else None)
+                   _number(found.get("since")) or 0.0, till or None)
 
     def as_dict(self, now: float) -> dict[str, Any]:
         """For `stats --json`, the page and /healthz."""

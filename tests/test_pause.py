@@ -57,6 +57,13 @@ def test_for_durations_that_do_not_parse(text: str, why: str) -> None:
         parse_for(text)
 
 
+def test_a_hand_edited_pause_still_reads() -> None:
+    assert Pause.from_hash({b"reason": b"x", b"since": b"soon", b"until": b""}) == \
+        Pause("x", "?", 0.0, None)
+    assert Pause.from_hash([]) is None
+    assert Quiet.from_json(b"{not json") == Quiet("?", "?", 0.0)
+
+
 def test_what_operators_read() -> None:
     pause = Pause("pusher incident", "ops@web1", 1_000_000.0, 1_000_600.0)
     assert describe(pause, 1_000_120.0) == (
