@@ -10,9 +10,13 @@
 4. `dashboard`: the operator's page (relay/dashboard/), until SIGTERM or SIGINT.
 5. `check`: one-shot health for scripts and container health checks: the /healthz of every
    live worker of the queue, at the metrics address each one publishes (relay/check.py).
+6. `pause [--for DURATION] [--reason TEXT]`, `resume`: delivery held, or going again, for
+   every worker process of the queue; `quiet WORKER_ID`: one process stops fetching, finishes
+   what it holds, stays up (relay/pause.py).
 
-Exit codes: 0 done or healthy; 1 unhealthy, Redis failed, or a requeue/purge moved nothing
-(nothing matched); 2 bad configuration or usage.
+Exit codes: 0 done or healthy; 1 unhealthy, Redis failed, or a requeue/purge/quiet moved
+nothing (nothing matched); 2 bad configuration or usage, or a pause, resume or quiet that
+Redis did not carry out (unreachable): the operator must know it did not happen.
 Output goes to stdout (it is the command's result); logs stay on stderr.
 """
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from typing import Any, TextIO
@@ -31,14 +34,23 @@ from relay import check, explain, producer, redis_url
 from relay.config import Config
 from relay.deadletters import DeadLetters, is_invalid
 from relay.message import InvalidMessage
+from relay.pause import (
+    Controls,
+    Pause,
+    PauseError,
+    describe,
+    duration_s,
+    parse_for,
+    span,
+    who_am_i,
+)
 from relay.queue import RedisQueue
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 EXIT_NOTHING = EXIT_UNHEALTHY  # requeue or purge moved nothing: nothing matched
 REQUEUE_USAGE = "%(prog)s (--all | --match TEXT) [--include-invalid] [setting flags]"
+CONTROL = ("pause", "resume", "quiet")  # commands whose Redis failure is exit 2
 WATCH_EVERY_S = 2.0
-_DURATION = re.compile(r"\A(\d+(?:\.\d+)?)([smhd]?)\Z")
-_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def add_subcommands(sub: Any, parents: list[argparse.ArgumentParser],
@@ -76,6 +88,34 @@ def add_subcommands(sub: Any, parents: list[argparse.ArgumentParser],
                    help="every live worker's /healthz: exit 0 all healthy, 1 not")
     sub.add_parser("dashboard", parents=parents,
                    help="serve the operator's page at RELAY_DASHBOARD_ADDR")
+    _add_control(sub, parents)
+
+
+def _add_control(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    pause = sub.add_parser(
+        "pause", parents=parents, usage="%(prog)s [--for DURATION] [--reason TEXT] "
+        "[setting flags]", help="hold delivery on every worker process of the queue",
+        description="Within a second every worker process of the queue stops fetching and "
+                    "starts no Pusher call; calls in flight finish and are settled, what was "
+                    "taken and not sent goes back to the queue, and the queue grows safely. "
+                    "Kept in Redis: it holds across hosts and restarts. Pausing again while "
+                    "paused updates the reason and the deadline.")
+    pause.add_argument("--for", dest="duration", metavar="DURATION",
+                       help="resume by itself after this long, e.g. 30s, 10m, 2h (Redis ends "
+                            "the pause even with no worker running); default: until `resume`")
+    pause.add_argument("--reason", metavar="TEXT", default="",
+                       help="why: shown in the workers' logs, `stats` and the page")
+    sub.add_parser("resume", parents=parents, usage="%(prog)s [setting flags]",
+                   help="end a pause: every worker process delivers again within a second")
+    quiet = sub.add_parser(
+        "quiet", parents=parents, usage="%(prog)s WORKER_ID [setting flags]",
+        help="one worker process stops fetching, finishes what it holds, stays up",
+        description="Before a deploy: the process stops fetching, sends and settles what it "
+                    "holds, passes its channels to another worker and stays up until it is "
+                    "restarted (SIGTSTP does the same). `stats` shows it quiet with 0 in "
+                    "flight once it may be restarted.")
+    quiet.add_argument("worker_id", metavar="WORKER_ID",
+                       help="as `stats` lists it (host:pid:tag), or a unique start of it")
 
 
 def usage_problem(args: argparse.Namespace) -> str | None:
@@ -84,26 +124,40 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     if getattr(args, "verb", None) == "requeue" and not (args.all or args.match):
         return ("dead requeue: say which dead letters: --all, or --match TEXT "
                 "(nothing was moved)")
+    if getattr(args, "command", None) == "pause":
+        try:
+            parse_for(args.duration)
+        except PauseError as exc:
+            return f"pause --for: {exc} (nothing was paused)"
     return None
 
 
+def redis_failure_status(command: str) -> int:
+    """The exit status of a command Redis failed: 2 for a pause, resume or quiet, which did
+    not happen; 1 otherwise."""
+    return EXIT_USAGE if command in CONTROL else EXIT_UNHEALTHY
+
+
 def parse_duration(text: str) -> float:
-    match = _DURATION.match(text.strip().lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30s, 10m, 12h, 7d)")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+    """30s, 10m, 12h, 7d: one grammar with the pause's --for (relay.pause.duration_s)."""
+    try:
+        return duration_s(text)
+    except PauseError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(command: str, args: argparse.Namespace, cfg: Config, client: redis.Redis,
         out: TextIO = sys.stdout) -> int:
     queue = RedisQueue(client, cfg.queue, cfg.order, worker_id="admin")
     handlers = {"stats": _stats, "dead": _dead, "enqueue": _enqueue, "check": _check,
-                "dashboard": _dashboard}
+                "dashboard": _dashboard, "pause": _pause, "resume": _resume, "quiet": _quiet}
     try:
         return handlers[command](args, cfg, queue, out)
     except redis.RedisError as exc:
-        out.write(f"{command} failed: {explain.redis_error(exc, redis_url.mask(cfg.redis_url))}\n")
-        return EXIT_UNHEALTHY
+        undone = " (nothing was changed)" if command in CONTROL else ""
+        out.write(f"{command} failed: {explain.redis_error(exc, redis_url.mask(cfg.redis_url))}"
+                  f"{undone}\n")
+        return redis_failure_status(command)
 
 
 # -- stats -------------------------------------------------------------------------------------
@@ -115,7 +169,13 @@ def collect_stats(cfg: Config, queue: RedisQueue) -> dict[str, Any]:
     tat = queue.client.get(queue.keys.ratelimit)
     ahead = max(0.0, float(tat) - now) if tat else 0.0
     workers = queue.workers()
+    controls = Controls(queue.client, queue.keys)
+    pause, quiet = controls.read(), controls.quiet_workers()
+    for w in workers:
+        w["quiet"] = quiet[w["id"]].as_dict() if w["id"] in quiet else None
     return {
+        "paused": pause.as_dict(now) if pause else None,
+        "now": now,
         "queue": cfg.queue,
         "length": lengths["queue"],
         "inflight": sum(w["inflight"] for w in workers),
@@ -151,8 +211,16 @@ def format_stats(s: dict[str, Any]) -> str:
         f"queue {s['queue']}: {s['length']:,} waiting, {s['inflight']:,} in flight, "
         f"{s['retry_scheduled']:,} scheduled for retry, {s['dead']:,} dead",
     ]
+    if s.get("paused"):
+        p = s["paused"]
+        lines.append("DELIVERY PAUSED " + describe(
+            Pause(p["reason"], p["who"], p["since"], p["until"]), s["now"]))
     for w in s["workers"]:
         state = "EXPIRED" if w["expired"] else "alive"
+        quiet = w.get("quiet")
+        if quiet:
+            state += f"; QUIET since {span(s['now'] - quiet['since'])} ago ({quiet['how']}, " \
+                     f"by {quiet['who']})" + (": may be restarted" if not w["inflight"] else "")
         lines.append(f"  worker {w['id']}: {w['inflight']} in flight, heartbeat "
                      f"{w['heartbeat_age_s']:.1f} s ago ({state})")
     if not s["workers"]:
@@ -257,6 +325,48 @@ def _enqueue(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: Text
 
 def _check(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
     return check.run(cfg, queue, out)
+
+
+# -- pause, resume, quiet -----------------------------------------------------------------------
+
+
+def _pause(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
+    pause, was, now = Controls(queue.client, queue.keys).pause(
+        args.reason, who_am_i(), parse_for(args.duration))
+    out.write(f"{'pause updated' if was else 'delivery paused'} on queue {cfg.queue} "
+              f"{describe(pause, now)}\n"
+              "every worker process holds within a second (calls in flight finish); "
+              "`relay resume` ends it\n")
+    return EXIT_OK
+
+
+def _resume(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
+    was, now = Controls(queue.client, queue.keys).resume()
+    if was is None:
+        out.write(f"delivery on queue {cfg.queue} was not paused; nothing to do\n")
+    else:
+        out.write(f"delivery resumed on queue {cfg.queue} after {span(now - was.since)}; it "
+                  f"had been paused {describe(was, now)}\n")
+    return EXIT_OK
+
+
+def _quiet(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
+    ids = [w.decode() for w in queue.client.zrange(queue.keys.workers, 0, -1)]
+    wanted = args.worker_id
+    found = [w for w in ids if w == wanted] or [w for w in ids if w.startswith(wanted)]
+    if len(found) != 1:
+        which = "several registered workers start with" if found else "no registered worker is"
+        out.write(f"quiet: {which} {wanted!r} (`relay stats` lists them); nothing was "
+                  "changed\n")
+        return EXIT_NOTHING
+    done = Controls(queue.client, queue.keys).quiet(found[0], who_am_i(), "relay quiet")
+    if not done:
+        out.write(f"quiet: worker {found[0]} is no longer registered; nothing was changed\n")
+        return EXIT_NOTHING
+    out.write(f"worker {found[0]} {'was quiet already' if done == 2 else 'goes quiet'}: it "
+              "stops fetching within a second, sends and settles what it holds, passes its "
+              "channels on and stays up; `relay stats` says when it may be restarted\n")
+    return EXIT_OK
 
 
 def _dashboard(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:

@@ -21,6 +21,8 @@
 5. **Gates.** While the circuit is open nothing is fetched and what the window holds goes back
    to the queue; one greenlet at a time probes with one notification. A 429 pause holds every
    greenlet until it is over. The shared rate limit is taken for exactly what a call sends.
+   An operator's pause (relay.pause) holds like an open circuit, without a probe; a quiet
+   process stops fetching and sends what its window holds.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from relay.fate import (
 from relay.lanes import Entry, Lanes
 from relay.message import InvalidMessage, Notification, parse
 from relay.metrics import Metrics
+from relay.pause import OperatorGate
 from relay.queue import RedisQueue, WorkerReaped
 from relay.redis_shared import REDIS_DOWN, REDIS_ERRORS
 from relay.retry import Outage
@@ -91,7 +94,8 @@ class Engine:
     def __init__(self, settings: Settings, queue: RedisQueue, routes: Routes,
                  settler: Settler, metrics: Metrics, outage: Outage,
                  stopping: gevent.event.Event, clock: Callable[[], float] = time.time,
-                 on_reaped: Callable[[], None] = lambda: None) -> None:
+                 on_reaped: Callable[[], None] = lambda: None,
+                 operator: OperatorGate | None = None) -> None:
         self.settings = settings
         self.queue = queue
         self.routes = routes  # each app's delivery, circuit and rate limit (relay.routes)
@@ -99,6 +103,7 @@ class Engine:
         self.metrics = metrics
         self.outage = outage
         self.stopping = stopping
+        self.operator = operator or OperatorGate()  # pause and quiet (relay.pause)
         self.clock = clock
         self.on_reaped = on_reaped  # re-register (the housekeeper's heartbeat)
         prefetch = settings.prefetch
@@ -148,15 +153,14 @@ class Engine:
             self.stopping.wait(ERROR_PAUSE_S)
 
     def _step(self) -> None:
-        """One turn: with one app, its gate first (an open circuit stops the fetching and
-        sends the window back to the queue, as everything must then wait in Redis); then fetch
-        if it is time, form a call, pass it through its app's gate, carry it."""
+        """One turn: the operator's pause first; with one app, its gate (an open circuit
+        stops the fetching and sends the window back to the queue, as everything must then
+        wait in Redis); then fetch if it is time, form a call, pass it through its app's gate,
+        carry it."""
         only = next(iter(self.routes)) if len(self.routes) == 1 else None
-        probing = False
-        if only is not None:
-            probing = self._only_gate(only)
-            if probing is None:
-                return
+        probing = self._gates(only)
+        if probing is None:
+            return
         if self._should_fetch(probing):
             self._fetch(1 if probing else self.window.room, may_block=not self.lanes.ready)
         call = self.lanes.next_call(1 if probing else None)
@@ -191,6 +195,15 @@ class Engine:
             return call[:keep]
         return call
 
+    def _gates(self, only: Route | None) -> bool | None:
+        """None while a gate holds (this greenlet waited a little), else whether this
+        greenlet is to probe the one app's open circuit."""
+        if self.operator.holding:  # paused: the operator gate wakes everybody at resume
+            self._put_back_idle()
+            self._wait(IDLE_RECHECK_S)
+            return None
+        return False if only is None else self._only_gate(only)
+
     def _only_gate(self, only: Route) -> bool | None:
         """The one app's gate: None while it holds (this greenlet waited a little), else
         whether this greenlet is to probe the open circuit."""
@@ -215,7 +228,8 @@ class Engine:
     # -- the window ------------------------------------------------------------------------------
 
     def _should_fetch(self, probing: bool) -> bool:
-        if self.fetching or self.window.closed or self.stopping.is_set():
+        if self.fetching or self.window.closed or self.stopping.is_set() or \
+                not self.operator.may_fetch:
             return False
         window = self.window
         room = window.room
@@ -265,7 +279,8 @@ class Engine:
         return f"#{next(self._own_keys)}"  # "#" is never in a channel name
 
     def _put_back_idle(self) -> None:
-        """The circuit is open: what waits in the lanes goes back to the queue, in order."""
+        """The circuit is open, or delivery paused: what waits in the lanes goes back to the
+        queue, in order."""
         idle = self.lanes.take_idle()
         if idle:
             self._settle_or_forget(idle, [(e.raw, e.item, PutBack(), e.extra) for e in idle])
@@ -331,9 +346,9 @@ class Engine:
               ) -> dict[int, Fate]:
         notes: list[Notification] = [e.item for e in entries]
         cost = sum(n.cost for n in notes)
-        if not self._budget(route, cost) or self.stopping.is_set() or (
+        if not self._budget(route, cost) or self.stopping.is_set() or self.operator.holding or (
                 not probing and route.circuit.holding()):
-            # The stop came, or the gate closed, while this call waited for budget.
+            # The stop came, or a gate closed, while this call waited for budget.
             self._refund(route, cost)
             return {id(e): PutBack() for e in entries}
         answers = route.delivery.send(notes)

@@ -6,7 +6,8 @@
    if sooner): move due retries back to the queue, trim an over-long backlog
    (RELAY_MAX_BACKLOG), note the backlog, list the workers whose heartbeat expired (every
    TTL/2) and return their in-flight items; then end quiet shedding episodes and publish
-   the circuit gauge.
+   the circuit gauge. The same script tells the operator's gate (relay.pause) whether
+   delivery is paused; while it is, rounds come every PAUSED_ROUND_S, so a resume is seen.
 3. Every SUMMARY_S: one progress line while there is work (`Summary`).
 A Redis error in any of these is counted and shared with the worker's outage tracker; the
 next round tries again.
@@ -24,6 +25,7 @@ import gevent.event
 
 from relay.config import Config
 from relay.metrics import Metrics
+from relay.pause import OperatorGate
 from relay.queue import RedisQueue
 from relay.redis_shared import REDIS_ERRORS
 from relay.retry import Outage
@@ -71,9 +73,11 @@ class Housekeeper:
                  circuits: Callable[[], list[tuple[str, bool]]], inflight: Callable[[], int],
                  report: Callable[[], dict[str, Any]] = dict,
                  clock: Callable[[], float] = time.monotonic,
-                 on_reaped: Callable[[], None] = lambda: None) -> None:
+                 on_reaped: Callable[[], None] = lambda: None,
+                 operator: OperatorGate | None = None) -> None:
         self.report = report  # the process's state for the dashboard, in each heartbeat
         self.on_reaped = on_reaped  # what the worker held went back: forget it
+        self.operator = operator or OperatorGate()  # learns from each round (relay.queue)
         self.config = config
         self.queue = queue
         self.metrics = metrics
@@ -152,7 +156,8 @@ class Housekeeper:
             episode.maybe_end()
         for app, is_open in self.circuits():
             self.metrics.circuit_open.labels(app).set(1 if is_open else 0)
-        return next_round_s(round_.length + self.inflight(), round_.next_due_s)
+        return self.operator.after_round(
+            next_round_s(round_.length + self.inflight(), round_.next_due_s))
 
 
 def next_round_s(work: int, next_due_s: float | None) -> float:

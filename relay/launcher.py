@@ -94,13 +94,13 @@ def start_health_server(addr: str, metrics: Metrics, report: Report,
 
 
 def run_admin(command: str, args: argparse.Namespace, cfg: Config) -> int:
-    """A subcommand (stats, dead, enqueue, check) with a small client of its own."""
+    """A subcommand (stats, dead, enqueue, check, pause...) with a small client of its own."""
     try:
         client = redis_client(cfg.redis_url, SPARE_CONNECTIONS, wait=False)
     except redis.RedisError as exc:
         where = redis_url.mask(cfg.redis_url)
         sys.stdout.write(f"{command} failed: {explain.redis_error(exc, where)}\n")
-        return admin.EXIT_UNHEALTHY
+        return admin.redis_failure_status(command)
     try:
         return admin.run(command, args, cfg, client)
     finally:

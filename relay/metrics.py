@@ -65,6 +65,14 @@ class Metrics:
                                   registry=r)
         self.circuit_open = Gauge("relay_circuit_open", "1 while the circuit to Pusher is open",
                                   ["app"], registry=r)
+        # The operator's brakes (relay.pause), as this process last learned them.
+        self.paused = Gauge("relay_paused", "1 while delivery is paused (relay pause)",
+                            registry=r)
+        self.paused_since = Gauge("relay_paused_since_seconds",
+                                  "When the pause began (Unix time, Redis clock); 0 when not "
+                                  "paused", registry=r)
+        self.quiet = Gauge("relay_quiet", "1 once this process is quiet (SIGTSTP, relay quiet)",
+                           registry=r)
         Info("relay_build", "relay version", registry=r).info({"version": __version__})
         for policy in SHED_POLICIES:
             self.shed.labels(policy)

@@ -11,6 +11,9 @@
    still taken goes back to the queue untouched, in order -> exit 0. What Pusher accepted was
    settled, so a restarted worker does not send it again. It is worse to lose a notification
    than to send it twice.
+4. SIGTSTP: quiet (relay.pause): no more fetching; the window's calls are sent and settled,
+   the channels pass to another worker, and the process stays up until SIGTERM. `relay
+   pause` and `relay quiet` reach it through Redis (the fetch and housekeeping scripts).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from relay.fate import Policy
 from relay.history import Tally
 from relay.housekeeping import MAINTENANCE_S, Housekeeper
 from relay.metrics import Metrics
+from relay.pause import Controls, OperatorGate, Quiet
 from relay.queue import RedisQueue
 from relay.redis_shared import REDIS_ERRORS
 from relay.retry import Outage
@@ -72,10 +76,15 @@ class Worker:
         self.metrics_addr = "off"  # where /healthz answers, once the launcher bound it
         self.serving = False
         self.routes = routes  # each app's delivery, circuit and rate limit
+        self.operator = OperatorGate(queue.worker_id, Controls(queue.client, queue.keys),
+                                     metrics, queue.inflight_key, queue.push_cmd,
+                                     held=lambda: self.engine.held)
+        queue.on_gate_state = self.operator.observe  # what the scripts see of pause and quiet
         self.housekeeper = Housekeeper(config, queue, metrics, self.redis_outage,
                                        circuits=self.circuits_open,
                                        inflight=lambda: self.engine.held, report=self.report,
-                                       on_reaped=lambda: self.engine.reaped())
+                                       on_reaped=lambda: self.engine.reaped(),
+                                       operator=self.operator)
         settler = Settler(queue, metrics, self.redis_outage, self.tally,
                           self.housekeeper.stale_shedding, config.queue, clock,
                           apps_apart=lambda: len(self.routes) > 1)
@@ -85,7 +94,9 @@ class Worker:
                                           config.max_age),
                             linger_s=config.linger)
         self.engine = Engine(settings, queue, routes, settler, metrics, self.redis_outage,
-                             self.stopping, clock=clock, on_reaped=self.housekeeper.heartbeat)
+                             self.stopping, clock=clock, on_reaped=self.housekeeper.heartbeat,
+                             operator=self.operator)
+        self.operator.on_change = self.engine.wake_all
         metrics.pool_size.set(config.pool_size)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -95,6 +106,7 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self.stop, "SIGINT")
         gevent.signal_handler(signal.SIGHUP, self.reload)
+        gevent.signal_handler(signal.SIGTSTP, self.quiet, "SIGTSTP")
         return self.serve()
 
     def serve(self) -> int:
@@ -159,6 +171,16 @@ class Worker:
     def circuits_open(self) -> list[tuple[str, bool]]:
         return [(route.name, route.circuit.is_open) for route in self.routes]
 
+    def quiet(self, how: str = "SIGTSTP") -> None:
+        """Fetch no more, send and settle what the window holds, stay up (relay.pause)."""
+        if self.stopping.is_set():
+            return
+        if self.operator.go_quiet(Quiet("signal", how, time.time())):
+            try:
+                self.operator.publish_quiet()  # so the fetch scripts refuse, and stats show it
+            except REDIS_ERRORS:
+                pass  # the next housekeeping round marks it
+
     def _end_burst(self) -> None:
         """Burst: stop once the queue is empty, no retry is due and nothing is held."""
         if self.engine.held == 0 and self.queue.idle():
@@ -222,6 +244,7 @@ class Worker:
                 "paused_for_s": max(c["paused_for_s"] for c in circuits),
                 "rate_limit": limits.get(DEFAULT) or next(iter(limits.values())),
                 "rate_limits": limits if len(limits) > 1 else None,
+                "delivery": self.operator.state(),  # delivering, paused or quiet (relay.pause)
                 "shedding": {"backlog": house.backlog_shedding.state(),
                              "max_age": house.stale_shedding.state()}}
 
@@ -275,4 +298,6 @@ class Worker:
                      "replaced_lately": len(self.replaced)},
             "pusher_calls": {"total": int(calls), "failed": int(
                 calls - Metrics.total(self.metrics.calls, status="2xx"))},
-            "inflight": self.engine.held, "stopping": self.stopping.is_set()}
+            "inflight": self.engine.held, "stopping": self.stopping.is_set(),
+            # paused and quiet are healthy: said here, never a problem
+            **self.operator.facts(time.time())}

@@ -20,6 +20,8 @@ send to an arbitrary node.
 - `Q:history:s:<sec>`      hash: counts settled in that second (Redis clock), 16 min TTL
 - `Q:history:m:<min>`      hash: the same per minute, 25 h TTL (see history.py, _TALLY)
 - `Q:probe`                any: used for an instant at start by `probe` (ACL rights check)
+- `Q:pause`, `Q:quiet`     hashes: delivery paused, workers told to go quiet (relay.pause); the
+                           fetch scripts and MAINTAIN read them, so learning costs no round trip
 
 How nothing is lost:
 1. Fetch moves items atomically into the process's in-flight list (BLMOVE, or a script that
@@ -43,7 +45,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
@@ -52,6 +54,7 @@ import redis
 
 from relay.errors import RelayError
 from relay.ownership import HAND_OVER, LANE_KEYS, RETURN_LANES, SETTLE_OWNED, TAKE
+from relay.pause import Seen, gated, refusal, round_state, with_state
 from relay.redis_shared import NOW_LUA
 
 log = logging.getLogger(__name__)
@@ -348,7 +351,13 @@ redis.call('ZCOUNT', k, '-inf', now)
 redis.call('ZREM', k, 'p')
 redis.call('HSET', k, 'p', '1')
 redis.call('HINCRBY', k, 'p', 1)
+redis.call('HEXISTS', k, 'p')
+redis.call('HLEN', k)
+redis.call('HKEYS', k)
+redis.call('EXISTS', k)
 redis.call('EXPIRE', k, 60)
+redis.call('PEXPIRE', k, 60000)
+redis.call('PERSIST', k)
 redis.call('HDEL', k, 'p')
 redis.call('HSETNX', k, 'p', '1')
 redis.call('HGET', k, 'p')
@@ -437,6 +446,16 @@ class Keys:
 
     def lane(self, key: str) -> str:
         return f"{self.prefix}:lane:{key}"
+
+    @property
+    def pause(self) -> str:
+        """Delivery paused, while it exists (relay.pause)."""
+        return f"{self.prefix}:pause"
+
+    @property
+    def quiet(self) -> str:
+        """Worker id -> why it is quiet (relay.pause)."""
+        return f"{self.prefix}:quiet"
 
 
 def is_cluster(client: Any) -> bool:
@@ -564,11 +583,14 @@ class RedisQueue:
         self.pop_side = "LEFT" if order == "fifo" else "RIGHT"
         self.push_cmd = "LPUSH" if order == "fifo" else "RPUSH"
         self._started_at = time.time()
-        self._fetch = client.register_script(TAKE if owned else FETCH)
+        # The fetch takes nothing while paused or quiet (relay.pause); what it and MAINTAIN
+        # see of that goes to on_gate_state (the worker's OperatorGate).
+        self.on_gate_state: Callable[[Seen], None] = lambda seen: None
+        self._fetch = client.register_script(gated(TAKE if owned else FETCH))
         self._settle = client.register_script(SETTLE)
         self._lane_keys = client.register_script(LANE_KEYS)
         self._promote = client.register_script(PROMOTE)
-        self._maintain = client.register_script(MAINTAIN)
+        self._maintain = client.register_script(with_state(MAINTAIN))
         self._heartbeat = client.register_script(HEARTBEAT)
         self._reap = client.register_script(REAP)
         self._sweep = client.register_script(SWEEP)
@@ -592,9 +614,14 @@ class RedisQueue:
         if self.owned:
             keys.append(self.keys.owners)
             args += [self.CAP, self.WORK, self.keys.prefix, self.spread]
+        keys += [self.keys.pause, self.keys.quiet]  # the gate's, last (relay.pause)
         return keys, args
 
     def _taken(self, found: Any) -> Taken:
+        refused = refusal(found)
+        if refused is not None:  # paused, or this worker is quiet: nothing was taken
+            self.on_gate_state(refused)
+            return Taken([], None)
         if found is None:
             raise WorkerReaped(self.worker_id)
         if not self.owned:
@@ -629,7 +656,7 @@ class RedisQueue:
         waited, found = pipe.execute(raise_on_error=False)
         self._raise_demoted(waited)
         if isinstance(found, redis.exceptions.NoScriptError):  # Redis restarted: load it
-            self.client.script_load(TAKE if self.owned else FETCH)
+            self.client.script_load(self._fetch.script)
             return self.fetch(most)
         if isinstance(found, Exception):
             raise found
@@ -696,9 +723,14 @@ class RedisQueue:
         with `reap`, also return the items of expired and lately reaped workers (a script
         per such worker: none on a healthy queue)."""
         keys = [self.keys.retry, self.keys.queue, self.keys.stats, self.keys.history,
-                self.keys.workers, self.keys.reaped]
-        promoted, dropped, length, next_due_ms, expired, reaped = self._maintain(
-            keys=keys, args=[self.push_cmd, limit, max_backlog, "1" if reap else "0"])
+                self.keys.workers, self.keys.reaped,
+                # relay.pause's, last: the operator's state rides on the round
+                self.keys.pause, self.keys.quiet, self.keys.held(self.worker_id),
+                self.keys.workers]
+        promoted, dropped, length, next_due_ms, expired, reaped, *state = self._maintain(
+            keys=keys, args=[self.push_cmd, limit, max_backlog, "1" if reap else "0",
+                             self.worker_id])
+        self.on_gate_state(round_state(state))
         recovered = self._recover(expired, reaped) if expired or reaped else {}
         return Maintenance(int(promoted), int(dropped), int(length),
                            None if int(next_due_ms) < 0 else int(next_due_ms) / 1000,

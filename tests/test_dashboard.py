@@ -268,6 +268,47 @@ def test_get_never_acts_and_post_needs_json(serve: Callable[..., Client], r: red
     assert r.llen(f"{queue_name}:dead") == 1
 
 
+# -- pause, resume, quiet ------------------------------------------------------------------------
+
+
+def test_pause_resume_and_quiet_through_the_api(serve: Callable[..., Client], r: redis.Redis,
+                                                queue_name: str) -> None:
+    RedisQueue(r, queue_name, worker_id="host-a:7:ab").heartbeat(60, {"delivery": "delivering"})
+    client = serve(auth="ops:s3cret-pw")
+    assert client.json("/api/overview")["pause"] is None
+    html = client.load_page()
+    assert 'id="pause-banner" role="alert" hidden' in html
+    done = client.json("/api/pause", {"reason": "pusher incident", "for": "10m"})
+    assert not done["updated"] and done["paused"]["who"] == "ops@127.0.0.1"
+    assert 590 < r.pttl(f"{queue_name}:pause") / 1000 <= 600
+    o = client.json("/api/overview")
+    assert o["pause"]["reason"] == "pusher incident" and 590 < o["pause"]["left_s"] <= 600
+    assert o["pause"]["text"].startswith("by ops@127.0.0.1 since ")
+    html = client.load_page()  # without JavaScript the banner is there too
+    assert 'id="pause-banner" role="alert">' in html and "pusher incident" in html
+    assert client.json("/api/pause", {"reason": "still", "for": ""})["updated"]
+    assert r.ttl(f"{queue_name}:pause") == -1  # until resumed now
+    status, _, body = client.call("/api/pause", {"for": "soon"})
+    assert status == 400 and "not a duration: 'soon'" in json.loads(body)["error"]
+    assert client.json("/api/resume", {}) == {"resumed": True}
+    assert not r.exists(f"{queue_name}:pause")
+    assert client.json("/api/quiet", {"worker": "host-a:7:ab"})["quiet"]
+    [w] = client.json("/api/overview")["workers"]
+    assert w["quiet"]["how"] == "page" and w["quiet"]["who"] == "ops@127.0.0.1"
+    assert client.call("/api/quiet", {"worker": "nobody"})[0] == 404
+
+
+def test_the_controls_need_the_token_and_never_act_on_a_get(
+        serve: Callable[..., Client], r: redis.Redis, queue_name: str) -> None:
+    RedisQueue(r, queue_name, worker_id="w1").heartbeat(60)
+    client = serve()
+    for path in ("/api/pause", "/api/resume", "/api/quiet"):
+        assert client.call(path)[0] == 405
+        status, _, body = client.call(path, {"reason": "x", "worker": "w1"})  # no token
+        assert status == 403 and "CSRF" in json.loads(body)["error"]
+    assert not r.exists(f"{queue_name}:pause", f"{queue_name}:quiet")
+
+
 # -- security ----------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer
 from tests.dashboard_support import dashboard_cmd, listening_port
 from tests.support import WorkerProcess, wait_for
+from tests.test_admin import admin
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
@@ -284,5 +285,72 @@ def test_charts_keep_an_incident_readable_and_narrow_columns_do_not_wrap(
         assert header.evaluate(LINES) <= 1, header.text_content()
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 640, f"the page is {width} px wide in a 640 px window"
+    assert console.errors == []
+    page.close()
+
+
+def test_the_pause_banner_resume_pause_and_quiet_controls(
+        browser: Any, start_dashboard: Callable[..., str],
+        start_worker: Callable[..., WorkerProcess], r: redis.Redis, redis_server: RedisServer,
+        queue_name: str, pusher: LocalPusher) -> None:
+    """Issue 22: the banner says reason, since, until and who; Resume and Pause act (as the
+    dead-letter actions do: a POST with the page's CSRF token); each worker has a Quiet
+    button; a POST without the token is refused."""
+    worker = start_worker()
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    console = Console(page)
+    page.on("dialog", lambda dialog: dialog.accept())  # the Quiet button asks first
+    page.goto(start_dashboard())
+    wait_page(page, lambda: page.locator("#workers tr[data-worker]").count() == 1, "the worker")
+    assert page.is_hidden("#pause-banner") and page.is_visible("#delivering")
+
+    # Paused from the command line: the banner appears by itself.
+    out = admin(redis_server, queue_name, "pause", "--for", "10m", "--reason", "pusher incident")
+    assert out.returncode == 0, out.stdout + out.stderr
+    wait_page(page, lambda: page.is_visible("#pause-banner"), "the banner")
+    banner = text(page, "#pause-banner")
+    who = out.stdout.split(" by ", 1)[1].split(" since ", 1)[0]
+    for part in ("Delivery paused", f"by {who} since ", " UTC (", "until ", "(in 10 min)",
+                 ": pusher incident"):
+        assert part in banner, (part, banner)
+    assert text(page, "#pause-button") == "Update the pause"
+    row = page.locator("#workers tr[data-worker]")
+    wait_page(page, lambda: "paused" in row.text_content(), "the worker's own word: paused")
+    screenshot = os.environ.get("RELAY_DASHBOARD_SCREENSHOT")
+    if screenshot:
+        page.screenshot(path=screenshot.replace(".png", "-paused.png"), full_page=True)
+
+    # Resume on the page: every worker delivers again.
+    page.click("#resume-button")
+    wait_page(page, lambda: page.is_hidden("#pause-banner"), "the banner to go")
+    assert not r.exists(f"{queue_name}:pause")
+    wait_for(lambda: "delivery resumed (relay resume)" in worker.log(), 5, "the worker resuming")
+    r.rpush(queue_name, json.dumps({"channel": "c", "n": 1}))
+    pusher.wait_for_events(1)
+
+    # Pause from the page, with a reason and a deadline.
+    page.fill('#pause-form input[name="reason"]', "deploy <b>now</b>")
+    page.fill('#pause-form input[name="for"]', "30m")
+    page.click("#pause-button")
+    wait_page(page, lambda: page.is_visible("#pause-banner"), "the banner again")
+    assert "by page@127.0.0.1 since" in text(page, "#pause-banner")
+    assert text(page, "#pause-text").endswith(": deploy <b>now</b>")  # text, not markup
+    assert r.hget(f"{queue_name}:pause", "reason") == b"deploy <b>now</b>"
+    assert 1790 < r.pttl(f"{queue_name}:pause") / 1000 <= 1800
+    wait_for(lambda: "delivery paused by page@127.0.0.1" in worker.log(), 5, "the worker")
+    page.click("#resume-button")
+    wait_page(page, lambda: page.is_hidden("#pause-banner"), "the banner to go again")
+
+    # Without the page's CSRF token, the same request is refused and changes nothing.
+    refused = page.request.post(page.url.rstrip("/") + "/api/pause",
+                                data={"reason": "forged"})
+    assert refused.status == 403 and "CSRF" in refused.json()["error"]
+    assert not r.exists(f"{queue_name}:pause")
+
+    # Quiet one worker from its row.
+    row.locator("button.quiet").click()
+    wait_page(page, lambda: "quiet" in row.locator("td >> nth=6").text_content(), "quiet")
+    assert row.locator("button.quiet").count() == 0
+    wait_for(lambda: "quiet (page, by page@127.0.0.1)" in worker.log(), 5, "the worker quiet")
     assert console.errors == []
     page.close()

@@ -222,7 +222,9 @@ def test_kill_9_is_restarted_and_nothing_is_lost(
         supervisor: Callable[..., Supervisor], r: redis.Redis, pusher: LocalPusher,
         queue_name: str, tmp_path: Path) -> None:
     count = 1000
-    sup = supervisor(RELAY_POOL_SIZE="2")
+    # A backlog longer than a window (RELAY_PREFETCH) is shared out between the processes by
+    # channel; a shorter one would all go to whichever process popped first.
+    sup = supervisor(RELAY_POOL_SIZE="2", RELAY_PREFETCH="100")
     wait_for(lambda: sup.all_in("RUNNING"), 30, "both workers RUNNING")
     pusher.set_mode(delay=0.05)  # slow enough that the victim has work in flight
     victim = sup.pid(PROGRAMS[0])

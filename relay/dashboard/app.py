@@ -9,7 +9,11 @@ GET  /api/dead/entry?id=        one dead letter in full
 POST /api/dead/requeue          {"id": ...} one entry, or {"q": ..., "class": ...} the filtered
                                 (`invalid` ones only with class=invalid: skipped_invalid says)
 POST /api/dead/purge            {"older_than": "7d", "q": ..., "class": ...}
+POST /api/pause                 {"reason": ..., "for": "30m" or ""}: pause, or update the pause
+POST /api/resume                {}
+POST /api/quiet                 {"worker": WORKER_ID}
 A GET never changes anything; a POST needs the page's CSRF token and a same-origin request.
+The pause and quiet actions name who asked: the basic-auth user (or "page") @ the client.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from relay.dashboard import page
 from relay.dashboard.data import ERROR_CLASSES, Board, DeadFilter
 from relay.dashboard.security import SECURITY_HEADERS, Guard
 from relay.history import WINDOWS, SeriesReader
+from relay.pause import PauseError, parse_for
 from relay.queue import RedisQueue
 
 log = logging.getLogger(__name__)
@@ -76,8 +81,9 @@ class DashboardApp:
         self.gets: dict[str, Callable[[dict[str, Any], str], tuple[str, bytes, str]]] = {
             "/": self._page, "/api/overview": self._overview, "/api/series": self._series,
             "/api/dead": self._dead, "/api/dead/entry": self._dead_entry}
-        self.posts: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "/api/dead/requeue": self._requeue, "/api/dead/purge": self._purge}
+        self.posts: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+            "/api/dead/requeue": self._requeue, "/api/dead/purge": self._purge,
+            "/api/pause": self._pause, "/api/resume": self._resume, "/api/quiet": self._quiet}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
                  ) -> Iterable[bytes]:
@@ -111,7 +117,8 @@ class DashboardApp:
             refusal = self.guard.post_refusal(environ, user)
             if refusal is not None:
                 raise HttpError("403 Forbidden", refusal)
-            return "200 OK", _json(self.posts[path](_body(environ))), "application/json"
+            who = f"{user or 'page'}@{environ.get('REMOTE_ADDR') or '?'}"
+            return "200 OK", _json(self.posts[path](_body(environ), who)), "application/json"
         if path in self.gets or path in self.posts:
             raise HttpError("405 Method Not Allowed", "method not allowed")
         raise HttpError("404 Not Found", "not found")
@@ -149,17 +156,36 @@ class DashboardApp:
 
     # -- POST -------------------------------------------------------------------------------------
 
-    def _requeue(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _requeue(self, body: dict[str, Any], who: str) -> dict[str, Any]:
         if body.get("id"):
             return {"moved": self.board.requeue_one(str(body["id"]))}
         return self.board.requeue(_filter(body))
 
-    def _purge(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _purge(self, body: dict[str, Any], who: str) -> dict[str, Any]:
         try:
             older_than = parse_duration(str(body.get("older_than", "")))
         except (ValueError, argparse.ArgumentTypeError) as exc:
             raise HttpError("400 Bad Request", str(exc)) from None
         return {"moved": self.board.purge(_filter(body), older_than)}
+
+    def _pause(self, body: dict[str, Any], who: str) -> dict[str, Any]:
+        try:
+            for_s = parse_for(str(body.get("for") or ""))
+        except PauseError as exc:
+            raise HttpError("400 Bad Request", f"for: {exc}") from None
+        return self.board.pause(str(body.get("reason") or ""), for_s, who)
+
+    def _resume(self, body: dict[str, Any], who: str) -> dict[str, Any]:
+        return self.board.resume(who)
+
+    def _quiet(self, body: dict[str, Any], who: str) -> dict[str, Any]:
+        worker = str(body.get("worker") or "")
+        if not worker:
+            raise HttpError("400 Bad Request", "name the worker: {\"worker\": WORKER_ID}")
+        done = self.board.quiet(worker, who)
+        if not done["registered"]:
+            raise HttpError("404 Not Found", f"no registered worker {worker[:80]!r}")
+        return done
 
 
 def _json(data: Any) -> bytes:

@@ -9,6 +9,9 @@
 3. `Board.requeue()` / `Board.purge()`: through DeadLetters.requeue / purge, which
    remove each entry by its exact bytes: two operators at once never move one twice. The
    filtered requeue skips `invalid` dead letters unless the filter names that class.
+4. `Board.pause()` / `resume()` / `quiet()`: the operator's brakes (relay.pause), as the
+   commands `pause`, `resume` and `quiet` apply them; the overview shows the pause and
+   which workers are quiet.
 
 No secret is ever part of an answer: only queue names, counts, and what workers publish.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 from relay.deadletters import DeadLetters, is_invalid
 from relay.history import recent_rates
+from relay.pause import Controls, Pause, Quiet, describe
 from relay.queue import RedisQueue
 
 log = logging.getLogger(__name__)
@@ -123,6 +127,7 @@ class Board:
         self.queue = queue
         self.keys = queue.keys
         self.dead = DeadLetters(queue.client, queue.keys)
+        self.controls = Controls(queue.client, queue.keys)
         self.trend = Trend()
 
     # -- overview ------------------------------------------------------------------------------
@@ -139,13 +144,17 @@ class Board:
         pipe.hgetall(k.info)
         pipe.get(k.ratelimit)
         pipe.hgetall(k.stats)
-        length, retry, first_due, dead, beats, infos, tat, stats = pipe.execute()
+        pipe.hgetall(k.pause)
+        pipe.hgetall(k.quiet)
+        length, retry, first_due, dead, beats, infos, tat, stats, paused, quiet = pipe.execute()
         rates = recent_rates(client, k, now)
         outflow = sum(rates.values())
-        workers = [self._worker(wid.decode(), deadline, infos.get(wid), now)
+        workers = [self._worker(wid.decode(), deadline, infos.get(wid), now, quiet.get(wid))
                    for wid, deadline in beats]
+        pause = Pause.from_hash(paused)
         return {
             "queue": k.queue, "now": now,
+            "pause": {**pause.as_dict(now), "text": describe(pause, now)} if pause else None,
             "length": int(length), "trend": self.trend.observe(now, int(length), outflow),
             "outflow_per_s": round(outflow, 2),
             "delivered_per_s": round(rates["delivered"], 2),  # over the last 10 full seconds
@@ -158,8 +167,8 @@ class Board:
             "totals": {key.decode(): int(v) for key, v in stats.items()},
         }
 
-    def _worker(self, wid: str, deadline: float, raw: bytes | None, now: float
-                ) -> dict[str, Any]:
+    def _worker(self, wid: str, deadline: float, raw: bytes | None, now: float,
+                quiet_raw: bytes | None = None) -> dict[str, Any]:
         try:
             info = json.loads(raw) if raw else {}
         except ValueError:
@@ -179,6 +188,9 @@ class Board:
             "paused_for_s": _num(info.get("paused_for_s")),
             "rate_limit": info.get("rate_limit") or {},
             "shedding": info.get("shedding") or {},
+            # the process's own word (delivering, paused, quiet), and its quiet mark if any
+            "delivery": info.get("delivery") or "delivering",
+            "quiet": quiet.as_dict() if (quiet := Quiet.from_json(quiet_raw)) else None,
         }
 
     @staticmethod
@@ -199,6 +211,27 @@ class Board:
                 "rate_limit": {"per_s": rate, "burst": burst,
                                "in_use": round(min(burst, ahead * rate), 1) if rate else 0.0},
                 "shedding": shedding}
+
+    # -- pause, resume, quiet --------------------------------------------------------------------
+
+    def pause(self, reason: str, for_s: float | None, who: str) -> dict[str, Any]:
+        pause, was, now = self.controls.pause(reason, who, for_s)
+        log.info("dashboard: %s %s", "pause updated" if was else "delivery paused",
+                 describe(pause, now))
+        return {"paused": pause.as_dict(now), "updated": was, "text": describe(pause, now)}
+
+    def resume(self, who: str) -> dict[str, Any]:
+        was, now = self.controls.resume()
+        if was is not None:
+            log.info("dashboard: delivery resumed by %s; it had been paused %s", who,
+                     describe(was, now))
+        return {"resumed": was is not None}
+
+    def quiet(self, worker_id: str, who: str) -> dict[str, Any]:
+        done = self.controls.quiet(worker_id, who, "page")
+        if done == 1:
+            log.info("dashboard: worker %s told to go quiet by %s", worker_id, who)
+        return {"quiet": done > 0, "already": done == 2, "registered": done > 0}
 
     # -- dead letters ---------------------------------------------------------------------------
 

@@ -60,22 +60,52 @@ def _cards(o: dict[str, Any]) -> str:
 </section>"""
 
 
+def worker_state(w: dict[str, Any]) -> str:
+    """delivering, paused, or quiet (marked in Redis, or said by the process)."""
+    return "quiet" if w.get("quiet") else str(w.get("delivery") or "delivering")
+
+
 def _workers(o: dict[str, Any]) -> str:
     rows = []
     for w in o["workers"]:
         mark = "expired" if w["expired"] else ("late" if w["late"] else "ok")
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(w["started_at"] or 0))
         cells = [w["host"], w["pid"], started, f'{w["heartbeat_age_s"]} s ({mark})',
-                 f'{w["busy"]} / {w["pool"]}', w["inflight"]]
+                 f'{w["busy"]} / {w["pool"]}', w["inflight"], worker_state(w)]
         cls = f' class="{mark}"' if mark != "ok" else ""
-        rows.append(f"<tr{cls}>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells)
-                    + "</tr>")
-    body = "".join(rows) or '<tr><td colspan="6">no worker registered</td></tr>'
+        rows.append(f'<tr{cls} data-worker="{escape(w["id"])}">'
+                    + "".join(f"<td>{escape(str(c))}</td>" for c in cells)
+                    + '<td class="actions"></td></tr>')
+    body = "".join(rows) or '<tr><td colspan="8">no worker registered</td></tr>'
     return f"""
 <section id="workers-panel"><h2>Workers</h2>
 <div class="scroll"><table><thead><tr><th>host</th><th>pid</th><th>started (UTC)</th>
-<th>heartbeat</th><th>greenlets busy</th><th>in flight</th></tr></thead>
-<tbody id="workers">{body}</tbody></table></div>
+<th>heartbeat</th><th>greenlets busy</th><th>in flight</th><th>state</th><th></th></tr>
+</thead><tbody id="workers">{body}</tbody></table></div>
+<p class="note">Quiet: the process stops fetching, finishes what it holds and stays up
+until restarted; restart it once it holds nothing (0 in flight).</p>
+</section>"""
+
+
+def _delivery(o: dict[str, Any]) -> str:
+    """The pause banner (reason, since, until, who) and the Pause / Resume control."""
+    p = o.get("pause")
+    text = p["text"] if p else ""
+    return f"""
+<section id="delivery" class="{'paused' if p else 'delivering'}" aria-label="delivery">
+<div id="pause-banner" role="alert"{'' if p else ' hidden'}><b>Delivery paused</b>
+  <span id="pause-text">{escape(text)}</span>
+  <button type="button" id="resume-button" class="js-only">Resume delivery</button></div>
+<p id="delivering"{' hidden' if p else ''}>Delivering. A pause holds every worker process
+of the queue within a second: calls in flight finish, the rest waits in Redis.</p>
+<form id="pause-form" class="js-only">
+  <input name="reason" size="40" maxlength="500" placeholder="reason (shown in logs and here)"
+  aria-label="reason">
+  <input name="for" size="12" placeholder="for, e.g. 30m" aria-label="for how long (empty:
+  until resumed)">
+  <button type="submit" id="pause-button">{'Update the pause' if p else 'Pause delivery'}
+  </button></form>
+<p id="control-result" role="status"></p>
 </section>"""
 
 
@@ -169,7 +199,7 @@ def render(overview: dict[str, Any], series: dict[str, Any], dead: dict[str, Any
 <header><h1>relay <small>queue <code>{q}</code> · v{escape(__version__)}</small></h1>
 <span id="updated">as of {time.strftime("%H:%M:%S", time.gmtime(overview["now"]))} UTC
 (reload for news; with JavaScript it refreshes every 2 s)</span></header>
-<main>{_cards(overview)}{_series(series)}{_workers(overview)}{_gates(overview)}{_dead(dead)}
+<main>{_delivery(overview)}{_cards(overview)}{_series(series)}{_workers(overview)}{_gates(overview)}{_dead(dead)}
 </main></body></html>
 """
     return html.encode()

@@ -92,22 +92,54 @@
     $("circuit-why").textContent = o.gates.circuit.open_in.map(function (x) {
       return x.worker + ": " + x.reason + " (next probe in " + x.next_probe_in_s + " s)";
     }).join("; ");
+    renderDelivery(o.pause);
     var body = $("workers");
     body.textContent = "";
     o.workers.forEach(function (w) {
       var mark = w.expired ? "expired" : (w.late ? "late" : "ok");
       var tr = el("tr", null, mark === "ok" ? "" : mark);
+      tr.setAttribute("data-worker", w.id);
       var started = new Date((w.started_at || 0) * 1000).toISOString().slice(0, 19)
         .replace("T", " ");
+      var state = w.quiet ? "quiet" : (w.delivery || "delivering");
+      if (w.quiet) { state += " " + fmtS(o.now - w.quiet.since) + " (" + w.quiet.how + ")"; }
       [w.host, w.pid, started, w.heartbeat_age_s + " s (" + mark + ")",
-       w.busy + " / " + w.pool, w.inflight].forEach(function (c) { tr.appendChild(el("td", c)); });
+       w.busy + " / " + w.pool, w.inflight, state].forEach(function (c) {
+        tr.appendChild(el("td", c));
+      });
+      var actions = el("td", null, "actions");
+      if (!w.quiet && !w.expired) {
+        actions.appendChild(button("quiet", "quiet", function () {
+          if (!window.confirm("Quiet worker " + w.id + "? It stops fetching, finishes what " +
+                              "it holds and stays up until restarted.")) { return; }
+          control(post("/api/quiet", { worker: w.id }), "worker " + w.id + " told to go quiet");
+        }));
+      }
+      tr.appendChild(actions);
       body.appendChild(tr);
     });
     if (!o.workers.length) {
       var none = el("td", "no worker registered");
-      none.setAttribute("colspan", "6");
+      none.setAttribute("colspan", "8");
       body.appendChild(el("tr")).appendChild(none);
     }
+  }
+
+  // -- delivery: the pause banner and the Pause / Resume control ----------------------------
+
+  function renderDelivery(p) {
+    $("pause-banner").hidden = !p;
+    $("delivering").hidden = !!p;
+    $("delivery").className = p ? "paused" : "delivering";
+    $("pause-text").textContent = p ? p.text : "";
+    $("pause-button").textContent = p ? "Update the pause" : "Pause delivery";
+  }
+
+  function control(promise, what) {
+    promise.then(function () {
+      $("control-result").textContent = what;
+      refresh();
+    }).catch(function (e) { $("control-result").textContent = "failed: " + e.message; });
   }
 
   // -- charts ------------------------------------------------------------------------------
@@ -316,7 +348,20 @@
       "&q=" + encodeURIComponent(state.q) + "&class=" + encodeURIComponent(state.cls);
   }
 
+  function wireDelivery() {
+    var form = $("pause-form");
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      control(post("/api/pause", { reason: form.elements.reason.value,
+                                   "for": form.elements["for"].value }), "paused");
+    });
+    $("resume-button").addEventListener("click", function () {
+      control(post("/api/resume", {}), "resumed");
+    });
+  }
+
   function wire() {
+    wireDelivery();
     var form = $("dead-filter");
     form.addEventListener("submit", function (ev) { ev.preventDefault(); });
     form.addEventListener("input", function () {
