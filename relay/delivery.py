@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import certifi
@@ -314,6 +314,38 @@ def goes_alone(note: Notification) -> bool:
     return len(note.channels) > 1 or bool(note.attempts)
 
 
+class HttpSpan(Protocol):
+    def __enter__(self) -> HttpSpan: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def answered(self, status: int) -> None: ...
+
+
+class Spans(Protocol):
+    """What Delivery needs of a call's span (relay.tracing_switch.CallTrace): one child per
+    HTTP request. Declared here, so delivery imports nothing of tracing."""
+
+    def http(self, method: str, url: str) -> HttpSpan: ...
+
+
+class _NoSpan:
+    def __enter__(self) -> _NoSpan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def answered(self, status: int) -> None:
+        return None
+
+    def http(self, method: str, url: str) -> _NoSpan:
+        return self
+
+
+NO_SPANS = _NoSpan()
+
+
 class Delivery:
     """One Pusher client for the process; safe to share between greenlets."""
 
@@ -331,19 +363,22 @@ class Delivery:
             encryption_master_key_base64=target.encryption_master_key_base64,
             backend=BACKENDS[http_client], pool_size=pool_size)
         self.master_key = parse_master_key(None, target.encryption_master_key_base64)
+        self.base_url = client_base_url(self.client)  # for the HTTP spans (no credentials)
         self.network_down = False  # a network failure since the last success: probed once
         self.clock_skew_s: float | None = None
         """Server clock minus ours, set by a timestamp-expired 401 (nan: no Date header),
         None again after a success: what /healthz reports."""
 
-    def send(self, notes: Sequence[Notification]) -> list[Failure | None]:
+    def send(self, notes: Sequence[Notification], trace: Spans = NO_SPANS
+             ) -> list[Failure | None]:
         """Deliver in the given order; one result per notification (None = Pusher accepted it).
 
         Consecutive one-channel notifications that are not retries share batch calls; the
         rest go alone through /events (an envelope with several channels, and a retried
         notification, so that a suspect never fails a whole batch). Calls follow the
         notifications' order, so a channel's notifications leave in the order they were
-        taken (see ordering.py).
+        taken (see relay.lanes). `trace`: the call's span (relay.tracing_switch), given
+        each HTTP request; passed down, never kept, as every greenlet shares this Delivery.
         """
         results: list[Failure | None] = []
         run: list[Notification] = []
@@ -351,19 +386,20 @@ class Delivery:
             if not goes_alone(note):
                 run.append(note)
                 continue
-            results.extend(self._run(run))
+            results.extend(self._run(run, trace))
             run = []
-            results.append(self._single(note))
-        results.extend(self._run(run))
+            results.append(self._single(note, trace))
+        results.extend(self._run(run, trace))
         return results
 
-    def _run(self, notes: Sequence[Notification]) -> list[Failure | None]:
+    def _run(self, notes: Sequence[Notification], trace: Spans) -> list[Failure | None]:
         if len(notes) > 1:
-            return self._batch(notes)
-        return [self._single(n) for n in notes]
+            return self._batch(notes, trace)
+        return [self._single(n, trace) for n in notes]
 
-    def _single(self, note: Notification) -> Failure | None:
-        return self._call(lambda: self.client.http.send_request(self._trigger(note)))
+    def _single(self, note: Notification, trace: Spans) -> Failure | None:
+        return self._call(lambda: self.client.http.send_request(self._trigger(note)),
+                          trace, "events")
 
     def _trigger(self, note: Notification) -> Request:
         """What PusherClient.trigger builds, without its 30 KB cap (see the docstring)."""
@@ -380,16 +416,17 @@ class Delivery:
             return data
         return json.dumps(encrypt(channel, data, self.master_key), ensure_ascii=False)
 
-    def _batch(self, notes: Sequence[Notification]) -> list[Failure | None]:
+    def _batch(self, notes: Sequence[Notification], trace: Spans
+               ) -> list[Failure | None]:
         results: list[Failure | None] = []
         for start in range(0, len(notes), MAX_BATCH):
             chunk = notes[start:start + MAX_BATCH]
             failure = self._call(lambda chunk=chunk: self.client.trigger_batch(
-                [self._event(n) for n in chunk], True))
+                [self._event(n) for n in chunk], True), trace, "batch_events")
             if failure is not None and failure.kind is Kind.PERMANENT:
                 # One bad event, or a request too large (413), refuses the whole batch:
                 # send each alone, so only what can never go is dead-lettered.
-                results.extend(self._single(n) for n in chunk)
+                results.extend(self._single(n, trace) for n in chunk)
             else:
                 shared = None if failure is None else replace(failure, shared=len(chunk))
                 results.extend([shared] * len(chunk))
@@ -402,10 +439,14 @@ class Delivery:
             event["socket_id"] = note.socket_id
         return event
 
-    def _call(self, send: Callable[[], Answer]) -> Failure | None:
+    def _call(self, send: Callable[[], Answer], trace: Spans = NO_SPANS,
+              endpoint: str = "events") -> Failure | None:
         started = time.monotonic()
         try:
-            answer = send()
+            # Inside the try: the HTTP span sees a network error before it is handled here.
+            with trace.http(POST, f"{self.base_url}/apps/{self.client.app_id}/{endpoint}") as http:
+                answer = send()
+                http.answered(answer.status)
         except NETWORK_ERRORS as exc:
             self._observe(None, started)
             return Failure(Kind.TRANSIENT, self._network_failure(exc))

@@ -32,7 +32,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gevent
 import gevent.event
@@ -48,6 +48,7 @@ from relay.fate import (
     Later,
     Policy,
     PutBack,
+    RetryLater,
     Send,
     Verdict,
     decide,
@@ -62,6 +63,7 @@ from relay.redis_shared import REDIS_DOWN, REDIS_ERRORS
 from relay.retry import Outage
 from relay.routes import Route, Routes
 from relay.settle import Fated, Settler
+from relay.tracing_switch import NO_TRACING, Tracer
 from relay.window import SHORT_BLOCK_S, PopCut, Window
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ class Engine:
                  settler: Settler, metrics: Metrics, outage: Outage,
                  stopping: gevent.event.Event, clock: Callable[[], float] = time.time,
                  on_reaped: Callable[[], None] = lambda: None,
-                 operator: OperatorGate | None = None) -> None:
+                 operator: OperatorGate | None = None, tracer: Tracer = NO_TRACING) -> None:
         self.settings = settings
         self.queue = queue
         self.routes = routes  # each app's delivery, circuit and rate limit (relay.routes)
@@ -104,6 +106,7 @@ class Engine:
         self.outage = outage
         self.stopping = stopping
         self.operator = operator or OperatorGate()  # pause and quiet (relay.pause)
+        self.tracer = tracer  # spans per call when tracing is on (relay.tracing_switch)
         self.clock = clock
         self.on_reaped = on_reaped  # re-register (the housekeeper's heartbeat)
         prefetch = settings.prefetch
@@ -334,6 +337,8 @@ class Engine:
                 to_send.append(entry)
             else:
                 decided[id(entry)] = fate
+                if isinstance(entry.item, InvalidMessage):
+                    self.tracer.invalid(entry.raw, str(entry.item))
         if to_send and route is None:  # its app was removed by a reload meanwhile
             known = self.routes.apps.by_name
             decided.update({id(e): DeadLetter("invalid", str(UnknownApp(e.group, known)), 0)
@@ -351,12 +356,20 @@ class Engine:
             # The stop came, or a gate closed, while this call waited for budget.
             self._refund(route, cost)
             return {id(e): PutBack() for e in entries}
-        answers = route.delivery.send(notes)
-        now = self.clock()
-        self._tell_circuit(route, verdict(notes, answers, route.last_success_at, now))
         policy = self.settings.policy
-        return {id(e): decide(e.item, DELIVERED if a is None else a, gate, now, policy)
-                for e, a in zip(entries, answers, strict=True)}
+        fates: dict[int, Fate] = {}
+        with self.tracer.call(notes) as trace:
+            answers = route.delivery.send(notes, trace)
+            now = self.clock()
+            self._tell_circuit(route, verdict(notes, answers, route.last_success_at, now))
+            for entry, answer in zip(entries, answers, strict=True):
+                note = entry.item
+                fate = decide(note, DELIVERED if answer is None else answer, gate, now, policy)
+                if isinstance(fate, RetryLater):  # its next attempts join the first's trace
+                    fate = replace(fate, first_traceparent=trace.retry_traceparent(note))
+                trace.settled(note, fate, now, answer)
+                fates[id(entry)] = fate
+        return fates
 
     def _budget(self, route: Route, cost: int) -> bool:
         """The app's shared rate limit: budget for exactly what this call sends (waits)."""

@@ -55,6 +55,9 @@ class RetryLater:
     first_failed_at: float
     delay_s: float
     reason: str
+    # The span context of the first call that carried it, for the wrapper (relay.tracing):
+    # set by the engine once the call's span is known.
+    first_traceparent: str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import redis
 from gevent import monkey
 from redis.exceptions import NoPermissionError
 
-from relay import admin, explain, logs, redis_url
+from relay import admin, explain, logs, redis_url, tracing_switch
 from relay.apps import Apps
 from relay.config import Config
 from relay.connect import redis_client
@@ -42,11 +42,15 @@ def assemble(cfg: Config, apps: Apps, burst: bool = False) -> Worker:
     logs.set_worker(queue.worker_id)  # every line from here on names this process
     tally = Tally()  # the dashboard's call figures, riding on settle steps (history.py)
     routes = Routes(apps, queue, metrics, tally, cfg.http_client, cfg.pool_size)
-    return Worker(cfg, queue, routes, metrics, burst=burst, tally=tally)
+    # Off unless an OTLP endpoint is set (and the otel extra installed): then nothing loads.
+    tracer = tracing_switch.start(cfg.queue, queue.worker_id,
+                                  secrets=[app.pusher.secret for app in apps])
+    return Worker(cfg, queue, routes, metrics, burst=burst, tally=tally, tracer=tracer)
 
 
 def close(worker: Worker) -> None:
-    """Release what `assemble` opened."""
+    """Release what `assemble` opened; spans still queued get a short deadline."""
+    worker.tracer.close()
     worker.routes.close()
     worker.queue.client.close()
 

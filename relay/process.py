@@ -47,6 +47,7 @@ from relay.redis_shared import REDIS_ERRORS
 from relay.retry import Outage
 from relay.routes import Route, Routes
 from relay.settle import Settler
+from relay.tracing_switch import NO_TRACING, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,14 @@ REPLACE_WINDOW_S = 60.0
 class Worker:
     def __init__(self, config: Config, queue: RedisQueue, routes: Routes,
                  metrics: Metrics, clock: Callable[[], float] = time.time,
-                 burst: bool = False, tally: Tally | None = None) -> None:
+                 burst: bool = False, tally: Tally | None = None,
+                 tracer: Tracer = NO_TRACING) -> None:
         self.config = config
         # The dashboard's figures without a settle step of their own (Pusher calls, latency);
         # they ride on the next settle script (see history.py). cli feeds it Delivery's calls.
         self.tally = tally or Tally()
         self.queue = queue
+        self.tracer = tracer
         self.metrics = metrics
         self.burst = burst
         self.redis_outage = Outage("Redis",
@@ -95,7 +98,7 @@ class Worker:
                             linger_s=config.linger)
         self.engine = Engine(settings, queue, routes, settler, metrics, self.redis_outage,
                              self.stopping, clock=clock, on_reaped=self.housekeeper.heartbeat,
-                             operator=self.operator)
+                             operator=self.operator, tracer=tracer)
         self.operator.on_change = self.engine.wake_all
         metrics.pool_size.set(config.pool_size)
 
@@ -163,6 +166,7 @@ class Worker:
         """SIGHUP: read RELAY_APPS again (relay.routes). Calls under way finish on the
         routes they started with; the next ones use the new."""
         if self.routes.reload():
+            self.tracer.add_secrets([route.app.pusher.secret for route in self.routes])
             self.metrics.circuit_open.clear()  # a removed app's gauge goes, the others return
             for route in self.routes:
                 self.metrics.circuit_open.labels(route.name).set(int(route.circuit.is_open))

@@ -75,11 +75,11 @@ class Settler:
             return Op.shed(raw, keys)
         if isinstance(fate, RetryLater) and isinstance(item, Notification):
             wrapper = retry_wrapper(item.payload, fate.attempts, fate.first_failed_at,
-                                    fate.reason)
+                                    fate.reason, first_traceparent=fate.first_traceparent)
             return Op.retry(raw, wrapper, fate.delay_s, keys)
         if isinstance(fate, Later) and isinstance(item, Notification):
             wrapper = retry_wrapper(item.payload, item.attempts, item.first_failed_at,
-                                    fate.reason)
+                                    fate.reason, first_traceparent=item.first_traceparent)
             return Op.later(raw, wrapper, fate.delay_s, keys)
         if isinstance(fate, DeadLetter):
             entry = {"payload": payload_of(raw), "error": fate.reason,

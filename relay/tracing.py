@@ -33,11 +33,11 @@ and docs/http/http-spans.md ("HTTP client span") in open-telemetry/semantic-conv
    holds is the signature), http.response.status_code, error.type (the status for >= 400, else the
    exception's class). 4xx and 5xx set the status to error, as the conventions say for
    client spans.
-4. Retries: a retried notification's later calls are children of the call that first
-   carried it (its context rides in the retry wrapper: `retry_traceparent`), so one trace
-   shows every attempt and is sampled as one; a batch of several such notifications links
-   to each first context instead (a span has one parent). The producer's context is linked
-   at every attempt.
+4. Retries: a retried notification's later calls link to the call that first carried it
+   (`relay.link=first_attempt`; its context rides in the retry wrapper: `retry_traceparent`)
+   and, when they carry that one notification (a retry goes alone), are also its children,
+   so one trace shows every attempt and is sampled as one. The producer's context is linked
+   at every attempt. relay.app names the app of RELAY_APPS when the notifications name one.
 5. Failures: a dead letter is an event `relay.dead_letter` (error.type = its class,
    relay.reason, relay.attempts) and a retry an event `relay.retry`; the span's status is
    then error, with error.type the call's Failure kind (permanent, transient, systemic,
@@ -103,7 +103,8 @@ AGES = "relay.message.age_seconds"
 REASON = "relay.reason"
 ATTEMPTS = "relay.attempts"
 RETRY_DELAY = "relay.retry.delay_seconds"
-LINK_ROLE = "relay.link"  # on a batch's link to a first attempt: "first_attempt"
+APP = "relay.app"  # the Pusher app of RELAY_APPS, when the notifications name one
+LINK_ROLE = "relay.link"  # on the link to a first attempt: "first_attempt"
 DEAD_LETTER_EVENT = "relay.dead_letter"
 RETRY_EVENT = "relay.retry"
 
@@ -184,11 +185,13 @@ class CallSpan:
                  for n in notes if (ctx := tracer.remote(n.traceparent, n.tracestate))]
         firsts = [ctx for n in notes if (ctx := tracer.remote(n.first_traceparent))]
         parent = ROOT
-        if len(notes) == 1 and firsts:
+        if len(notes) == 1 and firsts:  # a later attempt: in the first one's trace, and linked
             parent = trace.set_span_in_context(trace.NonRecordingSpan(firsts[0]))
-        else:
-            links += [Link(ctx, {LINK_ROLE: "first_attempt"}) for ctx in firsts]
+        links += [Link(ctx, {LINK_ROLE: "first_attempt"}) for ctx in firsts]
         attributes = dict(tracer.base)
+        apps = {n.app for n in notes if n.app is not None}
+        if apps:  # a call goes to one app (RELAY_APPS)
+            attributes[APP] = apps.pop()
         attributes[CHANNELS] = list(dict.fromkeys(c for n in notes for c in n.channels))
         attributes[ATTEMPT] = 1 + max((n.attempts for n in notes), default=0)
         if len(notes) > 1:
@@ -336,6 +339,9 @@ class Tracer:
             trace_flags=trace.TraceFlags(int(flags, 16)),
             trace_state=trace.TraceState.from_header([tracestate]) if tracestate else None)
         return context if context.is_valid else None
+
+    def add_secrets(self, secrets: Sequence[str]) -> None:
+        self.secrets = tuple(dict.fromkeys((*self.secrets, *(s for s in secrets if s))))
 
     def scrub(self, text: str) -> str:
         return scrub(text, self.secrets)

@@ -124,6 +124,9 @@ class Tracer(Protocol):
     def invalid(self, raw: bytes, reason: str) -> None:
         """A notification dead-lettered before any call (it does not parse)."""
 
+    def add_secrets(self, secrets: Sequence[str]) -> None:
+        """More text never to show (the secrets of apps a RELAY_APPS reload added)."""
+
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Export what is queued and stop, within `timeout_s`."""
 
@@ -166,6 +169,9 @@ class NoTracer:
         return NO_CALL
 
     def invalid(self, raw: bytes, reason: str) -> None:
+        return None
+
+    def add_secrets(self, secrets: Sequence[str]) -> None:
         return None
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:

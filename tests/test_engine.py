@@ -150,11 +150,11 @@ def test_a_call_that_fails_unexpectedly_goes_back_and_is_sent_later(
     real_send = delivery.send
     failures = iter([RuntimeError("a bug in the transport")])
 
-    def send_failing_once(notes: Any) -> Any:
+    def send_failing_once(notes, *rest: Any) -> Any:
         error = next(failures, None)
         if error is not None:
             raise error
-        return real_send(notes)
+        return real_send(notes, *rest)
 
     delivery.send = send_failing_once
     with caplog.at_level(logging.ERROR):

@@ -324,8 +324,8 @@ def test_an_unparseable_notification_gets_a_span_linked_to_its_producer(
 
 def test_a_notification_failing_twice_then_delivered_is_one_trace_of_three_calls(
         tracer: tracing.Tracer, receiver: OtlpReceiver, shop: Any) -> None:
-    """Each retry wrapper carries the first call's context; later calls are its children,
-    and every call links to the producer."""
+    """Each retry wrapper carries the first call's context; later calls are its children and
+    link to it, and every call links to the producer."""
     note, producer_ctx = produced(shop, "site-1")
     contexts = []
     for attempt in (1, 2, 3):
@@ -353,8 +353,13 @@ def test_a_notification_failing_twice_then_delivered_is_one_trace_of_three_calls
     assert {c.trace_id for c in calls} == {first.trace_id}  # one trace shows every attempt
     assert contexts[0].split("-")[1:3] == [first.trace_id, first.span_id]
     assert [c.parent_span_id for c in calls] == [None, first.span_id, first.span_id]
-    for call_span in calls:
-        assert [lk.trace_id for lk in call_span.links] == [producer_ctx.split("-")[1]]
+    # Every call links to the producer; later attempts also link to the first (the issue's
+    # "link"), beside being its children (what puts them in one trace in every viewer).
+    producer_trace = producer_ctx.split("-")[1]
+    assert [lk.trace_id for lk in first.links] == [producer_trace]
+    for call_span in calls[1:]:
+        assert [(lk.trace_id, lk.attributes.get("relay.link")) for lk in call_span.links] == [
+            (producer_trace, None), (first.trace_id, "first_attempt")]
     assert [[e.attributes["relay.attempts"] for e in c.events] for c in calls] == [
         [1], [2], []]
     assert [c.status_code for c in calls] == ["ERROR", "ERROR", "UNSET"]

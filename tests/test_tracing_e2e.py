@@ -1,11 +1,6 @@
 """Tracing end to end: a producer span in this process, the notification through Redis, a real
 worker (`python worker.py`) exporting to the local OTLP receiver, and its spans linked back.
-
-Most tests here wait for the engine to call relay.tracing (see docs/tracing-notes.md, "What
-the engine calls"): they are skipped with INTEGRATION until then. The lead turns them on by
-deleting the marks. The first test runs now: with tracing off, a real worker loads neither
-relay.tracing nor the SDK's tracing, and it must stay so after the integration.
-"""
+With tracing off, a real worker loads neither relay.tracing nor the SDK's tracing."""
 
 from __future__ import annotations
 
@@ -30,8 +25,6 @@ from relay.pusher_server import LocalPusher
 from tests.otlp_receiver import OtlpReceiver, Span
 from tests.support import ROOT, WorkerProcess, dead, wait_for, wait_settled
 from tests.trace_tree import render
-
-INTEGRATION = pytest.mark.skip(reason="engine integration pending")
 
 # Runs worker.py as `python worker.py` does, then reports at exit what tracing it loaded.
 REPORTING_WORKER = textwrap.dedent("""
@@ -118,7 +111,6 @@ def test_a_worker_with_tracing_off_loads_no_tracing(
     assert json.loads(report.read_text()) == [], worker.log()
 
 
-@INTEGRATION
 def test_a_worker_with_tracing_on_loads_it(
         traced: dict[str, str], r: redis.Redis, queue_name: str, tmp_path: Path,
         worker_env: dict[str, str], pusher: LocalPusher) -> None:
@@ -132,7 +124,6 @@ def test_a_worker_with_tracing_on_loads_it(
     assert "relay.tracing" in json.loads(report.read_text()), worker.log()
 
 
-@INTEGRATION
 def test_a_producer_span_ends_as_a_linked_relay_span_with_an_http_child(
         traced: dict[str, str], receiver: OtlpReceiver, shop: Any, r: redis.Redis,
         queue_name: str, pusher: LocalPusher, start_worker: Callable[..., WorkerProcess]
@@ -155,7 +146,6 @@ def test_a_producer_span_ends_as_a_linked_relay_span_with_an_http_child(
     assert http.attributes["url.full"] == f"{pusher.base_url}/apps/{pusher.app_id}/events"
 
 
-@INTEGRATION
 def test_failing_twice_then_delivered_is_three_calls_in_one_trace(
         traced: dict[str, str], receiver: OtlpReceiver, shop: Any, r: redis.Redis,
         queue_name: str, pusher: LocalPusher, start_worker: Callable[..., WorkerProcess]
@@ -178,7 +168,6 @@ def test_failing_twice_then_delivered_is_three_calls_in_one_trace(
     assert statuses == [[503], [503], [200]]
 
 
-@INTEGRATION
 def test_a_dead_letter_is_an_error_with_its_reason(
         traced: dict[str, str], receiver: OtlpReceiver, shop: Any, r: redis.Redis,
         queue_name: str, pusher: LocalPusher, start_worker: Callable[..., WorkerProcess]
@@ -196,7 +185,6 @@ def test_a_dead_letter_is_an_error_with_its_reason(
     assert call.attributes["error.type"] == "permanent"
 
 
-@INTEGRATION
 def test_no_secret_in_any_attribute(
         traced: dict[str, str], receiver: OtlpReceiver, shop: Any, r: redis.Redis,
         queue_name: str, pusher: LocalPusher, start_worker: Callable[..., WorkerProcess]
@@ -218,7 +206,6 @@ def test_no_secret_in_any_attribute(
         assert not [t for t in texts if forbidden in t], forbidden
 
 
-@INTEGRATION
 def test_spans_are_exported_when_the_worker_stops(
         no_otel_env: None, receiver: OtlpReceiver, shop: Any, r: redis.Redis,
         queue_name: str, pusher: LocalPusher, start_worker: Callable[..., WorkerProcess]
@@ -237,7 +224,6 @@ def test_spans_are_exported_when_the_worker_stops(
     wait_for(lambda: calls_linked_to(receiver, trace_id), what="the span sent at exit")
 
 
-@INTEGRATION
 def test_the_readme_example_trace(
         traced: dict[str, str], receiver: OtlpReceiver, shop: Any, r: redis.Redis,
         queue_name: str, pusher: LocalPusher, start_worker: Callable[..., WorkerProcess]
