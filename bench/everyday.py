@@ -59,6 +59,11 @@ WITHOUT_HIREDIS = ("import runpy, sys; sys.modules['hiredis'] = None; "
                    "runpy.run_path('worker.py', run_name='__main__')")
 
 
+# A variant's OTEL_EXPORTER_OTLP_ENDPOINT: the bench's own OTLP receiver (tests/otlp_receiver.py,
+# started in this process at first use, so its CPU is not the child's).
+OTLP = "{otlp}"
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -85,6 +90,12 @@ VARIANTS = {v.name: v for v in (
             about="relay's defaults with RELAY_LINGER=0.005 (5 ms)"),
     Variant("relay-linger20", "relay", {"RELAY_LINGER": "0.02"},
             about="relay's defaults with RELAY_LINGER=0.02 (20 ms)"),
+    Variant("relay-traced", "relay", {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP},
+            about="relay's defaults, tracing on (every call sampled) to a local OTLP receiver"),
+    Variant("relay-traced-1pct", "relay", {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP,
+                                           "OTEL_TRACES_SAMPLER": "traceidratio",
+                                           "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+            about="relay's defaults, tracing on, 1 % of calls sampled"),
     Variant("floor", "floor", about="bench/floor.py: one greenlet, BLMOVE + sign + POST + "
             "ack, on relay's stack; the least a reliable relay in Python does"),
     Variant("floor-noack", "floor", {"FLOOR_ARGS": "--no-ack"},
@@ -158,6 +169,15 @@ class Everyday:
         self.redis = redis.Redis.from_url(bench.redis_server.url, client_name=BENCH_CLIENT)
         address = urlsplit(bench.redis_server.url)
         self.redis_at = (address.hostname or "127.0.0.1", address.port or 6379)
+        self.receiver: Any = None
+
+    def otlp_endpoint(self) -> str:
+        if self.receiver is None:
+            sys.path.insert(0, str(REPO))
+            from tests.otlp_receiver import OtlpReceiver  # needs requirements-test.txt
+
+            self.receiver = OtlpReceiver().__enter__()  # lives as long as the bench
+        return str(self.receiver.endpoint)
 
     # -- children -----------------------------------------------------------------------------
 
@@ -176,8 +196,9 @@ class Everyday:
             command = [sys.executable, "bench/floor.py", *variant.env.get("FLOOR_ARGS", "").split()]
             marker = "started:"
         else:
+            extra = {k: self.otlp_endpoint() if v == OTLP else v for k, v in variant.env.items()}
             env = self.bench.child_env({"RELAY_QUEUE": QUEUE, "RELAY_METRICS_ADDR": "off",
-                                        **variant.env})
+                                        **extra})
             command = [sys.executable, "worker.py"] if variant.hiredis else \
                 [sys.executable, "-c", WITHOUT_HIREDIS]
             marker = "started:"

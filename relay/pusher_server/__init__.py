@@ -14,7 +14,7 @@ parsers are usable from any parent process.
 
 from relay.pusher_server.auth import AppCredentials
 from relay.pusher_server.local import LocalPusher
+from relay.pusher_server.protocol import ApiError
 from relay.pusher_server.validate import parse_batch, parse_trigger
-from relay.pusher_server.wire import ApiError
 
 __all__ = ["ApiError", "AppCredentials", "LocalPusher", "parse_batch", "parse_trigger"]

@@ -10,7 +10,7 @@ import hmac
 import time
 from dataclasses import dataclass, field
 
-from relay.pusher_server.wire import ApiError, Request, equal, parse_query
+from relay.pusher_server.protocol import ApiError, Request, equal, parse_query
 
 TIMESTAMP_TOLERANCE_S = 600
 

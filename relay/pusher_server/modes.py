@@ -24,7 +24,7 @@ from http import HTTPStatus
 from typing import Any
 
 from relay.pusher_server.e2e import master_key
-from relay.pusher_server.wire import Response
+from relay.pusher_server.protocol import Response
 
 DIALECTS = ("pusher", "soketi", "reverb", "sockudo")
 REVERB_MAX_REQUEST_BYTES = 10_000  # config/reverb.php: max_request_size

@@ -37,8 +37,7 @@ from relay import rules
 from relay.pusher_server.auth import AppCredentials, authenticate
 from relay.pusher_server.e2e import DecryptError, decrypt, master_key
 from relay.pusher_server.modes import STYLES, Modes
-from relay.pusher_server.validate import channels_in, parse_batch, parse_trigger
-from relay.pusher_server.wire import (
+from relay.pusher_server.protocol import (
     ApiError,
     Connection,
     Request,
@@ -47,6 +46,7 @@ from relay.pusher_server.wire import (
     reset,
     send,
 )
+from relay.pusher_server.validate import channels_in, parse_batch, parse_trigger
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from relay import rules
-from relay.pusher_server.wire import ApiError
+from relay.pusher_server.protocol import ApiError
 
 INFO_ATTRIBUTES = ("subscription_count", "user_count")
 
