@@ -201,9 +201,8 @@ if known then return 1 else return 0 end
 """
 
 # Moves every item of the in-flight lists (KEYS[6..]) back to the queue (KEYS[3]), in order,
-# to where the next pop happens (ARGV[2]); counts them in n (a local of the script).
+# to where the next pop happens (ARGV[2]); adds them to n (a local of the script, from 0).
 _DRAIN = """
-n = 0
 for i = #KEYS, 6, -1 do
   while redis.call('LMOVE', KEYS[i], KEYS[3], 'RIGHT', ARGV[2]) do n = n + 1 end
 end
@@ -274,13 +273,23 @@ return {promoted, dropped, redis.call('LLEN', KEYS[2]), next_due, expired, reape
 # A reaped worker may only have been frozen: if it thaws, pops, and dies again before its
 # heartbeat registers it anew, what it popped would sit in its lists with nobody to reap it.
 # So reaped workers' lists are swept for REAPED_GRACE_S. KEYS and ARGV as REAP, but ARGV[3]:
-# the grace in seconds. Returns items moved, or -1 if the worker is registered again.
-SWEEP = _NOW + """
+# the grace in seconds, ARGV[5] the sweeper. A reaped worker that still owns channels was
+# reaped by something that does not know ownership (a 1.0 worker during a rolling deploy):
+# its channels and lists are handed to the sweeper, else nobody would send what is parked for
+# them. Returns items moved, or -1 if the worker is registered again.
+SWEEP = _NOW + HAND_OVER + """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZREM', KEYS[4], ARGV[1])
   return -1
 end
 local n = 0
+if ARGV[5] ~= '' and redis.call('EXISTS', ARGV[4] .. ':held:' .. ARGV[1]) == 1 then
+  local push = 'LPUSH'
+  if ARGV[2] == 'RIGHT' then push = 'RPUSH' end
+  local lists = {}
+  for i = 6, #KEYS do lists[#lists + 1] = KEYS[i] end
+  n = hand_over(ARGV[1], ARGV[5], lists, KEYS[3], push, KEYS[5], ARGV[4])
+end
 """ + _DRAIN + """
 local reaped_at = tonumber(redis.call('ZSCORE', KEYS[4], ARGV[1]) or '0')
 if now - reaped_at > tonumber(ARGV[3]) then
@@ -751,7 +760,8 @@ class RedisQueue:
                 recovered[wid] = n
         for raw_id in reaped:
             wid = raw_id.decode()
-            n = self._run_on_worker(self._sweep, wid, str(REAPED_GRACE_S))
+            n = self._run_on_worker(self._sweep, wid, str(REAPED_GRACE_S),
+                                    heir=self.worker_id)
             if n > 0:
                 recovered[wid] = recovered.get(wid, 0) + n
         return recovered

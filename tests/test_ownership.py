@@ -178,6 +178,30 @@ def test_a_dead_owners_channels_pass_to_the_reaper_its_window_first(r, queue_nam
         got(taken) == [note("d", 50)] + [note("c", n) for n in range(b.CAP)]
 
 
+def test_channels_of_a_worker_reaped_by_a_1_0_worker_pass_to_the_next_sweeper(
+        r, queue_name) -> None:
+    """A rolling deploy: a 1.0 worker, which knows no ownership, reaps a dead 1.1 worker (its
+    lists back to the queue, unregistered, in the reaped set). What the dead one parked would
+    wait for an owner that never comes: the next 1.1 sweeper takes its channels over."""
+    a, b = proc(r, queue_name, "A"), proc(r, queue_name, "B")
+    r.rpush(queue_name, *[note("c", n) for n in range(a.CAP + 3)])
+    a.fetch(1000)  # c 0..29 in A's window, c 30..32 parked for A
+    # The 1.0 REAP: the in-flight list back to the queue's head, unregistered, marked reaped.
+    while r.lmove(a.inflight_key, queue_name, "RIGHT", "LEFT"):
+        pass
+    r.zrem(a.keys.workers, "A")
+    r.zadd(a.keys.reaped, {"A": float(r.time()[0])})
+    assert b.maintain(0, reap=True).recovered == {}  # nothing in A's lists any more
+    assert owner(r, a, "c") == "B" and not r.exists(a.keys.held("A"), a.keys.parked("A"))
+    # What A parked goes first, then what the 1.0 reaper returned (recovered notifications
+    # may arrive after later ones of their channel: the README says so).
+    first = b.fetch(1000)
+    ack(b, first)
+    taken = got(first) + got(b.fetch(1000))
+    assert taken == [note("c", n) for n in [*range(a.CAP, a.CAP + 3), *range(a.CAP)]]
+    assert r.llen(queue_name) == 0
+
+
 def test_the_last_worker_to_stop_gives_everything_back_in_order(r, queue_name) -> None:
     a = proc(r, queue_name, "A")
     r.rpush(queue_name, *[note("c", n) for n in range(a.CAP + 3)])
