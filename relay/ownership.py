@@ -38,6 +38,11 @@ The rules, each carried out inside one script (so two processes never see a half
    their parked lists become the heir's, which sends them in order. A handed-over or parked
    notification is recovered exactly like an in-flight one. Only the last worker to stop
    gives everything back to the queue instead, lanes merged in taking order.
+7. **Mixed versions.** Only workers whose heartbeat info says `owns_channels` are given keys
+   or channels (a 1.0 worker in a rolling deploy never reads lane lists). A key whose owner
+   is no longer registered, because something that knows no ownership stopped or reaped it,
+   is taken over by the next worker to take one of its notifications, and a reaped worker's
+   keys by the next sweep (relay.queue's SWEEP).
 
 Every key a script touches is named from the declared prefix (like the history buckets), so
 under Cluster all of them share the queue's hash tag and slot.
@@ -119,6 +124,20 @@ if not redis.call('ZSCORE', KEYS[2], me) then
 end
 local held, parked = held_of(prefix, me), parked_of(prefix, me)
 local out, waiting = {}, 0
+local seen = {}
+-- An owner that is not registered left without handing its keys over (only something that
+-- knows no ownership does that: a 1.0 worker's stop, or its reaping of a 1.1 worker).
+local function registered(w)
+  if seen[w] == nil then seen[w] = redis.call('ZSCORE', KEYS[2], w) ~= false end
+  return seen[w]
+end
+local function take_over(k, w)
+  redis.call('HDEL', held_of(prefix, w), k)
+  redis.call('SREM', parked_of(prefix, w), k)
+  redis.call('HSET', owners, k, me)
+  redis.call('HSETNX', held, k, 0)
+  if redis.call('LLEN', lane(prefix, k)) > 0 then redis.call('SADD', parked, k) end
+end
 
 local function own(k, w)
   redis.call('HSET', owners, k, w)
@@ -197,11 +216,20 @@ if side == 'RIGHT' then peek = -1 end
 local looked = 0
 local spread = tonumber(ARGV[7])
 local live = nil
+-- Workers that keep channels' order (a 1.0 worker in a rolling deploy does not, and would
+-- never send what is parked for it): their heartbeat info says owns_channels.
+local function keeps_order(w)
+  local ok, info = pcall(cjson.decode, redis.call('HGET', KEYS[2] .. ':info', w) or '')
+  return ok and type(info) == 'table' and info.owns_channels == true
+end
 local function chooser(k)
   if redis.call('LLEN', queue) <= spread then return me end
   if not live then
     local t = redis.call('TIME')
-    live = redis.call('ZRANGEBYSCORE', KEYS[2], tonumber(t[1]), '+inf')
+    live = {}
+    for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], tonumber(t[1]), '+inf')) do
+      if w == me or keeps_order(w) then live[#live + 1] = w end
+    end
   end
   local best, score = me, nil
   for _, w in ipairs(live) do
@@ -224,6 +252,10 @@ while room > 0 and looked < work do
     local found = {}
     for i, x in ipairs(ks) do
       found[i] = redis.call('HGET', owners, x)
+      if found[i] and found[i] ~= me and not registered(found[i]) then
+        take_over(x, found[i])  -- its owner left without handing it over: an orphan
+        found[i] = me
+      end
       if found[i] then
         target = target or found[i]
         if found[i] ~= me then mine = false end

@@ -124,8 +124,9 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], entry) == 1 then return 1 end
 return 2
 """
 
-# A quiet worker's channels to the livest registered worker that is not quiet (relay.ownership,
-# 6). KEYS: workers zset, queue, owners hash, this worker's in-flight list, quiet hash. ARGV:
+# A quiet worker's channels to the livest registered worker that is not quiet and keeps
+# channels' order (relay.ownership, 6; a 1.0 worker would never send what is parked). KEYS:
+# workers zset, queue, owners hash, this worker's in-flight list, quiet hash, info hash. ARGV:
 # worker id, push command, key prefix. Only once nothing of it is in flight and it is marked
 # quiet (so no fetch of it can take anything any more). Returns the heir, or '' for not yet.
 HAND_OFF = NOW_LUA + HAND_OVER + """
@@ -135,7 +136,10 @@ if redis.call('LLEN', KEYS[4]) > 0 or redis.call('HEXISTS', KEYS[5], me) == 0 th
 end
 local heir = ''
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
-  if w ~= me and redis.call('HEXISTS', KEYS[5], w) == 0 then heir = w end
+  if w ~= me and redis.call('HEXISTS', KEYS[5], w) == 0 then
+    local ok, info = pcall(cjson.decode, redis.call('HGET', KEYS[6], w) or '')
+    if ok and type(info) == 'table' and info.owns_channels == true then heir = w end
+  end
 end
 if heir ~= '' then hand_over(me, heir, {KEYS[4]}, KEYS[2], ARGV[2], KEYS[3], ARGV[3]) end
 return heir
@@ -360,7 +364,7 @@ class Controls:
     def hand_off(self, worker_id: str, inflight_key: str, push_cmd: str) -> str:
         """A quiet worker's channels to another worker; the heir, or '' (not yet)."""
         keys = [self.keys.workers, self.keys.queue, self.keys.owners, inflight_key,
-                self.keys.quiet]
+                self.keys.quiet, self.keys.info]
         heir = self._hand_off(keys=keys, args=[worker_id, push_cmd, self.keys.prefix])
         return _text(heir or b"")
 

@@ -722,6 +722,8 @@ class RedisQueue:
         round trip. `slots` is how many in-flight lists a reaper must look at."""
         info = json.dumps({**(state or {}), "host": socket.gethostname(), "pid": os.getpid(),
                            "slots": INFLIGHT_LISTS, "ttl": ttl_s,
+                           # an heir for channels must know ownership (1.0 workers do not)
+                           "owns_channels": self.owned,
                            "started_at": self._started_at})
         return bool(self._heartbeat(keys=[self.keys.workers, self.keys.info],
                                     args=[self.worker_id, ttl_s, info]))
@@ -796,9 +798,23 @@ class RedisQueue:
         """On shutdown: hand this worker's channels, with what it still holds and parks, to
         the livest other worker (in taking order, at the front of their lanes); the last
         worker gives everything back to the queue instead. Then unregister."""
-        heir = next((w.decode() for w in self.client.zrevrange(self.keys.workers, 0, 1)
-                     if w.decode() != self.worker_id), "")
-        return self._run_on_worker(self._reap, self.worker_id, "1", INFLIGHT_LISTS, heir)
+        return self._run_on_worker(self._reap, self.worker_id, "1", INFLIGHT_LISTS,
+                                   self._heir())
+
+    def _heir(self) -> str:
+        """The livest other worker that keeps channels' order ('' for none): a 1.0 worker,
+        or one with RELAY_CHANNEL_ORDER=false, would never send what is parked for them."""
+        others = [w for w in self.client.zrevrange(self.keys.workers, 0, 9)
+                  if w.decode() != self.worker_id]
+        if not others:
+            return ""
+        for wid, info in zip(others, self.client.hmget(self.keys.info, others), strict=True):
+            try:
+                if info is not None and json.loads(info).get("owns_channels") is True:
+                    return wid.decode()
+            except ValueError:
+                continue
+        return ""
 
     def _run_on_worker(self, script: Any, wid: str, arg: str, slots: int | None = None,
                        heir: str = "") -> int:

@@ -80,7 +80,9 @@ def worker_ids(r: redis.Redis, queue: str) -> list[str]:
     return [w.decode() for w in r.zrange(f"{queue}:workers", 0, -1)]
 
 
-# The queue, the retry set and every in-flight list in ONE script: Redis runs it atomically,
+# The queue, the retry set, every in-flight list and every lane list (what is parked for a
+# channel's owner; an envelope over two channels counts twice) in ONE script: Redis runs it
+# atomically,
 # so no item can be between two of them (popped from one list, not yet in the next) while it
 # counts. KEYS inside a script is not Cluster-friendly; tests run on a standalone server.
 _PENDING = """
@@ -88,20 +90,25 @@ local inflight = 0
 for _, key in ipairs(redis.call('KEYS', ARGV[1] .. ':inflight:*')) do
     inflight = inflight + redis.call('LLEN', key)
 end
-return {redis.call('LLEN', ARGV[1]), redis.call('ZCARD', ARGV[1] .. ':retry'), inflight}
+local parked = 0
+for _, key in ipairs(redis.call('KEYS', ARGV[1] .. ':lane:*')) do
+    parked = parked + redis.call('LLEN', key)
+end
+return {redis.call('LLEN', ARGV[1]), redis.call('ZCARD', ARGV[1] .. ':retry'), inflight,
+        parked}
 """
 
 
 def pending(r: redis.Redis, queue: str) -> dict[str, int]:
-    """{queue, retry, inflight}: what is still to do, counted atomically."""
-    waiting, retry, held = r.eval(_PENDING, 0, queue)
-    return {"queue": waiting, "retry": retry, "inflight": held}
+    """{queue, retry, inflight, parked}: what is still to do, counted atomically."""
+    waiting, retry, held, parked = r.eval(_PENDING, 0, queue)
+    return {"queue": waiting, "retry": retry, "inflight": held, "parked": parked}
 
 
 def wait_settled(r: redis.Redis, queue: str, gone: Sequence[WorkerProcess] = (),
                  timeout: float = 30.0) -> None:
     """Wait until the dead workers in `gone` have left the registry (their lists were
-    reaped), then until queue, retry set and every in-flight list are empty at one instant.
+    reaped), then until queue, retry set, in-flight and lane lists are empty at one instant.
     Checking them one by one races: the reap moves items back to the queue, and a greenlet
     moves them between lists, so separate reads can all see empty while work remains."""
     for proc in gone:

@@ -44,7 +44,7 @@ def test_devmode_uses_the_redis_and_queue_it_is_told(r: redis.Redis, redis_serve
     assert f"using the Redis at {redis_server.url} (REDIS_URL)" in done.stderr
     assert f"consuming the queue {queue_name} (RELAY_QUEUE)" in done.stderr
     assert f"redis-cli -p {redis_server.port} RPUSH {queue_name} " in done.stderr
-    assert pending(r, queue_name) == {"queue": 0, "retry": 0, "inflight": 0}
+    assert pending(r, queue_name) == {"queue": 0, "retry": 0, "inflight": 0, "parked": 0}
     assert int(r.hget(queue_name + ":stats", "delivered") or 0) == 1
 
 

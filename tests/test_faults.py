@@ -176,7 +176,7 @@ def test_sigterm_during_slow_calls_sends_nothing_twice(r, pusher, start_worker, 
     accepted = _delivered(pusher)
     assert accepted and set(accepted.values()) == {1}
     assert pending(r, queue_name) == {"queue": total - len(accepted), "retry": 0,
-                                      "inflight": 0}
+                                      "inflight": 0, "parked": 0}
     pusher.clear_mode()
     start_worker(RELAY_POOL_SIZE="50")
     counts = _all_delivered(pusher, total)
@@ -210,7 +210,7 @@ def test_a_notification_failing_every_time_is_dead_lettered_as_exhausted(r, push
     assert entry["attempts"] == 3 and "500" in entry["error"], entry
     assert json.loads(entry["payload"]) == {"channel": "c", "n": 0}  # the original, unwrapped
     assert pusher.stats()["by_status"] == {"500": 3}  # one call per attempt, no more
-    assert pending(r, queue_name) == {"queue": 0, "retry": 0, "inflight": 0}
+    assert pending(r, queue_name) == {"queue": 0, "retry": 0, "inflight": 0, "parked": 0}
     assert "circuit open" not in w.log()
 
 

@@ -202,6 +202,32 @@ def test_channels_of_a_worker_reaped_by_a_1_0_worker_pass_to_the_next_sweeper(
     assert r.llen(queue_name) == 0
 
 
+def test_a_worker_that_knows_no_ownership_is_never_given_a_channel(r, queue_name) -> None:
+    """A 1.0 worker registers without `owns_channels`: sharing a backlog out, rendezvous
+    hashing leaves it out, or what is parked for it would wait forever."""
+    a = proc(r, queue_name, "A", spread=0)
+    r.zadd(a.keys.workers, {"old": float(r.time()[0]) + 60})
+    r.hset(a.keys.info, "old", json.dumps({"slots": 10, "pid": 1}))
+    r.rpush(queue_name, *[note(f"c{n}", n) for n in range(50)])
+    assert len(got(a.fetch(1000))) == 50
+    assert set(r.hvals(a.keys.owners)) == {b"A"}
+
+
+def test_a_channel_whose_owner_left_unregistered_is_taken_over(r, queue_name) -> None:
+    """An owner that is gone without handing its channel over (a 1.0 worker's stop): the next
+    taker owns it, and what was parked for the old owner goes first."""
+    a = proc(r, queue_name, "A")
+    r.hset(a.keys.owners, "c", "ghost")
+    r.hset(a.keys.held("ghost"), "c", 0)
+    r.rpush(a.keys.lane("c"), note("c", 0), note("c", 1))
+    r.sadd(a.keys.parked("ghost"), "c")
+    r.rpush(queue_name, note("c", 2))
+    first = a.fetch(10)  # parked behind the ghost's, now A's: the next fetch unparks
+    assert owner(r, a, "c") == "A" and not r.exists(a.keys.held("ghost"))
+    taken = got(first) + got(a.fetch(10))
+    assert taken == [note("c", n) for n in range(3)]
+
+
 def test_the_last_worker_to_stop_gives_everything_back_in_order(r, queue_name) -> None:
     a = proc(r, queue_name, "A")
     r.rpush(queue_name, *[note("c", n) for n in range(a.CAP + 3)])

@@ -49,7 +49,8 @@ def test_a_pause_holds_every_process_and_resume_delivers_everything(
         wait_for(lambda w=w: "delivery paused by" in w.log(), 5, "the pause in each log")
     push(r, queue_name, 500, channels=50)
     stays(lambda: events_total(pusher) == 0, 3.0, "nothing delivered while paused")
-    assert pending(r, queue_name) == {"queue": 500, "retry": 0, "inflight": 0}  # none lost
+    assert pending(r, queue_name) == {"queue": 500, "retry": 0, "inflight": 0,
+                                      "parked": 0}  # none lost
     stats = admin(redis_server, queue_name, "stats")
     assert "DELIVERY PAUSED by " in stats.stdout and ": pusher incident" in stats.stdout
     data = json.loads(admin(redis_server, queue_name, "stats", "--json").stdout)

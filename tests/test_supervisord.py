@@ -201,7 +201,7 @@ def test_two_workers_deliver_and_stop_cleanly(
     for num in (0, 1):
         assert "stopped; 0 notification(s)" in worker_log(tmp_path, num)
         assert f"stopped: relay_{num:02d} (exit status 0)" in out, out
-    assert pending(r, queue_name) == {"queue": 0, "retry": 0, "inflight": 0}
+    assert pending(r, queue_name) == {"queue": 0, "retry": 0, "inflight": 0, "parked": 0}
     assert r.zcard(queue_name + ":workers") == 0  # both unregistered on the way out
     sup.ctl("shutdown")
     assert sup.proc.wait(30) == 0
