@@ -313,6 +313,10 @@ class Engine:
                 log.exception("unexpected error while sending a call; its notifications go "
                               "back to the queue")
                 fates = [(e.raw, e.item, PutBack(), e.extra) for e in call]
+            if not any(isinstance(fate, PutBack) for _, _, fate, _ in fates):
+                # The answers are in: the lanes' next calls go while this one is persisted
+                # (a put back keeps them, as what waits behind it goes back with it).
+                self._notify(self.lanes.finish(call))
             self._settle_or_forget(call, fates, route)
         finally:
             self.busy -= 1
