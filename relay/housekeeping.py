@@ -86,6 +86,7 @@ class Housekeeper:
         self.inflight = inflight
         self.clock = clock
         self.backlog = 0  # queue length as of the last round
+        self.parked = 0  # what waits in this process's channels' lane lists, as of then
         self.backlog_shedding = Episode(
             f"backlog over RELAY_MAX_BACKLOG={config.max_backlog}: dropping the oldest")
         self.stale_shedding = Episode(
@@ -93,7 +94,7 @@ class Housekeeper:
         self._next_reap = 0.0
 
     def start(self, stopping: gevent.event.Event) -> list[gevent.Greenlet]:
-        summary = Summary(self.metrics, self.queue, self.inflight)
+        summary = Summary(self.metrics, self.queue, self.inflight, lambda: self.parked)
         return [
             gevent.spawn(self.every, stopping, self.config.heartbeat_ttl / 4, self.heartbeat),
             gevent.spawn(self.paced, stopping, self.maintain),
@@ -142,6 +143,8 @@ class Housekeeper:
             self._next_reap = now + self.config.heartbeat_ttl / 2
         round_ = self.queue.maintain(self.config.max_backlog, reap)
         self.backlog = round_.length
+        self.parked = round_.parked
+        self.metrics.parked.set(round_.parked)
         for wid, n in round_.recovered.items():
             self.metrics.recovered.inc(n)
             # At-least-once: the dead worker may have had Pusher accept some of them just
@@ -184,8 +187,10 @@ class Summary:
     """The periodic progress line: counts since the last line, backlog, rate and ETA."""
 
     def __init__(self, metrics: Metrics, queue: Any, inflight: Callable[[], int],
+                 parked: Callable[[], int] = lambda: 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.metrics = metrics
+        self.parked = parked  # taken from the queue, waiting for this process: backlog too
         self.queue = queue  # anything with lengths()
         self.inflight = inflight
         self.clock = clock
@@ -210,7 +215,7 @@ class Summary:
         now, counts = self.clock(), self._counts()
         delta = {k: counts[k] - self.last[k] for k in counts}
         elapsed = max(now - self.last_at, 1e-6)
-        backlog = lengths["queue"]
+        backlog = lengths["queue"] + self.parked()
         if any(delta.values()) or backlog or self.inflight():
             log.info("delivered %d (%s), dead-lettered %d, retried %d, shed %d, "
                      "failed Pusher calls %d, redis errors %d; %s", delta["delivered"],

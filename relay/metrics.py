@@ -59,6 +59,9 @@ class Metrics:
         self.inflight = Gauge("relay_inflight", "Notifications being handled now", registry=r)
         self.pool_size = Gauge("relay_pool_size", "Greenlets in the pool", registry=r)
         self.queue_length = Gauge("relay_queue_length", "Length of the queue list", registry=r)
+        self.parked = Gauge("relay_parked",
+                            "Notifications taken from the queue that wait in the lane lists of "
+                            "this process's channels (a busy channel's overflow)", registry=r)
         self.dead_length = Gauge("relay_dead_letters", "Length of the dead-letter list",
                                  registry=r)
         self.retry_length = Gauge("relay_retry_scheduled", "Notifications waiting for a retry",

@@ -241,10 +241,11 @@ return n + parked
 
 # The housekeeping of one round in one script, so an idle worker costs one round trip for
 # it (issue 11). KEYS: retry zset, queue, stats hash, history prefix, workers zset, reaped
-# zset. ARGV: push command, most retries to move, longest backlog (0: no limit), reap (1:
-# list the expired and the lately reaped workers, for REAP and SWEEP).
-# Returns {promoted, dropped, queue length, ms until the next retry is due (-1: none),
-# expired worker ids, reaped worker ids}.
+# zset, this worker's parked set. ARGV: push command, most retries to move, longest backlog
+# (0: no limit), reap (1: list the expired and the lately reaped workers, for REAP and
+# SWEEP), key prefix. Returns {promoted, dropped, queue length, ms until the next retry is
+# due (-1: none), expired worker ids, reaped worker ids, how many notifications wait in this
+# worker's lane lists}.
 MAINTAIN = _TALLY + _PROMOTE + """
 local promoted = #due
 local dropped = 0
@@ -267,7 +268,11 @@ if ARGV[4] == '1' then
   expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
   reaped = redis.call('ZRANGE', KEYS[6], 0, -1)
 end
-return {promoted, dropped, redis.call('LLEN', KEYS[2]), next_due, expired, reaped}
+local parked = 0
+for _, k in ipairs(redis.call('SMEMBERS', KEYS[7])) do
+  parked = parked + redis.call('LLEN', ARGV[5] .. ':lane:' .. k)
+end
+return {promoted, dropped, redis.call('LLEN', KEYS[2]), next_due, expired, reaped, parked}
 """
 
 # A reaped worker may only have been frozen: if it thaws, pops, and dies again before its
@@ -494,6 +499,7 @@ class Maintenance:
     length: int  # the queue's length after both
     next_due_s: float | None  # until the earliest retry left is due; None: no retry
     recovered: dict[str, int]  # worker id -> items returned from its in-flight lists
+    parked: int = 0  # notifications in this worker's channels' lane lists (relay.ownership)
 
 
 class RedisDemoted(redis.ConnectionError):
@@ -735,18 +741,19 @@ class RedisQueue:
         with `reap`, also return the items of expired and lately reaped workers (a script
         per such worker: none on a healthy queue)."""
         keys = [self.keys.retry, self.keys.queue, self.keys.stats, self.keys.history,
-                self.keys.workers, self.keys.reaped,
+                self.keys.workers, self.keys.reaped, self.keys.parked(self.worker_id),
                 # relay.pause's, last: the operator's state rides on the round
                 self.keys.pause, self.keys.quiet, self.keys.held(self.worker_id),
                 self.keys.workers]
-        promoted, dropped, length, next_due_ms, expired, reaped, *state = self._maintain(
-            keys=keys, args=[self.push_cmd, limit, max_backlog, "1" if reap else "0",
-                             self.worker_id])
+        promoted, dropped, length, next_due_ms, expired, reaped, parked, *state = \
+            self._maintain(keys=keys, args=[self.push_cmd, limit, max_backlog,
+                                            "1" if reap else "0", self.keys.prefix,
+                                            self.worker_id])
         self.on_gate_state(round_state(state))
         recovered = self._recover(expired, reaped) if expired or reaped else {}
         return Maintenance(int(promoted), int(dropped), int(length),
                            None if int(next_due_ms) < 0 else int(next_due_ms) / 1000,
-                           recovered)
+                           recovered, int(parked))
 
     def reap_expired(self) -> dict[str, int]:
         """Return the in-flight items of every worker whose heartbeat deadline passed, and

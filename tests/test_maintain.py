@@ -109,3 +109,14 @@ def test_an_idle_worker_is_nearly_silent_on_redis(redis_server: RedisServer, que
     assert window, "MONITOR saw nothing: the test would pass whatever the worker did"
     assert len(window) <= 3 * window_s, (f"{len(window)} commands in {window_s:.0f} s: "
                                          f"{[c[:60] for c in window[:12]]}")
+
+
+def test_a_round_counts_what_waits_parked_for_this_worker(r: redis.Redis,
+                                                         queue_name: str) -> None:
+    """A busy channel's overflow leaves the queue for its lane list: the round still counts
+    it (relay_parked, the summary's backlog), as nothing else would show it."""
+    q = registered(r, queue_name, owned=True)
+    r.rpush(queue_name, *[f'{{"channel": "busy", "n": {n}}}' for n in range(q.CAP + 7)])
+    assert len(q.fetch(1000).items) == q.CAP
+    round_ = q.maintain(max_backlog=0, reap=False)
+    assert (round_.length, round_.parked) == (0, 7)
