@@ -47,6 +47,7 @@ def _download_promtool() -> Path:
                         f"prometheus): {done.stderr.strip()[-300:]}")
         unpacked = CACHE.with_name("prometheus.partial")
         shutil.rmtree(unpacked, ignore_errors=True)
+        unpacked.mkdir(parents=True)  # a clean clone has no .cache yet
         subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True,
                        timeout=INSTALL_TIMEOUT_S)
         shutil.rmtree(CACHE, ignore_errors=True)

@@ -1,9 +1,10 @@
 """Rolling deploys between 1.0 and this version: old and new worker processes on one queue, the
 old ones stopped or killed as a deploy does, and nothing lost.
 
-The 1.0 code is the tag v1.0.0 of this repository, unpacked with `git archive` and run with
-the same interpreter and dependencies (1.0 needs nothing this venv lacks). Without the tag (a
-shallow clone) the tests skip and say so.
+The 1.0 code is release 1.0.0's commit in this repository's history (the commit, not the tag
+v1.0.0: a clone need not carry tags), unpacked with `git archive` and run with the same
+interpreter and dependencies (1.0 needs nothing this venv lacks). In a shallow clone that lacks
+the commit the tests skip and say so.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tests.support import (
     wait_settled,
 )
 
-OLD = "v1.0.0"
+OLD = "c4fb7f7cba7e2e29bfeeef14d1c86a3bdd73d57b"  # release 1.0.0 (tagged v1.0.0)
 COUNT = 3000
 CHANNELS = 40
 
@@ -42,7 +43,7 @@ def old_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
         archive = subprocess.run(["git", "archive", "--format=tar", OLD], cwd=ROOT,
                                  capture_output=True, check=True, timeout=60).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"the 1.0 code ({OLD}) is not in this clone: {exc}")
+        pytest.skip(f"the 1.0 code (commit {OLD}) is not in this clone: {exc}")
     where = tmp_path_factory.mktemp("relay-1.0")
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(where, filter="data")
