@@ -58,6 +58,13 @@ PUSH_CHUNK = 2_000
 POLL_S = 0.02
 TIMEOUT_S = 300.0
 SERVER_LOG = Path(__file__).resolve().parent / "results" / "standard_server.log"
+# Commands a client sends itself (a round trip each; a pipeline's are counted one by one);
+# every other command in the counts ran inside a script.
+# (relay sends only scripts, its blocking pop and connection set-up; LPOP, TIME and the like
+# appear only inside its scripts.)
+TOP_LEVEL = ("evalsha", "eval", "blpop", "brpop", "blmove", "brpoplpush", "script|load",
+             "ping", "hello", "client|setname", "client|setinfo", "select", "auth")
+BENCH_COMMANDS = {"rpush", "info", "config|resetstat", "flushall"}
 
 
 @dataclass(frozen=True)
@@ -162,10 +169,12 @@ class Bench:
         pids = {"server": self.pusher.pid, "redis": self.redis_server.proc.pid}
         with self.side(side) as children:
             pids.update({c.name: c.pid for c in children})
+            self.redis.config_resetstat()
             with CpuSampler(pids) as cpu:
                 began = self.push(items)
                 complete = self.wait_events(children, len(items))
                 time.sleep(0.1)
+            commands = self.commands()
             events = self.pusher.events()
         end = max(e["received_at"] for e in events) + delay_s if events else time.time()
         elapsed = end - began
@@ -180,7 +189,20 @@ class Bench:
                 "redis_cpu_per_10k": cpu.used("redis", began, end) / max(distinct, 1) * 10_000,
                 "server_share": cpu.used("server", began, end) / elapsed,
                 "others": cpu.others(began, end) / elapsed,
-                "requests": self.pusher.count()["requests_total"]}
+                "requests": self.pusher.count()["requests_total"],
+                "redis_calls_per_notification": {
+                    name: calls / max(distinct, 1) for name, calls in commands.items()},
+                "redis_top_level_per_notification":
+                    sum(commands.get(c, 0) for c in TOP_LEVEL) / max(distinct, 1),
+                "redis_all_per_notification": sum(commands.values()) / max(distinct, 1)}
+
+    def commands(self) -> dict[str, int]:
+        """Redis commands the side ran since the reset, by name (scripts' own calls included,
+        as Redis counts them); the bench's own RPUSH, INFO and CONFIG left out."""
+        stats = self.redis.info("commandstats")
+        calls = {key.removeprefix("cmdstat_"): int(value["calls"])
+                 for key, value in stats.items()}
+        return {name: n for name, n in calls.items() if name not in BENCH_COMMANDS}
 
     def busy(self, side: Side, busy_count: int, delay_s: float) -> dict[str, Any]:
         """BUSY on one channel ahead of 500 over 50 others: when do the others arrive?"""
@@ -231,7 +253,9 @@ def show(run: dict[str, Any]) -> str:
     return (f"  {run['side']:<12} {run['delay_ms']:>3.0f} ms  {run['per_s']:>8,.0f}/s  "
             f"CPU {run['cpu_per_10k']:5.2f} s/10k  Redis {run['redis_cpu_per_10k']:4.2f} s/10k  "
             f"server {run['server_share']:.2f}  requests {run['requests']:>6,}  "
-            f"dups {run['duplicates']}  behind {run['behind']}  others {run['others']:.2f}"
+            f"dups {run['duplicates']}  behind {run['behind']}  others {run['others']:.2f}  "
+            f"Redis cmds/notification {run['redis_top_level_per_notification']:.3f} sent, "
+            f"{run['redis_all_per_notification']:.2f} with scripts' own"
             f"{flag}")
 
 
