@@ -1,3 +1,3 @@
 """relay: move realtime notifications from a Redis list to the Pusher Channels HTTP API."""
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"

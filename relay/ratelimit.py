@@ -5,11 +5,14 @@ time, so every process on every host draws from the same budget and clocks need 
 With emission interval T = 1/rate and burst B, taking k events is allowed while
 TAT + k*T - now <= B*T. Events are counted as Pusher counts messages: one per channel.
 
-A greenlet takes tokens *before* it fetches, for as many items as it may fetch, so no
-notification leaves the queue only to wait for budget; what it could not use it refunds.
-Only one greenlet per process waits on Redis at a time (the others wait on a local lock),
-and it waits until its whole request is free, so a throttled worker makes a few calls a
-second instead of polling.
+The engine takes budget when a call is about to go, for exactly the events that call sends
+(`take_all`), so nothing is taken for notifications that never go; a call that cannot go
+after all (a stop, a pause or an open circuit came while it waited) refunds it. The window
+stays small while every app is rate-limited, so little waits in it for budget. Only one
+greenlet per process waits on Redis at a time (the others wait on a local lock), and it
+waits until its whole request is free, so a throttled worker makes a few calls a second
+instead of polling. With RELAY_APPS every app but `default` has its own limiter and key,
+`Q:ratelimit:<app>` (relay.routes).
 
 Pusher counts messages when they arrive, a little after the budget was granted, so the
 limiter keeps HEADROOM of the burst in reserve: the spread between grant and arrival must
