@@ -17,7 +17,9 @@ Sides: `naive` (bench/naive.py: monkey-patched pool of 50, BLPOP + the pusher li
 reliability), `seed` (../shared/peers/seed_em.rb: needs `apt-get install ruby
 ruby-eventmachine ruby-em-http-request ruby-hiredis`), `relay` (python worker.py with its
 defaults), and relay variants given as NAME:VAR=VALUE+VAR=VALUE (e.g. `p500:RELAY_PREFETCH=500`,
-`2procs:PROCS=2` for two worker processes, `unordered:RELAY_CHANNEL_ORDER=false`).
+`2procs:PROCS=2` for two worker processes, `unordered:RELAY_CHANNEL_ORDER=false`), and relay
+as it was at a commit as NAME@COMMIT[:...] (e.g. `engine19@6866af1`: unpacked with `git
+archive` under bench/results/, run with this interpreter).
 
 Run: .venv/bin/python bench/standard.py [--count 20000] [--channels 100] [--delays 0,50]
      [--sides naive,seed,relay] [--repeats 3] [--busy]
@@ -33,11 +35,14 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -73,15 +78,31 @@ class Side:
     kind: str  # naive, seed or relay
     env: dict[str, str] = field(default_factory=dict)
     procs: int = 1
+    revision: str = ""  # relay as it was at this commit (git archive), "" for this checkout
 
 
 def parse_side(text: str) -> Side:
     if text in ("naive", "seed", "relay"):
         return Side(text, text)
     name, _, settings = text.partition(":")
+    name, _, revision = name.partition("@")
     env = dict(kv.split("=", 1) for kv in settings.split("+") if kv)
     procs = int(env.pop("PROCS", "1"))
-    return Side(name, "relay", env, procs)
+    return Side(name, "relay", env, procs, revision)
+
+
+def checkout(revision: str) -> Path:
+    """relay's files at `revision`, unpacked once under bench/results/ (`git archive`)."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{revision}^{{commit}}"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    where = REPO / "bench" / "results" / f"relay-{commit[:12]}"
+    if not (where / "worker.py").exists():
+        where.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=REPO,
+                                 capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=BytesIO(archive)) as tar:
+            tar.extractall(where, filter="data")
+    return where
 
 
 class Bench:
@@ -126,7 +147,8 @@ class Bench:
             env = self.env({"RELAY_QUEUE": QUEUE, "RELAY_METRICS_ADDR": "off",
                             "RELAY_POOL_SIZE": str(self.pool), **side.env})
             command, marker = [sys.executable, "worker.py"], "started:"
-        child = Child(f"{side.name}#{index}", command, env, str(REPO), marker or "\0")
+        cwd = checkout(side.revision) if side.revision else REPO
+        child = Child(f"{side.name}#{index}", command, env, str(cwd), marker or "\0")
         child.ready_marker = marker
         try:
             yield child
