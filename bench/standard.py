@@ -34,11 +34,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -144,12 +146,14 @@ class Bench:
                        str(self.pool), "--idle-exit", "600"]
             env, marker = self.env({}), "naive started:"
         else:
-            env = self.env({"RELAY_QUEUE": QUEUE, "RELAY_METRICS_ADDR": "off",
+            metrics_at = f"127.0.0.1:{free_port()}"
+            env = self.env({"RELAY_QUEUE": QUEUE, "RELAY_METRICS_ADDR": metrics_at,
                             "RELAY_POOL_SIZE": str(self.pool), **side.env})
             command, marker = [sys.executable, "worker.py"], "started:"
         cwd = checkout(side.revision) if side.revision else REPO
         child = Child(f"{side.name}#{index}", command, env, str(cwd), marker or "\0")
         child.ready_marker = marker
+        child.metrics_at = metrics_at if side.kind == "relay" else ""
         try:
             yield child
         finally:
@@ -197,6 +201,7 @@ class Bench:
                 complete = self.wait_events(children, len(items))
                 time.sleep(0.1)
             commands = self.commands()
+            calls = [call_seconds(c.metrics_at) for c in children if c.metrics_at]
             events = self.pusher.events()
         end = max(e["received_at"] for e in events) + delay_s if events else time.time()
         elapsed = end - began
@@ -216,7 +221,8 @@ class Bench:
                     name: calls / max(distinct, 1) for name, calls in commands.items()},
                 "redis_top_level_per_notification":
                     sum(commands.get(c, 0) for c in TOP_LEVEL) / max(distinct, 1),
-                "redis_all_per_notification": sum(commands.values()) / max(distinct, 1)}
+                "redis_all_per_notification": sum(commands.values()) / max(distinct, 1),
+                **pool_use(calls, elapsed, self.pool)}
 
     def commands(self) -> dict[str, int]:
         """Redis commands the side ran since the reset, by name (scripts' own calls included,
@@ -253,6 +259,38 @@ class Bench:
                 "busy_behind": behind_a_later_one(busy_events)}
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def call_seconds(metrics_at: str) -> tuple[float, float]:
+    """(sum, count) of relay_pusher_call_duration_seconds, every app, from the child's
+    /metrics: how long its Pusher calls took as the worker saw them."""
+    with urllib.request.urlopen(f"http://{metrics_at}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("relay_pusher_call_duration_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("relay_pusher_call_duration_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def pool_use(calls: list[tuple[float, float]], elapsed: float, pool: int) -> dict[str, Any]:
+    """The mean call as relay saw it (the server's delay, its own time, the wait for the event
+    loop to resume the greenlet), and how full the pool kept itself: the calls' summed time
+    over the pool's slot-seconds. relay's ceiling at that round trip is pool x 10 / mean."""
+    total = sum(t for t, _ in calls)
+    count = sum(n for _, n in calls)
+    if not count:
+        return {}
+    return {"call_ms": total / count * 1000,
+            "pool_busy": total / (elapsed * pool * len(calls))}
+
+
 def behind_a_later_one(events: list[dict[str, Any]]) -> int:
     highest: dict[str, int] = {}
     late = 0
@@ -278,7 +316,9 @@ def show(run: dict[str, Any]) -> str:
             f"dups {run['duplicates']}  behind {run['behind']}  others {run['others']:.2f}  "
             f"Redis cmds/notification {run['redis_top_level_per_notification']:.3f} sent, "
             f"{run['redis_all_per_notification']:.2f} with scripts' own"
-            f"{flag}")
+            + (f"  call {run['call_ms']:.1f} ms, pool busy {run['pool_busy']:.0%}"
+               if "call_ms" in run else "")
+            + flag)
 
 
 def main(argv: list[str] | None = None) -> int:
