@@ -120,6 +120,21 @@ class Trend:
                 "eta_s": round(eta, 1) if eta is not None else None}
 
 
+def app_names(stats: dict[bytes, bytes], infos: dict[bytes, bytes]) -> list[str]:
+    """The apps the totals (`app:NAME:FIELD`, kept when several apps are configured) and the
+    live workers' heartbeats (each app's circuit) name; [] with a single app."""
+    names = {key.decode()[4:].rpartition(":")[0] for key in stats if key.startswith(b"app:")}
+    for raw in infos.values():
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            continue
+        circuits = info.get("circuits") if isinstance(info, dict) else None
+        names.update(str(c["app"]) for c in circuits or () if isinstance(c, dict) and c.get("app"))
+    names.discard("")
+    return sorted(names) if len(names) > 1 else []
+
+
 class Board:
     """The dashboard's view of one queue; keeps a few queue-length samples for the trend."""
 
@@ -164,7 +179,10 @@ class Board:
             "inflight": sum(w["inflight"] for w in workers),
             "workers": workers,
             "gates": self._gates(workers, tat, now),
-            "totals": {key.decode(): int(v) for key, v in stats.items()},
+            "totals": {key.decode(): int(v) for key, v in stats.items()
+                       if not key.startswith(b"app:")},
+            # the Pusher apps when several are configured (RELAY_APPS), for the page's filter
+            "apps": app_names(stats, infos),
         }
 
     def _worker(self, wid: str, deadline: float, raw: bytes | None, now: float,
@@ -185,6 +203,7 @@ class Board:
             "busy": int(_num(info.get("busy"))),
             "inflight": int(_num(info.get("inflight"))),
             "circuit": info.get("circuit") or {"open": False},
+            "circuits": info.get("circuits") or None,  # every app's, when several
             "paused_for_s": _num(info.get("paused_for_s")),
             "rate_limit": info.get("rate_limit") or {},
             "shedding": info.get("shedding") or {},
@@ -197,9 +216,11 @@ class Board:
     def _gates(workers: list[dict[str, Any]], tat: bytes | None, now: float) -> dict[str, Any]:
         """The gates in front of Pusher, over every live worker."""
         live = [w for w in workers if not w["expired"]]
-        opened = [{"worker": w["id"], "reason": w["circuit"].get("reason"),
-                   "next_probe_in_s": w["circuit"].get("next_probe_in_s")}
-                  for w in live if w["circuit"].get("open")]
+        opened = [{"worker": w["id"], "reason": c.get("reason"),
+                   "next_probe_in_s": c.get("next_probe_in_s"),
+                   "app": c.get("app") if w["circuits"] else None}  # named with several apps
+                  for w in live for c in (w["circuits"] or [w["circuit"]])
+                  if isinstance(c, dict) and c.get("open")]
         paused = max((w["paused_for_s"] for w in live), default=0.0)
         rate = max((_num(w["rate_limit"].get("per_s")) for w in live), default=0.0)
         burst = max((_num(w["rate_limit"].get("burst")) for w in live), default=0.0)
