@@ -16,8 +16,10 @@
 Sides: `naive` (bench/naive.py: monkey-patched pool of 50, BLPOP + the pusher library, no
 reliability), `seed` (../shared/peers/seed_em.rb: needs `apt-get install ruby
 ruby-eventmachine ruby-em-http-request ruby-hiredis`), `relay` (python worker.py with its
-defaults), and relay variants given as NAME:VAR=VALUE+VAR=VALUE (e.g. `p500:RELAY_PREFETCH=500`,
-`2procs:PROCS=2` for two worker processes, `unordered:RELAY_CHANNEL_ORDER=false`).
+defaults), `relay-apps` (the same server's app given as `default` in a RELAY_APPS file instead
+of PUSHER_URL: the cost of the many-apps route for a single app), and relay variants given as
+NAME:VAR=VALUE+VAR=VALUE (e.g. `p500:RELAY_PREFETCH=500`, `2procs:PROCS=2` for two worker
+processes, `unordered:RELAY_CHANNEL_ORDER=false`, `APPS=1` for the RELAY_APPS file).
 
 Run: .venv/bin/python bench/standard.py [--count 20000] [--channels 100] [--delays 0,50]
      [--sides naive,seed,relay] [--repeats 3] [--busy]
@@ -58,6 +60,7 @@ PUSH_CHUNK = 2_000
 POLL_S = 0.02
 TIMEOUT_S = 300.0
 SERVER_LOG = Path(__file__).resolve().parent / "results" / "standard_server.log"
+APPS_FILE = Path(__file__).resolve().parent / "results" / "standard_apps.toml"
 
 
 @dataclass(frozen=True)
@@ -66,15 +69,19 @@ class Side:
     kind: str  # naive, seed or relay
     env: dict[str, str] = field(default_factory=dict)
     procs: int = 1
+    apps_file: bool = False  # the app as `default` in a RELAY_APPS file, not PUSHER_URL
 
 
 def parse_side(text: str) -> Side:
     if text in ("naive", "seed", "relay"):
         return Side(text, text)
+    if text == "relay-apps":
+        return Side(text, "relay", apps_file=True)
     name, _, settings = text.partition(":")
     env = dict(kv.split("=", 1) for kv in settings.split("+") if kv)
     procs = int(env.pop("PROCS", "1"))
-    return Side(name, "relay", env, procs)
+    apps_file = env.pop("APPS", "0") not in ("0", "")
+    return Side(name, "relay", env, procs, apps_file)
 
 
 class Bench:
@@ -118,6 +125,9 @@ class Bench:
         else:
             env = self.env({"RELAY_QUEUE": QUEUE, "RELAY_METRICS_ADDR": "off",
                             "RELAY_POOL_SIZE": str(self.pool), **side.env})
+            if side.apps_file:
+                env["RELAY_APPS"] = self._apps_file()
+                del env["PUSHER_URL"]
             command, marker = [sys.executable, "worker.py"], "started:"
         child = Child(f"{side.name}#{index}", command, env, str(REPO), marker or "\0")
         child.ready_marker = marker
@@ -125,6 +135,14 @@ class Bench:
             yield child
         finally:
             child.stop()
+
+    def _apps_file(self) -> str:
+        """A RELAY_APPS file naming the local server's app `default` (it holds the secret)."""
+        path = APPS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.pusher.apps_toml({"default": self.pusher.app_id}))
+        path.chmod(0o600)
+        return str(path)
 
     def _wait_blocked(self, children: list[Child], count: int) -> None:
         deadline = time.monotonic() + 30
