@@ -196,14 +196,23 @@ def test_several_apps_filter_the_series_and_name_the_app_of_an_open_circuit(
     assert '<p id="series-app-filter"><label>app' in html
     assert "<option>default</option><option>tenant-b</option>" in html
     assert "host-a:7:ab: app tenant-b: HTTP 401 (next probe in 2.0 s)" in html
+    # a line per app, as `relay stats` has it
+    lines = overview["app_lines"]
+    assert lines["tenant-b"]["totals"] == {"delivered": 4}
+    assert lines["tenant-b"]["circuit"] == {"open_in": ["host-a:7:ab"], "reason": "HTTP 401"}
+    assert ("<tr><td>tenant-b</td><td>4</td><td>0</td><td>0</td><td>open in 1 worker(s): "
+            "HTTP 401</td><td>off</td></tr>") in html
+    assert '<div class="scroll" id="apps-panel"><table>' in html
 
 
 def test_one_app_offers_no_filter(serve: Callable[..., Client], r: redis.Redis,
                                   queue_name: str) -> None:
     r.hset(f"{queue_name}:stats", mapping={"delivered": 3})
     client = serve()
-    assert client.json("/api/overview")["apps"] == []
-    assert '<p id="series-app-filter" hidden>' in client.load_page()
+    overview = client.json("/api/overview")
+    assert overview["apps"] == [] and overview["app_lines"] is None
+    html = client.load_page()
+    assert '<p id="series-app-filter" hidden>' in html and 'id="apps-panel" hidden>' in html
 
 
 def test_series_endpoint_and_its_bad_input(serve: Callable[..., Client], r: redis.Redis,

@@ -204,11 +204,16 @@ def test_the_app_selector_shows_one_apps_charts(browser: Any,
     console = Console(page)
     page.goto(start_dashboard())
     assert page.locator("#series-app-filter").is_hidden()  # one app known so far
+    assert page.locator("#apps-panel").is_hidden()
     wait_page(page, lambda: text(page, '[data-t="delivered"]') == "14", "the queue's 14")
     r.hset(f"{queue_name}:stats", "app:tenant-b:delivered", 4)
     wait_page(page, lambda: page.locator("#series-app-filter").is_visible(), "the selector")
     assert page.eval_on_selector_all("#series-app option", "os => os.map(o => o.value)") == [
         "", "default", "tenant-b"]
+    wait_page(page, lambda: page.locator("#apps tr").count() == 2, "a line per app")
+    assert page.locator("#apps-panel").is_visible()
+    assert [text(page, f"#apps tr:nth-child({i}) td:first-child") for i in (1, 2)] == [
+        "default", "tenant-b"]
     page.select_option("#series-app", "tenant-b")
     wait_page(page, lambda: text(page, '[data-t="delivered"]') == "4", "tenant-b's 4")
     page.select_option("#series-app", "")

@@ -3,7 +3,7 @@
 1. `Board.overview()`: the queue now (length, trend and ETA, the delivery rate of the last
    10 s, retries and the next due, dead letters), every registered worker (from its
    heartbeat info: busy greenlets, in flight, gates) and the shared rate limit's use; two
-   pipelined round trips.
+   pipelined round trips (three more with several Pusher apps: a line per app).
 2. `Board.dead_page()`: a filtered page of dead letters, each with a stable id (a hash of its
    exact bytes), so an action names exactly the entry the operator saw.
 3. `Board.requeue()` / `Board.purge()`: through DeadLetters.requeue / purge, which
@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from relay.admin import collect_apps
 from relay.deadletters import DeadLetters, is_invalid
 from relay.history import recent_rates
 from relay.pause import Controls, Pause, Quiet, describe
@@ -181,8 +182,10 @@ class Board:
             "gates": self._gates(workers, tat, now),
             "totals": {key.decode(): int(v) for key, v in stats.items()
                        if not key.startswith(b"app:")},
-            # the Pusher apps when several are configured (RELAY_APPS), for the page's filter
+            # the Pusher apps when several are configured (RELAY_APPS), for the page's filter,
+            # and a line for each: its totals, circuit and rate limit (as `relay stats` shows)
             "apps": app_names(stats, infos),
+            "app_lines": collect_apps(self.queue, now),
         }
 
     def _worker(self, wid: str, deadline: float, raw: bytes | None, now: float,

@@ -128,7 +128,28 @@ def _gates(o: dict[str, Any]) -> str:
   <dt>shedding now</dt><dd>{_k(o, "gates.shedding.text", shedding)};
   shed so far: backlog {_k(o, "totals.shed_backlog", str(o["totals"].get("shed_backlog", 0)))},
   max age {_k(o, "totals.shed_max_age", str(o["totals"].get("shed_max_age", 0)))}</dd>
-</dl></section>"""
+</dl>{_apps(o)}</section>"""
+
+
+def _app_cells(name: str, app: dict[str, Any]) -> list[str]:
+    """One app's row: as `relay stats` says it (admin.collect_apps)."""
+    t, c, rl = app["totals"], app["circuit"], app["rate_limit"]
+    circuit = (f'open in {len(c["open_in"])} worker(s): {c["reason"]}' if c["open_in"]
+               else "closed")
+    rate = f'{rl["limit_per_s"]:g}/s, burst {rl["burst"]}' if rl["limit_per_s"] else "off"
+    return [name, f'{t.get("delivered", 0):,}', f'{t.get("retried", 0):,}',
+            f'{t.get("dead", 0):,}', circuit, rate]
+
+
+def _apps(o: dict[str, Any]) -> str:
+    """A line per Pusher app (several apps only; app.js keeps it in step)."""
+    lines = o.get("app_lines") or {}
+    rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in _app_cells(n, a))
+                   + "</tr>" for n, a in lines.items())
+    return f"""
+<div class="scroll" id="apps-panel"{'' if lines else ' hidden'}><table><thead><tr><th>app</th>
+<th>delivered</th><th>retried</th><th>dead-lettered</th><th>circuit</th><th>rate limit</th>
+</tr></thead><tbody id="apps">{rows}</tbody></table></div>"""
 
 
 def _app_filter(apps: list[str]) -> str:

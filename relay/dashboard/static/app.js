@@ -291,6 +291,23 @@
     $("series-app-filter").hidden = wanted.length < 3;
   }
 
+  // A line per app (several apps only), as the page rendered it.
+  function renderAppLines(lines) {
+    var body = $("apps");
+    body.textContent = "";
+    Object.keys(lines || {}).forEach(function (name) {
+      var a = lines[name], t = a.totals, c = a.circuit, rl = a.rate_limit;
+      var circuit = c.open_in.length ? "open in " + c.open_in.length + " worker(s): " + c.reason
+        : "closed";
+      var rate = rl.limit_per_s ? rl.limit_per_s + "/s, burst " + rl.burst : "off";
+      var tr = el("tr");
+      [name, fmtN(t.delivered || 0), fmtN(t.retried || 0), fmtN(t.dead || 0), circuit, rate]
+        .forEach(function (cell) { tr.appendChild(el("td", cell)); });
+      body.appendChild(tr);
+    });
+    $("apps-panel").hidden = !lines;
+  }
+
   function seriesQuery() {
     return "/api/series?window=" + state.window +
       (state.app ? "&app=" + encodeURIComponent(state.app) : "");
@@ -434,6 +451,7 @@
       .then(function (all) {
         renderOverview(all[0]);
         renderApps(all[0].apps);
+        renderAppLines(all[0].app_lines);
         renderSeries(all[1]);
         renderDead(all[2]);
         $("updated").textContent = "updated " + new Date().toISOString().slice(11, 19) + " UTC";
