@@ -121,21 +121,6 @@ class Trend:
                 "eta_s": round(eta, 1) if eta is not None else None}
 
 
-def app_names(stats: dict[bytes, bytes], infos: dict[bytes, bytes]) -> list[str]:
-    """The apps the totals (`app:NAME:FIELD`, kept when several apps are configured) and the
-    live workers' heartbeats (each app's circuit) name; [] with a single app."""
-    names = {key.decode()[4:].rpartition(":")[0] for key in stats if key.startswith(b"app:")}
-    for raw in infos.values():
-        try:
-            info = json.loads(raw)
-        except ValueError:
-            continue
-        circuits = info.get("circuits") if isinstance(info, dict) else None
-        names.update(str(c["app"]) for c in circuits or () if isinstance(c, dict) and c.get("app"))
-    names.discard("")
-    return sorted(names) if len(names) > 1 else []
-
-
 class Board:
     """The dashboard's view of one queue; keeps a few queue-length samples for the trend."""
 
@@ -168,6 +153,8 @@ class Board:
         workers = [self._worker(wid.decode(), deadline, infos.get(wid), now, quiet.get(wid))
                    for wid, deadline in beats]
         pause = Pause.from_hash(paused)
+        # a line per Pusher app when several are configured (as `relay stats` has it)
+        app_lines = collect_apps(self.queue, now)
         return {
             "queue": k.queue, "now": now,
             "pause": {**pause.as_dict(now), "text": describe(pause, now)} if pause else None,
@@ -182,10 +169,8 @@ class Board:
             "gates": self._gates(workers, tat, now),
             "totals": {key.decode(): int(v) for key, v in stats.items()
                        if not key.startswith(b"app:")},
-            # the Pusher apps when several are configured (RELAY_APPS), for the page's filter,
-            # and a line for each: its totals, circuit and rate limit (as `relay stats` shows)
-            "apps": app_names(stats, infos),
-            "app_lines": collect_apps(self.queue, now),
+            "apps": sorted(app_lines) if app_lines else [],  # the page's chart filter
+            "app_lines": app_lines,
         }
 
     def _worker(self, wid: str, deadline: float, raw: bytes | None, now: float,
