@@ -16,8 +16,10 @@
 Sides: `naive` (bench/naive.py: monkey-patched pool of 50, BLPOP + the pusher library, no
 reliability), `seed` (../shared/peers/seed_em.rb: needs `apt-get install ruby
 ruby-eventmachine ruby-em-http-request ruby-hiredis`), `relay` (python worker.py with its
-defaults), and relay variants given as NAME:VAR=VALUE+VAR=VALUE (e.g. `p500:RELAY_PREFETCH=500`,
-`2procs:PROCS=2` for two worker processes, `unordered:RELAY_CHANNEL_ORDER=false`), and relay
+defaults), `relay-apps` (the same server's app given as `default` in a RELAY_APPS file instead
+of PUSHER_URL: the cost of the many-apps route for a single app), and relay variants given as
+NAME:VAR=VALUE+VAR=VALUE (e.g. `p500:RELAY_PREFETCH=500`, `2procs:PROCS=2` for two worker
+processes, `unordered:RELAY_CHANNEL_ORDER=false`, `APPS=1` for the RELAY_APPS file), and relay
 as it was at a commit as NAME@COMMIT[:...] (e.g. `engine19@6866af1`: unpacked with `git
 archive` under bench/results/, run with this interpreter).
 
@@ -72,6 +74,7 @@ SERVER_LOG = Path(__file__).resolve().parent / "results" / "standard_server.log"
 TOP_LEVEL = ("evalsha", "eval", "blpop", "brpop", "blmove", "brpoplpush", "script|load",
              "ping", "hello", "client|setname", "client|setinfo", "select", "auth")
 BENCH_COMMANDS = {"rpush", "info", "config|resetstat", "flushall"}
+APPS_FILE = Path(__file__).resolve().parent / "results" / "standard_apps.toml"
 
 
 @dataclass(frozen=True)
@@ -81,16 +84,21 @@ class Side:
     env: dict[str, str] = field(default_factory=dict)
     procs: int = 1
     revision: str = ""  # relay as it was at this commit (git archive), "" for this checkout
+    apps_file: bool = False  # the app as `default` in a RELAY_APPS file, not PUSHER_URL
 
 
 def parse_side(text: str) -> Side:
     if text in ("naive", "seed", "relay"):
         return Side(text, text)
+    if text == "relay-apps":
+        return Side(text, "relay", apps_file=True)
     name, _, settings = text.partition(":")
     name, _, revision = name.partition("@")
     env = dict(kv.split("=", 1) for kv in settings.split("+") if kv)
     procs = int(env.pop("PROCS", "1"))
-    return Side(name, "relay", env, procs, revision)
+    apps_file = env.pop("APPS", "0") not in ("0", "")
+    return Side(name, "relay", env, procs, revision, apps_file)
+
 
 
 def checkout(revision: str) -> Path:
@@ -133,6 +141,7 @@ class Bench:
 
     @contextmanager
     def _child(self, side: Side, index: int) -> Iterator[Child]:
+        metrics_at = ""  # relay's: the calls' durations are read there
         if side.kind == "seed":
             target = urlsplit(self.pusher.url)
             env = self.env({"REDIS_LIST": QUEUE, "PUSHER_APP_ID": target.path.rsplit("/", 1)[1],
@@ -149,15 +158,26 @@ class Bench:
             metrics_at = f"127.0.0.1:{free_port()}"
             env = self.env({"RELAY_QUEUE": QUEUE, "RELAY_METRICS_ADDR": metrics_at,
                             "RELAY_POOL_SIZE": str(self.pool), **side.env})
+            if side.apps_file:
+                env["RELAY_APPS"] = self._apps_file()
+                del env["PUSHER_URL"]
             command, marker = [sys.executable, "worker.py"], "started:"
         cwd = checkout(side.revision) if side.revision else REPO
         child = Child(f"{side.name}#{index}", command, env, str(cwd), marker or "\0")
         child.ready_marker = marker
-        child.metrics_at = metrics_at if side.kind == "relay" else ""
+        child.metrics_at = metrics_at  # type: ignore[attr-defined]
         try:
             yield child
         finally:
             child.stop()
+
+    def _apps_file(self) -> str:
+        """A RELAY_APPS file naming the local server's app `default` (it holds the secret)."""
+        path = APPS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.pusher.apps_toml({"default": self.pusher.app_id}))
+        path.chmod(0o600)
+        return str(path)
 
     def _wait_blocked(self, children: list[Child], count: int) -> None:
         deadline = time.monotonic() + 30

@@ -1,7 +1,8 @@
 """Admin subcommands of `python worker.py`: look at the queue and fix the usual problems.
 
 1. `stats [--json] [--watch]`: queue, in-flight per worker (with heartbeat age), retries,
-   dead letters, running totals and the rate-limit state.
+   dead letters, running totals and the rate-limit state; with several Pusher apps
+   (RELAY_APPS), a line per app (its totals, circuit and rate limit; `apps` in the JSON).
 2. `dead list [--limit N]`, `dead requeue (--all | --match TEXT) [--include-invalid]`,
    `dead purge [--older-than DURATION]`: each entry is moved or removed by its exact bytes
    in one Redis step, so two operators at once never lose or double one. `invalid` dead
@@ -45,6 +46,7 @@ from relay.pause import (
     who_am_i,
 )
 from relay.queue import RedisQueue
+from relay.rules import DEFAULT_APP
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 EXIT_NOTHING = EXIT_UNHEALTHY  # requeue or purge moved nothing: nothing matched
@@ -185,7 +187,47 @@ def collect_stats(cfg: Config, queue: RedisQueue) -> dict[str, Any]:
         "totals": queue.totals(),
         "rate_limit": {"limit_per_s": cfg.rate_limit, "burst": cfg.rate_burst,
                        "budget_used_events": round(ahead * cfg.rate_limit, 1)},
+        "apps": collect_apps(queue, now),
     }
+
+
+def collect_apps(queue: RedisQueue, now: float) -> dict[str, Any] | None:
+    """Each Pusher app's totals, circuit and rate limit when several are configured
+    (RELAY_APPS), else None. Read from Redis alone, so it needs no RELAY_APPS here: the totals
+    the settle scripts keep per app, and what the live workers publish in their heartbeat
+    (each app's circuit and rate limit)."""
+    totals = queue.app_totals()
+    circuits: dict[str, list[dict[str, Any]]] = {}
+    limits: dict[str, dict[str, float]] = {}
+    for wid, raw in queue.client.hgetall(queue.keys.info).items():
+        info = _entry(raw)
+        for circuit in info.get("circuits") or ():
+            if isinstance(circuit, dict) and circuit.get("app"):
+                circuits.setdefault(str(circuit["app"]), []).append(
+                    {"worker": wid.decode(), "open": bool(circuit.get("open")),
+                     "reason": circuit.get("reason")})
+        for name, limit in (info.get("rate_limits") or {}).items():
+            if isinstance(limit, dict):
+                limits[str(name)] = limit
+    names = sorted({*totals, *circuits, *limits})
+    if len(names) < 2:
+        return None
+    keys = {n: queue.keys.ratelimit if n == DEFAULT_APP else f"{queue.keys.ratelimit}:{n}"
+            for n in names}
+    tats = dict(zip(names, queue.client.mget([keys[n] for n in names]), strict=True))
+    apps: dict[str, Any] = {}
+    for name in names:
+        limit = limits.get(name) or {}
+        per_s = float(limit.get("per_s") or 0)
+        ahead = max(0.0, float(tats[name]) - now) if tats[name] else 0.0
+        opened = [c for c in circuits.get(name, ()) if c["open"]]
+        apps[name] = {
+            "totals": totals.get(name, {}),
+            "circuit": {"open_in": [c["worker"] for c in opened],
+                        "reason": opened[0]["reason"] if opened else None},
+            "rate_limit": {"limit_per_s": per_s, "burst": int(limit.get("burst") or 0),
+                           "budget_used_events": round(ahead * per_s, 1)}}
+    return apps
 
 
 def _stats(args: argparse.Namespace, cfg: Config, queue: RedisQueue, out: TextIO) -> int:
@@ -228,10 +270,28 @@ def format_stats(s: dict[str, Any]) -> str:
     totals = ", ".join(f"{k} {v:,}" for k, v in sorted(s["totals"].items())) or "none yet"
     lines.append(f"totals: {totals}")
     rl = s["rate_limit"]
-    if rl["limit_per_s"]:
+    if rl["limit_per_s"] and not s.get("apps"):
         lines.append(f"rate limit {rl['limit_per_s']:g}/s burst {rl['burst']}: "
                      f"{rl['budget_used_events']:g} of the burst in use")
+    for name, app in (s.get("apps") or {}).items():
+        lines.append(format_app(name, app))
     return "\n".join(lines) + "\n"
+
+
+def format_app(name: str, app: dict[str, Any]) -> str:
+    """One app's line: its totals, its circuit, its rate limit."""
+    totals = ", ".join(f"{k} {v:,}" for k, v in sorted(app["totals"].items())) or "none yet"
+    circuit = app["circuit"]
+    if circuit["open_in"]:
+        state = (f"circuit OPEN in {len(circuit['open_in'])} worker(s): "
+                 f"{circuit['reason'] or '?'}")
+    else:
+        state = "circuit closed"
+    rl = app["rate_limit"]
+    limit = (f"rate limit {rl['limit_per_s']:g}/s burst {rl['burst']}: "
+             f"{rl['budget_used_events']:g} of the burst in use" if rl["limit_per_s"]
+             else "no rate limit")
+    return f"  app {name}: {totals}; {state}; {limit}"
 
 
 # -- dead letters --------------------------------------------------------------------------------

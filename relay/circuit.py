@@ -47,6 +47,13 @@ class Circuit:
         self.probing = False
         self.paused_until = 0.0
         self.failures = 0
+        # The app's name in the log lines when several are configured (relay.routes sets it);
+        # None with one app, whose lines read as before RELAY_APPS.
+        self.app: str | None = None
+
+    @property
+    def _for_app(self) -> str:
+        return "" if self.app is None else f" for app {self.app}"
 
     @property
     def is_open(self) -> bool:
@@ -75,8 +82,8 @@ class Circuit:
         self.failures = 0
         self.probing = False
         if self.reason is not None:
-            log.warning("circuit closed: Pusher accepts calls again (was open %.1f s: %s)",
-                        self.clock() - self.opened_at, self.reason)
+            log.warning("circuit closed%s: Pusher accepts calls again (was open %.1f s: %s)",
+                        self._for_app, self.clock() - self.opened_at, self.reason)
             self.reason = None
             self.interval = self.first_probe_s
 
@@ -84,7 +91,9 @@ class Circuit:
         """A failure that is not the notification's fault: open (or keep open) the circuit."""
         now = self.clock()
         if self.reason is None:
-            log.error("circuit open: %s; fetching stops, everything stays in Redis", reason)
+            log.error("circuit open%s: %s; %s", self._for_app, reason,
+                      "fetching stops, everything stays in Redis" if self.app is None else
+                      "its notifications wait in the retry set while the other apps deliver")
             self.reason = reason
             self.opened_at = now
             self.interval = self.first_probe_s
@@ -108,6 +117,7 @@ class Circuit:
         until = self.clock() + seconds
         if until > self.paused_until:
             if self.clock() >= self.paused_until:
-                log.warning("Pusher asked to slow down (%s): every greenlet waits %.1f s",
-                            why, seconds)
+                log.warning("Pusher asked to slow down%s (%s): %s %.1f s", self._for_app, why,
+                            "every greenlet waits" if self.app is None else
+                            "its notifications wait", seconds)
             self.paused_until = until

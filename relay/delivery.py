@@ -365,6 +365,8 @@ class Delivery:
         self.master_key = parse_master_key(None, target.encryption_master_key_base64)
         self.base_url = client_base_url(self.client)  # for the HTTP spans (no credentials)
         self.network_down = False  # a network failure since the last success: probed once
+        # The app's name in failure log lines when several are configured (relay.routes).
+        self.app: str | None = None
         self.clock_skew_s: float | None = None
         """Server clock minus ours, set by a timestamp-expired 401 (nan: no Date header),
         None again after a success: what /healthz reports."""
@@ -471,7 +473,7 @@ class Delivery:
         reason = explain.network_error(exc, f"{host}:{port}")
         if not self.network_down:
             self.network_down = True
-            log.warning("Pusher call failed: %s", reason)
+            log.warning("Pusher call failed%s: %s", self._where, reason)
             if explain.may_be_scheme_mismatch(exc):
                 found = explain.probe(host, port, min(PROBE_TIMEOUT_S, self.client.timeout))
                 hint = explain.tls_hint(self.client.ssl, found, f"{host}:{port}")
@@ -485,10 +487,14 @@ class Delivery:
         except (TypeError, ValueError):
             offset = math.nan
         if self.clock_skew_s is None:
-            log.error("clock skew: the server refused our timestamp as expired; its clock is "
-                      "%+.0f s from this host's (Pusher allows 600 s): fix this host's clock "
-                      "(NTP)", offset)
+            log.error("clock skew%s: the server refused our timestamp as expired; its clock "
+                      "is %+.0f s from this host's (Pusher allows 600 s): fix this host's clock "
+                      "(NTP)", self._where, offset)
         self.clock_skew_s = offset
+
+    @property
+    def _where(self) -> str:
+        return "" if self.app is None else f" (app {self.app})"
 
     def _observe(self, status: int | None, started: float) -> None:
         if self.on_call is not None:

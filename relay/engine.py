@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -120,6 +120,10 @@ class Engine:
         self.busy = 0  # greenlets in a call now
         self._idle: deque[gevent.event.Event] = deque()
         self._own_keys = itertools.count()  # a lane of its own: ordering off, unreadable items
+        # Apps whose rate-limit budget a greenlet waits for now (several apps only): their next
+        # calls are not formed meanwhile, so the other greenlets serve the other apps instead
+        # of queueing behind the limiter.
+        self._throttled: Counter[str] = Counter()
 
     # -- one pool greenlet -----------------------------------------------------------------------
 
@@ -166,7 +170,7 @@ class Engine:
             return
         if self._should_fetch(probing):
             self._fetch(1 if probing else self.window.room, may_block=not self.lanes.ready)
-        call = self.lanes.next_call(1 if probing else None)
+        call = self.lanes.next_call(1 if probing else None, self._throttled)
         if not call:
             if probing and only is not None:
                 only.circuit.abandon_probe()
@@ -379,7 +383,16 @@ class Engine:
         """The app's shared rate limit: budget for exactly what this call sends (waits)."""
         if route.limiter is None:
             return True
-        return route.limiter.take_all(cost, self.stopping.is_set) >= cost
+        if len(self.routes) == 1:  # nothing else to do meanwhile: every greenlet may wait
+            return route.limiter.take_all(cost, self.stopping.is_set) >= cost
+        self._throttled[route.name] += 1
+        try:
+            return route.limiter.take_all(cost, self.stopping.is_set) >= cost
+        finally:
+            self._throttled[route.name] -= 1
+            if not self._throttled[route.name]:
+                del self._throttled[route.name]
+            self._notify(1)  # the app's next call may be formed again
 
     def _refund(self, route: Route, cost: int) -> None:
         if route.limiter is None:
@@ -387,8 +400,8 @@ class Engine:
         try:
             route.limiter.refund(cost)
         except REDIS_ERRORS as exc:  # budget bookkeeping: never worth a notification
-            log.warning("could not give back %d unused rate-limit events (%s)", cost,
-                        type(exc).__name__)
+            log.warning("could not give back %d unused rate-limit events%s (%s)", cost,
+                        route.where, type(exc).__name__)
 
     def _settle_or_forget(self, entries: Sequence[Entry], fates: list[Fated],
                           route: Route | None = None) -> None:
@@ -430,6 +443,8 @@ class Engine:
             circuit.succeeded()
         elif news.transient is not None:
             circuit.transient(news.transient)
+        if was_open != circuit.is_open:  # the gauge now, not at the next housekeeping round
+            self.metrics.circuit_open.labels(route.name).set(int(circuit.is_open))
         if was_open and not circuit.is_open:
             self._notify(len(self._idle))  # closed again: everybody back to work
 

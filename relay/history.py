@@ -81,8 +81,12 @@ class Tally:
         return text
 
 
-def bucket_key(keys: Keys, window: Window, index: int) -> str:
-    return f"{keys.history}:{window.suffix}:{index}"
+def bucket_key(keys: Keys, window: Window, index: int, app: str | None = None) -> str:
+    """A bucket of the whole queue, or of one Pusher app's (kept when several are configured:
+    the settle script counts the call's app under `:app:NAME`). An app's buckets hold its
+    notifications' counts only: calls and their latency are counted per process, not app."""
+    prefix = keys.history if app is None else f"{keys.history}:app:{app}"
+    return f"{prefix}:{window.suffix}:{index}"
 
 
 def percentile(counts: Mapping[int, int], bounds: Sequence[float], q: float) -> float | None:
@@ -137,10 +141,11 @@ class SeriesReader:
         self.now = now or (lambda: _redis_time(client))
         self.client = client
         self.keys = keys
-        self._final: dict[str, dict[int, dict[str, int]]] = {name: {} for name in WINDOWS}
+        self._final: dict[tuple[str, str | None], dict[int, dict[str, int]]] = {}
 
-    def read(self, name: str) -> dict[str, Any]:
-        """The window `name` ("15m" or "24h"): one point a bucket, oldest first, and totals.
+    def read(self, name: str, app: str | None = None) -> dict[str, Any]:
+        """The window `name` ("15m" or "24h"): one point a bucket, oldest first, and totals;
+        of the whole queue, or of one app's notifications (`app`, see bucket_key).
 
         The bucket in progress is left out of the seconds (it is still filling) and shown
         pro rata among the minutes."""
@@ -150,14 +155,14 @@ class SeriesReader:
         if window.step_s == 1:
             last -= 1
         first = last - window.points + 1
-        final = self._final[name]
+        final = self._final.setdefault((name, app), {})
         for index in [i for i in final if i < first]:
             del final[index]
         wanted = [i for i in range(first, last + 1)
                   if i not in final or i > last - self.REREAD]
         pipe = self.client.pipeline(transaction=False)
         for index in wanted:
-            pipe.hgetall(bucket_key(self.keys, window, index))
+            pipe.hgetall(bucket_key(self.keys, window, index, app))
         for index, raw in zip(wanted, pipe.execute(), strict=True):
             final[index] = _decode(raw)
         buckets = [final[i] for i in range(first, last + 1)]

@@ -24,7 +24,7 @@ order, asks for the next call, and finishes the call once it is settled.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from typing import Any
 
 
@@ -81,9 +81,10 @@ class Lanes:
             self._check(entry.keys)
         return len(self._ready) - before
 
-    def next_call(self, limit: int | None = None) -> list[Entry]:
+    def next_call(self, limit: int | None = None, skip: Container[str] = ()) -> list[Entry]:
         """The next call (empty: nothing may go now). Its entries are marked called, which
-        keeps their lanes busy until `finish`."""
+        keeps their lanes busy until `finish`. Lanes whose front is of a group in `skip` stay
+        ready for a later call (an app whose rate-limit budget a greenlet already waits for)."""
         room = self.batch if limit is None else min(limit, self.batch)
         call: list[Entry] = []
         passed: list[str] = []  # ready lanes left for the next call (alone, or another group)
@@ -93,7 +94,7 @@ class Lanes:
             front = self._front_goes(key)
             if front is None:
                 continue
-            if call and (front.alone or front.group != call[0].group):
+            if front.group in skip or (call and (front.alone or front.group != call[0].group)):
                 passed.append(key)
                 continue
             run = [front] if front.alone else self._front_run(key, room - len(call))

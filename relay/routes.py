@@ -51,6 +51,15 @@ class Route:
     def name(self) -> str:
         return self.app.name
 
+    @property
+    def where(self) -> str:
+        """" (app NAME)" for a log line when several apps are configured, else ""."""
+        return "" if self.circuit.app is None else f" (app {self.name})"
+
+    def name_in_logs(self, shown: bool) -> None:
+        """Its circuit's and delivery's failure lines name the app (several apps) or not."""
+        self.circuit.app = self.delivery.app = self.name if shown else None
+
     def close_if_idle(self) -> None:
         if self.retired and self.calls == 0:
             self.delivery.close()
@@ -66,6 +75,7 @@ class Routes:
         self.pool_size = pool_size
         self.apps = apps
         self.by_name: dict[str, Route] = {app.name: self._route(app) for app in apps}
+        self._name_in_logs()
 
     def get(self, name: str | None) -> Route | None:
         return self.by_name.get(DEFAULT if name is None else name)
@@ -113,9 +123,14 @@ class Routes:
             routes[name] = self._route(found.by_name[name])
         self.metrics.start_at_zero(changes.added)
         self.apps, self.by_name = found, routes
+        self._name_in_logs()
         if changes:
             on_change()
         return bool(changes)
+
+    def _name_in_logs(self) -> None:
+        for route in self.by_name.values():
+            route.name_in_logs(len(self.by_name) > 1)
 
     def close(self) -> None:
         for route in self.by_name.values():

@@ -20,7 +20,7 @@ from typing import Any
 
 import gevent
 
-from relay.apps import DEFAULT
+from relay.apps import DEFAULT, UnknownApp
 from relay.fate import Ack, DeadLetter, Fate, Later, RetryLater, Shed
 from relay.history import Tally
 from relay.housekeeping import Episode
@@ -34,6 +34,17 @@ log = logging.getLogger(__name__)
 
 Item = Notification | InvalidMessage
 Fated = tuple[bytes, Item, Fate, tuple[str, ...]]  # raw, parsed, fate, lane keys
+
+
+def named_app(item: Item, app: str) -> str:
+    """The app a dead letter names: the one the notification named, even one RELAY_APPS does
+    not have (an unknown app, or one a reload removed), else the call's. The metrics keep the
+    call's app: a label must not take whatever name a producer writes."""
+    if isinstance(item, UnknownApp) and item.app is not None:
+        return item.app
+    if isinstance(item, Notification) and item.app is not None:
+        return item.app
+    return app
 
 
 class Settler:
@@ -85,7 +96,7 @@ class Settler:
             entry = {"payload": payload_of(raw), "error": fate.reason,
                      "error_class": fate.error_class, "failed_at": now,
                      "attempts": fate.attempts, "queue": self.queue_name,
-                     "worker": self.queue.worker_id, "app": app}
+                     "worker": self.queue.worker_id, "app": named_app(item, app)}
             return Op.dead(raw, entry, keys)
         # PutBack, and anything unexpected: back to the queue untouched. Fail safe: it is
         # worse to lose a notification than to send it twice.
@@ -136,7 +147,7 @@ class Settler:
     def _dead_logged(self, raw: bytes, item: Item, fate: DeadLetter, app: str) -> None:
         self.metrics.dead.labels(fate.error_class, app).inc()
         fields: dict[str, Any] = {"error_class": fate.error_class, "attempts": fate.attempts,
-                                  "app": app}
+                                  "app": named_app(item, app)}
         if isinstance(item, Notification) and item.id is not None:
             fields["notification_id"] = item.id
         log.warning("dead-lettered (%s): %s; payload starts %r", fate.error_class, fate.reason,

@@ -41,6 +41,40 @@ def test_stats_text_and_json(r, redis_server, queue_name):
     assert data["totals"]["delivered"] == 12
 
 
+def test_stats_has_a_line_per_app_when_several_are_configured(r, redis_server, queue_name):
+    """What the settle scripts keep per app, and what workers publish of each app's circuit
+    and rate limit; read from Redis alone (this command has no RELAY_APPS)."""
+    r.hset(f"{queue_name}:stats", mapping={
+        "delivered": 15, "dead": 1, "app:default:delivered": 12, "app:tenant-b:delivered": 3,
+        "app:tenant-b:dead": 1})
+    info = {"circuits": [{"app": "default", "open": False, "reason": None},
+                         {"app": "tenant-b", "open": True, "reason": "HTTP 401: Unauthorized"}],
+            "rate_limits": {"default": {"per_s": 0, "burst": 0},
+                            "tenant-b": {"per_s": 20, "burst": 20}}}
+    r.hset(f"{queue_name}:workers:info", "host:1:abc", json.dumps(info))
+    out = admin(redis_server, queue_name, "stats")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "  app default: delivered 12; circuit closed; no rate limit" in lines
+    assert ("  app tenant-b: dead 1, delivered 3; circuit OPEN in 1 worker(s): HTTP 401: "
+            "Unauthorized; rate limit 20/s burst 20: 0 of the burst in use") in lines
+    assert "totals: dead 1, delivered 15" in lines
+    data = json.loads(admin(redis_server, queue_name, "stats", "--json").stdout)
+    assert data["apps"]["tenant-b"] == {
+        "totals": {"delivered": 3, "dead": 1},
+        "circuit": {"open_in": ["host:1:abc"], "reason": "HTTP 401: Unauthorized"},
+        "rate_limit": {"limit_per_s": 20.0, "burst": 20, "budget_used_events": 0.0}}
+    assert data["apps"]["default"]["totals"] == {"delivered": 12}
+    assert data["totals"] == {"delivered": 15, "dead": 1}
+
+
+def test_stats_with_one_app_has_no_app_lines(r, redis_server, queue_name):
+    r.hset(f"{queue_name}:stats", mapping={"delivered": 2})
+    out = admin(redis_server, queue_name, "stats")
+    assert " app " not in out.stdout
+    assert json.loads(admin(redis_server, queue_name, "stats", "--json").stdout)["apps"] is None
+
+
 def test_stats_shows_each_worker_with_its_inflight_and_heartbeat_age(r, redis_server,
                                                                      pusher, start_worker,
                                                                      queue_name):

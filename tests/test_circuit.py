@@ -210,3 +210,22 @@ def test_holding_while_open_or_paused(circuit: Circuit, clock: Clock) -> None:
     assert circuit.holding()
     circuit.succeeded()
     assert not circuit.holding()
+
+
+def test_with_several_apps_its_lines_name_the_app(circuit: Circuit, clock: Clock,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """relay.routes names the app when several are configured: the others keep going, so the
+    lines say whose circuit it is and no longer that fetching stops."""
+    caplog.set_level(logging.DEBUG, logger="relay.circuit")
+    circuit.app = "tenant-b"
+    circuit.pause(2.0, "HTTP 429")
+    circuit.systemic("HTTP 401: bad key")
+    clock.now += 2.0
+    assert circuit.wait_s() == 0.0  # the probe
+    circuit.succeeded()
+    assert [r.getMessage() for r in logs(caplog)] == [
+        "Pusher asked to slow down for app tenant-b (HTTP 429): its notifications wait 2.0 s",
+        "circuit open for app tenant-b: HTTP 401: bad key; its notifications wait in the retry "
+        "set while the other apps deliver",
+        "circuit closed for app tenant-b: Pusher accepts calls again (was open 2.0 s: HTTP 401: "
+        "bad key)"]

@@ -163,6 +163,58 @@ def test_trend_on_a_fresh_page_is_the_recent_rate_not_the_oldest_sample() -> Non
     assert latest["eta_s"] == pytest.approx(1358 / 50, abs=0.1)
 
 
+def test_several_apps_filter_the_series_and_name_the_app_of_an_open_circuit(
+        serve: Callable[..., Client], r: redis.Redis, queue_name: str) -> None:
+    """With several apps the settle scripts keep each app's buckets beside the queue's; the
+    page offers the apps, /api/series?app= reads one of them."""
+    queue = RedisQueue(r, queue_name, worker_id="host-a:7:ab")
+    queue.heartbeat(8, {"circuit": {"app": "tenant-b", "open": True, "reason": "HTTP 401"},
+                        "circuits": [{"app": "default", "open": False, "reason": None},
+                                     {"app": "tenant-b", "open": True, "reason": "HTTP 401",
+                                      "next_probe_in_s": 2.0}]})
+    now = int(queue.now())
+    for second in (now - 3, now - 2):
+        r.hset(f"{queue_name}:history:s:{second}", mapping={"delivered": 7})
+        r.hset(f"{queue_name}:history:app:default:s:{second}", mapping={"delivered": 5})
+        r.hset(f"{queue_name}:history:app:tenant-b:s:{second}", mapping={"delivered": 2})
+    r.hset(f"{queue_name}:stats", mapping={"delivered": 14, "app:default:delivered": 10,
+                                           "app:tenant-b:delivered": 4})
+    client = serve()
+    overview = client.json("/api/overview")
+    assert overview["apps"] == ["default", "tenant-b"]
+    assert overview["totals"] == {"delivered": 14}
+    [opened] = overview["gates"]["circuit"]["open_in"]
+    assert (opened["app"], opened["reason"]) == ("tenant-b", "HTTP 401")
+    assert client.json("/api/series")["totals"]["delivered"] == 14
+    tenant = client.json("/api/series?window=15m&app=tenant-b")
+    assert (tenant["app"], tenant["totals"]["delivered"]) == ("tenant-b", 4)
+    assert client.json("/api/series?app=default")["totals"]["delivered"] == 10
+    assert client.json("/api/series?app=gone")["totals"]["delivered"] == 0
+    status, _, raw = client.call("/api/series?app=a%20b")
+    assert status == 400 and b"app must be an app name" in raw
+    html = client.load_page()
+    assert '<p id="series-app-filter"><label>app' in html
+    assert "<option>default</option><option>tenant-b</option>" in html
+    assert "host-a:7:ab: app tenant-b: HTTP 401 (next probe in 2.0 s)" in html
+    # a line per app, as `relay stats` has it
+    lines = overview["app_lines"]
+    assert lines["tenant-b"]["totals"] == {"delivered": 4}
+    assert lines["tenant-b"]["circuit"] == {"open_in": ["host-a:7:ab"], "reason": "HTTP 401"}
+    assert ("<tr><td>tenant-b</td><td>4</td><td>0</td><td>0</td><td>open in 1 worker(s): "
+            "HTTP 401</td><td>off</td></tr>") in html
+    assert '<div class="scroll" id="apps-panel"><table>' in html
+
+
+def test_one_app_offers_no_filter(serve: Callable[..., Client], r: redis.Redis,
+                                  queue_name: str) -> None:
+    r.hset(f"{queue_name}:stats", mapping={"delivered": 3})
+    client = serve()
+    overview = client.json("/api/overview")
+    assert overview["apps"] == [] and overview["app_lines"] is None
+    html = client.load_page()
+    assert '<p id="series-app-filter" hidden>' in html and 'id="apps-panel" hidden>' in html
+
+
 def test_series_endpoint_and_its_bad_input(serve: Callable[..., Client], r: redis.Redis,
                                            queue_name: str) -> None:
     client = serve()

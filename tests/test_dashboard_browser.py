@@ -189,6 +189,39 @@ def test_window_switch_and_filter(browser: Any, start_dashboard: Callable[..., s
     page.close()
 
 
+def test_the_app_selector_shows_one_apps_charts(browser: Any,
+                                                start_dashboard: Callable[..., str],
+                                                r: redis.Redis, queue_name: str) -> None:
+    """Several apps: the selector lists them and reads one app's buckets; it appears when a
+    second app shows up (a reload added one) without reloading the page."""
+    now = int(r.time()[0])
+    for second in (now - 3, now - 2):
+        r.hset(f"{queue_name}:history:s:{second}", mapping={"delivered": 7})
+        r.hset(f"{queue_name}:history:app:default:s:{second}", mapping={"delivered": 5})
+        r.hset(f"{queue_name}:history:app:tenant-b:s:{second}", mapping={"delivered": 2})
+    r.hset(f"{queue_name}:stats", mapping={"delivered": 14, "app:default:delivered": 10})
+    page = browser.new_page()
+    console = Console(page)
+    page.goto(start_dashboard())
+    assert page.locator("#series-app-filter").is_hidden()  # one app known so far
+    assert page.locator("#apps-panel").is_hidden()
+    wait_page(page, lambda: text(page, '[data-t="delivered"]') == "14", "the queue's 14")
+    r.hset(f"{queue_name}:stats", "app:tenant-b:delivered", 4)
+    wait_page(page, lambda: page.locator("#series-app-filter").is_visible(), "the selector")
+    assert page.eval_on_selector_all("#series-app option", "os => os.map(o => o.value)") == [
+        "", "default", "tenant-b"]
+    wait_page(page, lambda: page.locator("#apps tr").count() == 2, "a line per app")
+    assert page.locator("#apps-panel").is_visible()
+    assert [text(page, f"#apps tr:nth-child({i}) td:first-child") for i in (1, 2)] == [
+        "default", "tenant-b"]
+    page.select_option("#series-app", "tenant-b")
+    wait_page(page, lambda: text(page, '[data-t="delivered"]') == "4", "tenant-b's 4")
+    page.select_option("#series-app", "")
+    wait_page(page, lambda: text(page, '[data-t="delivered"]') == "14", "every app's 14")
+    assert console.errors == []
+    page.close()
+
+
 def test_with_auth_on_no_credentials_get_401(browser: Any,
                                              start_dashboard: Callable[..., str]) -> None:
     url = start_dashboard(RELAY_DASHBOARD_AUTH="ops:pa55word")

@@ -261,6 +261,19 @@ def test_unreachable_server_is_transient(calls: list[int | None], http_client: s
     assert calls == [None]
 
 
+def test_a_failed_call_names_its_app_when_several_are_configured(
+        caplog: pytest.LogCaptureFixture) -> None:
+    d = Delivery(parse_pusher_url("http://k:s@127.0.0.1:9/apps/1", 1.0), pool_size=2,
+                 http_client="urllib3")
+    d.app = "tenant-b"  # relay.routes sets it when several apps are configured
+    try:
+        d.send([note('{"channel":"a"}')])
+    finally:
+        d.close()
+    [line] = [r.getMessage() for r in caplog.records if "Pusher call failed" in r.getMessage()]
+    assert line.startswith("Pusher call failed (app tenant-b): calling 127.0.0.1:9: "), line
+
+
 def test_bad_secret_with_soketi_errors_is_systemic(pusher: LocalPusher,
                                                    target: PusherTarget,
                                                    http_client: str) -> None:

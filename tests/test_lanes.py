@@ -220,3 +220,12 @@ def test_take_group_sets_one_groups_waiting_entries_aside() -> None:
     assert names(lanes.take_group("x")) == ["a1"]
     assert names(lanes.next_call()) == ["b0"]
     assert len(lanes) == 2
+
+
+def test_a_skipped_group_stays_ready_for_a_later_call() -> None:
+    """An app whose rate-limit budget a greenlet waits for: its lanes wait, the others go."""
+    lanes = Lanes()
+    lanes.add([g("a0", "a", "x"), g("b0", "b", "y"), g("c0", "c", "x")])
+    assert names(lanes.next_call(skip={"x"})) == ["b0"]
+    assert lanes.next_call(skip={"x"}) == []
+    assert names(lanes.next_call()) == ["a0", "c0"]

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from relay.apps import App, Apps
+from relay.config import parse_pusher_url
 from relay.message import parse
 from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer
@@ -196,7 +198,11 @@ def test_legacy_producer_then_worker_delivers(
         ((tag + "-a", tag + "-b"), "legacy-event", {"n": 2}, "123.456"),
         ((tag,), "one-off", "plain \u2713 text", None),
     ]
-    named = [parse(text.encode("utf-8"), "hit") for text in report["apps_pushed"]]
+    # ...and names apps a RELAY_APPS file can hold, whose routing a worker would find
+    target = parse_pusher_url("https://k:s@api.example.com/apps/1", 5)
+    apps = Apps({name: App(name, target) for name in ("default", "tenant-b", "tenant_C-9")})
+    named = [parse(text.encode("utf-8"), "hit", apps.limits_for)
+             for text in report["apps_pushed"]]
     assert [(n.app, n.channels, n.event, _data(n.data)) for n in named] == [
         ("tenant-b", (tag,), "hit", {"n": 4}),
         ("tenant_C-9", (tag,), "one-off", "\u2713"),

@@ -1,6 +1,6 @@
-"""soketi with two apps, a pusher-js subscriber on each: the harness for RELAY_APPS' end to
-end test. Here the pusher library sends to each app; once the engine routes by app, relay
-does (each subscriber must get exactly its own app's notifications).
+"""soketi with two apps, a pusher-js subscriber on each: first the pusher library sends to each
+app (the harness works), then relay with RELAY_APPS does, and each subscriber must get exactly
+its own app's notifications.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pusher
 import pytest
+import redis
 
+from relay import apps, config, launcher, producer
 from relay.apps import load_apps
+from relay.redis_server import RedisServer
 from tests.soketi_support import Soketi, SoketiApp, Subscriber, install
 from tests.support import wait_for
 
@@ -79,3 +82,52 @@ def test_a_relay_apps_file_for_the_two_apps(soketi: Soketi, tmp_path: Path) -> N
     assert {a.name: (a.pusher.app_id, a.pusher.key, a.pusher.port) for a in apps} == {
         "default": (TENANT_A.app_id, TENANT_A.key, soketi.port),
         "tenant-b": (TENANT_B.app_id, TENANT_B.key, soketi.port)}
+
+
+def test_relay_routes_each_notification_to_its_own_apps_subscribers(
+        soketi: Soketi, tmp_path: Path, r: redis.Redis, redis_server: RedisServer,
+        queue_name: str) -> None:
+    """Issue 23's end-to-end test: a worker with RELAY_APPS sends each notification to the app
+    it names (none: `default`), so each pusher-js subscriber gets exactly its app's."""
+    path = tmp_path / "apps.toml"
+    path.write_text("".join(f'[apps.{name}]\nurl = "{app.pusher_url(soketi.port)}"\n'
+                            for name, app in (("default", TENANT_A), ("tenant-b", TENANT_B))))
+    path.chmod(0o600)
+    subscribers = {app.app_id: Subscriber(soketi.port, [SHARED, PRIVATE],
+                                          tmp_path / f"relay-js-{app.app_id}.log", app)
+                   for app in (TENANT_A, TENANT_B)}
+    try:
+        for subscriber in subscribers.values():
+            subscriber.wait_ready()
+        for app, name in ((TENANT_A, None), (TENANT_B, "tenant-b")):
+            for n in range(3):
+                producer.notify([SHARED, PRIVATE], {"for": app.app_id, "n": n}, "note",
+                                client=r, queue=queue_name, app=name)
+            producer.notify("#server-to-user-user-42", {"for": app.app_id}, "dm", client=r,
+                            queue=queue_name, app=name)
+        r.rpush(queue_name, json.dumps({"channel": SHARED, "for": TENANT_A.app_id, "n": 3}))
+        cfg = config.load(env={"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name,
+                               "RELAY_APPS": str(path), "RELAY_METRICS_ADDR": "off"})
+        worker = launcher.assemble(cfg, apps.from_config(cfg), burst=True)
+        try:
+            assert worker.serve() == 0
+        finally:
+            launcher.close(worker)
+        wanted = {TENANT_A.app_id: 8, TENANT_B.app_id: 7}
+        for app_id, subscriber in subscribers.items():
+            wait_for(lambda s=subscriber, n=wanted[app_id]: len(s.received()) >= n, 30,
+                     f"app {app_id}'s subscriber to get its {wanted[app_id]} events")
+        for app_id, subscriber in subscribers.items():
+            got = [(channel, event, json.loads(data)) for channel, event, data
+                   in subscriber.received()]
+            assert {data["for"] for _, _, data in got} == {app_id}, got
+            notes = sorted((c, d["n"]) for c, e, d in got if e in ("note", "hit"))
+            expected = sorted((c, n) for c in (SHARED, PRIVATE) for n in range(3))
+            if app_id == TENANT_A.app_id:
+                expected = sorted([*expected, (SHARED, 3)])  # the classic one: default
+            assert notes == expected
+            assert [(c, e) for c, e, _ in got if e == "dm"] == [("user:user-42", "dm")]
+        assert r.llen(f"{queue_name}:dead") == 0
+    finally:
+        for subscriber in subscribers.values():
+            subscriber.stop()

@@ -4,6 +4,7 @@ GET  /                          the page (numbers rendered in; app.js refreshes 
 GET  /static/<file>             app.js, style.css, icon.svg: shipped in the package
 GET  /api/overview              the queue now, workers, gates, totals
 GET  /api/series?window=15m|24h per-second (15m) or per-minute (24h) rates and latency
+                 [&app=NAME]    one Pusher app's notifications (RELAY_APPS, several apps)
 GET  /api/dead?offset=&limit=&q=&class=   a page of dead letters, filtered
 GET  /api/dead/entry?id=        one dead letter in full
 POST /api/dead/requeue          {"id": ...} one entry, or {"q": ..., "class": ...} the filtered
@@ -30,6 +31,7 @@ from urllib.parse import parse_qs
 import redis
 from gevent.pywsgi import WSGIServer
 
+from relay import rules
 from relay.admin import parse_duration
 from relay.dashboard import page
 from relay.dashboard.data import ERROR_CLASSES, Board, DeadFilter
@@ -135,10 +137,16 @@ class DashboardApp:
         return "200 OK", _json(self.board.overview()), "application/json"
 
     def _series(self, environ: dict[str, Any], user: str) -> tuple[str, bytes, str]:
-        window = _query(environ).get("window", "15m")
+        query = _query(environ)
+        window = query.get("window", "15m")
         if window not in WINDOWS:
             raise HttpError("400 Bad Request", "window must be one of " + ", ".join(WINDOWS))
-        data = self.series.read(window)
+        app = query.get("app") or None
+        if app is not None and rules.app_problem(app) is not None:
+            raise HttpError("400 Bad Request", "app must be an app name: 1 to "
+                            f"{rules.MAX_APP_NAME} letters, digits, '_' or '-'")
+        data = self.series.read(window, app)
+        data["app"] = app
         return "200 OK", _json(data), "application/json"
 
     def _dead(self, environ: dict[str, Any], user: str) -> tuple[str, bytes, str]:

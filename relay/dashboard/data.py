@@ -3,7 +3,7 @@
 1. `Board.overview()`: the queue now (length, trend and ETA, the delivery rate of the last
    10 s, retries and the next due, dead letters), every registered worker (from its
    heartbeat info: busy greenlets, in flight, gates) and the shared rate limit's use; two
-   pipelined round trips.
+   pipelined round trips (three more with several Pusher apps: a line per app).
 2. `Board.dead_page()`: a filtered page of dead letters, each with a stable id (a hash of its
    exact bytes), so an action names exactly the entry the operator saw.
 3. `Board.requeue()` / `Board.purge()`: through DeadLetters.requeue / purge, which
@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from relay.admin import collect_apps
 from relay.deadletters import DeadLetters, is_invalid
 from relay.history import recent_rates
 from relay.pause import Controls, Pause, Quiet, describe
@@ -152,6 +153,8 @@ class Board:
         workers = [self._worker(wid.decode(), deadline, infos.get(wid), now, quiet.get(wid))
                    for wid, deadline in beats]
         pause = Pause.from_hash(paused)
+        # a line per Pusher app when several are configured (as `relay stats` has it)
+        app_lines = collect_apps(self.queue, now)
         return {
             "queue": k.queue, "now": now,
             "pause": {**pause.as_dict(now), "text": describe(pause, now)} if pause else None,
@@ -164,7 +167,10 @@ class Board:
             "inflight": sum(w["inflight"] for w in workers),
             "workers": workers,
             "gates": self._gates(workers, tat, now),
-            "totals": {key.decode(): int(v) for key, v in stats.items()},
+            "totals": {key.decode(): int(v) for key, v in stats.items()
+                       if not key.startswith(b"app:")},
+            "apps": sorted(app_lines) if app_lines else [],  # the page's chart filter
+            "app_lines": app_lines,
         }
 
     def _worker(self, wid: str, deadline: float, raw: bytes | None, now: float,
@@ -185,6 +191,7 @@ class Board:
             "busy": int(_num(info.get("busy"))),
             "inflight": int(_num(info.get("inflight"))),
             "circuit": info.get("circuit") or {"open": False},
+            "circuits": info.get("circuits") or None,  # every app's, when several
             "paused_for_s": _num(info.get("paused_for_s")),
             "rate_limit": info.get("rate_limit") or {},
             "shedding": info.get("shedding") or {},
@@ -197,9 +204,11 @@ class Board:
     def _gates(workers: list[dict[str, Any]], tat: bytes | None, now: float) -> dict[str, Any]:
         """The gates in front of Pusher, over every live worker."""
         live = [w for w in workers if not w["expired"]]
-        opened = [{"worker": w["id"], "reason": w["circuit"].get("reason"),
-                   "next_probe_in_s": w["circuit"].get("next_probe_in_s")}
-                  for w in live if w["circuit"].get("open")]
+        opened = [{"worker": w["id"], "reason": c.get("reason"),
+                   "next_probe_in_s": c.get("next_probe_in_s"),
+                   "app": c.get("app") if w["circuits"] else None}  # named with several apps
+                  for w in live for c in (w["circuits"] or [w["circuit"]])
+                  if isinstance(c, dict) and c.get("open")]
         paused = max((w["paused_for_s"] for w in live), default=0.0)
         rate = max((_num(w["rate_limit"].get("per_s")) for w in live), default=0.0)
         burst = max((_num(w["rate_limit"].get("burst")) for w in live), default=0.0)

@@ -112,7 +112,8 @@ of the queue within a second: calls in flight finish, the rest waits in Redis.</
 def _gates(o: dict[str, Any]) -> str:
     g = o["gates"]
     circuit = "open" if g["circuit"]["open"] else "closed"
-    why = "; ".join(f'{x["worker"]}: {x["reason"]} (next probe in {x["next_probe_in_s"]} s)'
+    why = "; ".join(f'{x["worker"]}: {"app " + x["app"] + ": " if x.get("app") else ""}'
+                    f'{x["reason"]} (next probe in {x["next_probe_in_s"]} s)'
                     for x in g["circuit"]["open_in"])
     rl = g["rate_limit"]
     rate = f'{rl["per_s"]:g}/s, burst {rl["burst"]:g}' if rl["per_s"] else "off"
@@ -127,10 +128,41 @@ def _gates(o: dict[str, Any]) -> str:
   <dt>shedding now</dt><dd>{_k(o, "gates.shedding.text", shedding)};
   shed so far: backlog {_k(o, "totals.shed_backlog", str(o["totals"].get("shed_backlog", 0)))},
   max age {_k(o, "totals.shed_max_age", str(o["totals"].get("shed_max_age", 0)))}</dd>
-</dl></section>"""
+</dl>{_apps(o)}</section>"""
 
 
-def _series(s: dict[str, Any]) -> str:
+def _app_cells(name: str, app: dict[str, Any]) -> list[str]:
+    """One app's row: as `relay stats` says it (admin.collect_apps)."""
+    t, c, rl = app["totals"], app["circuit"], app["rate_limit"]
+    circuit = (f'open in {len(c["open_in"])} worker(s): {c["reason"]}' if c["open_in"]
+               else "closed")
+    rate = f'{rl["limit_per_s"]:g}/s, burst {rl["burst"]}' if rl["limit_per_s"] else "off"
+    return [name, f'{t.get("delivered", 0):,}', f'{t.get("retried", 0):,}',
+            f'{t.get("dead", 0):,}', circuit, rate]
+
+
+def _apps(o: dict[str, Any]) -> str:
+    """A line per Pusher app (several apps only; app.js keeps it in step)."""
+    lines = o.get("app_lines") or {}
+    rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in _app_cells(n, a))
+                   + "</tr>" for n, a in lines.items())
+    return f"""
+<div class="scroll" id="apps-panel"{'' if lines else ' hidden'}><table><thead><tr><th>app</th>
+<th>delivered</th><th>retried</th><th>dead-lettered</th><th>circuit</th><th>rate limit</th>
+</tr></thead><tbody id="apps">{rows}</tbody></table></div>"""
+
+
+def _app_filter(apps: list[str]) -> str:
+    """The chart's app selector, hidden with one app (app.js shows it if a reload adds one)."""
+    options = "".join(f"<option>{escape(a)}</option>" for a in apps)
+    return f"""
+<p id="series-app-filter"{'' if len(apps) > 1 else ' hidden'}><label>app
+  <select id="series-app"><option value="">every app</option>{options}</select></label>
+  <small>one app's charts count its notifications; calls and their latency are the whole
+  queue's</small></p>"""
+
+
+def _series(s: dict[str, Any], apps: list[str]) -> str:
     t, sm = s["totals"], s["summary"]
     cells = "".join(f'<td data-t="{k}">{t[k]:,}</td>' for k in
                     ("delivered", "failed", "retried", "dead", "shed"))
@@ -139,7 +171,7 @@ def _series(s: dict[str, Any]) -> str:
     return f"""
 <section id="charts"><h2>Throughput and latency
   <span class="tabs"><button type="button" data-window="15m" class="on">15 min</button>
-  <button type="button" data-window="24h">24 h</button></span></h2>
+  <button type="button" data-window="24h">24 h</button></span></h2>{_app_filter(apps)}
 <h3>delivered per second <small>a spike above the usual scale is clipped and marked
 ▲ with its value</small></h3>
 <div class="chart" id="chart-rate" role="img" aria-label="delivered per second"></div>
@@ -187,6 +219,7 @@ def _dead(d: dict[str, Any]) -> str:
 def render(overview: dict[str, Any], series: dict[str, Any], dead: dict[str, Any],
            csrf: str) -> bytes:
     q = escape(overview["queue"])
+    charts = _series(series, overview.get("apps") or [])
     html = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -199,7 +232,7 @@ def render(overview: dict[str, Any], series: dict[str, Any], dead: dict[str, Any
 <header><h1>relay <small>queue <code>{q}</code> · v{escape(__version__)}</small></h1>
 <span id="updated">as of {time.strftime("%H:%M:%S", time.gmtime(overview["now"]))} UTC
 (reload for news; with JavaScript it refreshes every 2 s)</span></header>
-<main>{_delivery(overview)}{_cards(overview)}{_series(series)}{_workers(overview)}{_gates(overview)}{_dead(dead)}
+<main>{_delivery(overview)}{_cards(overview)}{charts}{_workers(overview)}{_gates(overview)}{_dead(dead)}
 </main></body></html>
 """
     return html.encode()

@@ -14,7 +14,7 @@
   var LATENCIES = [["age_p50", "age p50"], ["age_p99", "age p99"],
                    ["call_p50", "call p50"], ["call_p99", "call p99"]];
   var csrf = document.querySelector('meta[name="csrf-token"]').getAttribute("content");
-  var state = { window: "15m", offset: 0, limit: 20, q: "", cls: "" };
+  var state = { window: "15m", app: "", offset: 0, limit: 20, q: "", cls: "" };
   var lastOverview = null;
 
   document.documentElement.className += " js";
@@ -90,7 +90,8 @@
       node.textContent = SECONDS[path] ? fmtS(v) : fmtN(v);
     });
     $("circuit-why").textContent = o.gates.circuit.open_in.map(function (x) {
-      return x.worker + ": " + x.reason + " (next probe in " + x.next_probe_in_s + " s)";
+      return x.worker + ": " + (x.app ? "app " + x.app + ": " : "") + x.reason +
+        " (next probe in " + x.next_probe_in_s + " s)";
     }).join("; ");
     renderDelivery(o.pause);
     var body = $("workers");
@@ -272,6 +273,46 @@
     box.appendChild(legend);
   }
 
+  // The app selector follows the apps the overview names (a reload may add or remove one).
+  function renderApps(apps) {
+    var select = $("series-app");
+    var wanted = [""].concat(apps || []);
+    var have = Array.prototype.map.call(select.options, function (o) { return o.value; });
+    if (have.join("\n") !== wanted.join("\n")) {
+      select.textContent = "";
+      wanted.forEach(function (name) {
+        var option = el("option", name || "every app");
+        option.value = name;
+        select.appendChild(option);
+      });
+      if (wanted.indexOf(state.app) < 0) { state.app = ""; }
+      select.value = state.app;
+    }
+    $("series-app-filter").hidden = wanted.length < 3;
+  }
+
+  // A line per app (several apps only), as the page rendered it.
+  function renderAppLines(lines) {
+    var body = $("apps");
+    body.textContent = "";
+    Object.keys(lines || {}).forEach(function (name) {
+      var a = lines[name], t = a.totals, c = a.circuit, rl = a.rate_limit;
+      var circuit = c.open_in.length ? "open in " + c.open_in.length + " worker(s): " + c.reason
+        : "closed";
+      var rate = rl.limit_per_s ? rl.limit_per_s + "/s, burst " + rl.burst : "off";
+      var tr = el("tr");
+      [name, fmtN(t.delivered || 0), fmtN(t.retried || 0), fmtN(t.dead || 0), circuit, rate]
+        .forEach(function (cell) { tr.appendChild(el("td", cell)); });
+      body.appendChild(tr);
+    });
+    $("apps-panel").hidden = !lines;
+  }
+
+  function seriesQuery() {
+    return "/api/series?window=" + state.window +
+      (state.app ? "&app=" + encodeURIComponent(state.app) : "");
+  }
+
   function renderSeries(s) {
     chart($("chart-rate"), DELIVERED, s.points, { height: 170, unit: "/s" });
     chart($("chart-problems"), PROBLEMS, s.points, { height: 120, unit: "/s" });
@@ -384,6 +425,10 @@
     $("dead-next").addEventListener("click", function () {
       state.offset += state.limit; refresh();
     });
+    $("series-app").addEventListener("change", function () {
+      state.app = $("series-app").value;
+      refresh();
+    });
     document.querySelectorAll("[data-window]").forEach(function (b) {
       b.addEventListener("click", function () {
         state.window = b.getAttribute("data-window");
@@ -401,10 +446,12 @@
 
   function refresh() {
     if (timer !== null) { clearTimeout(timer); timer = null; }
-    Promise.all([getJSON("/api/overview"), getJSON("/api/series?window=" + state.window),
+    Promise.all([getJSON("/api/overview"), getJSON(seriesQuery()),
                  getJSON(deadQuery())])
       .then(function (all) {
         renderOverview(all[0]);
+        renderApps(all[0].apps);
+        renderAppLines(all[0].app_lines);
         renderSeries(all[1]);
         renderDead(all[2]);
         $("updated").textContent = "updated " + new Date().toISOString().slice(11, 19) + " UTC";
