@@ -4,6 +4,8 @@ workers as subprocesses. Nothing here touches the Redis on 6379."""
 from __future__ import annotations
 
 import itertools
+import os
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import redis
 from gevent.hub import Hub
 
+import relay.redis_server
 from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer
 from tests.support import WorkerProcess
@@ -24,6 +27,19 @@ def pytest_configure(config: pytest.Config) -> None:
     greenlet die: the test would pass, or hang on with no second alarm. As a SYSTEM_ERROR,
     the hub throws it into the main greenlet, the test's, instead."""
     Hub.SYSTEM_ERROR = (*Hub.SYSTEM_ERROR, pytest.fail.Exception)
+    _own_share_of_ports(os.environ.get("RUN_TESTS_SHARD"))
+
+
+def _own_share_of_ports(shard: str | None) -> None:
+    """Under ./run-tests's shards ("INDEX/COUNT"), each pytest process picks the free ports of
+    its servers from its own share of relay.redis_server.OWN_PORTS: a port one process found
+    free and has not bound yet is never the one the other picks. Shared out by hundreds, so
+    the neighbours some tests take with a port (P and P+1, P00 and P01) are the same share's."""
+    if not shard:
+        return
+    index, count = (int(n) for n in shard.split("/"))
+    mine = [port for port in relay.redis_server.OWN_PORTS if port // 100 % count == index]
+    relay.redis_server._candidates = itertools.cycle(random.sample(mine, len(mine)))
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,8 @@ def _all_delivered(pusher, count, timeout=60.0) -> Counter:
                     timeout, f"all {count} notifications delivered")
 
 
-def test_three_sigkills_during_a_20000_drain(r, pusher, start_worker, queue_name):
-    total = 20_000
+def test_three_sigkills_during_a_drain(r, pusher, start_worker, queue_name):
+    total = 6000  # killed at 1,200, 2,400 and 3,600 delivered
     pusher.set_mode(delay=0.02)
     _push(r, queue_name, total, channels=100)
     held, killed = 0, []
@@ -86,7 +86,7 @@ def test_redis_killed_and_restarted_mid_drain(durable_redis, pusher, start_worke
     assert "Redis reachable again" in log
 
 
-def test_503_for_10s_then_healthy(r, pusher, start_worker, queue_name):
+def test_503_for_5s_then_healthy(r, pusher, start_worker, queue_name):
     total = 500
     w = start_worker()
     pusher.set_mode(status=503)
@@ -95,13 +95,14 @@ def test_503_for_10s_then_healthy(r, pusher, start_worker, queue_name):
     # The outage is measured on the server's clock from its first 503, not from the test's
     # push: a loaded machine may start the worker's calls late, and that must not count.
     first = wait_for(lambda: pusher.stats()["requests"], what="the first 503")[0]["at"]
-    wait_for(lambda: time.time() - first >= 10, timeout=30, what="10 s of outage")
+    wait_for(lambda: time.time() - first >= 5, timeout=30, what="5 s of outage")
     pusher.clear_mode()
     _all_delivered(pusher, total)
     assert r.llen(f"{queue_name}:dead") == 0
-    outage = [q for q in pusher.stats()["requests"] if q["at"] < first + 10]
-    # 10 greenlets' first calls, then one probe at 1, 3, 7 s after the circuit opened: the
-    # backlog is not hammered (a count on the server's clock, however slow the worker).
+    outage = [q for q in pusher.stats()["requests"] if q["at"] < first + 5]
+    # 10 greenlets' first calls, then one probe at 1 and 3 s after the circuit opened (the
+    # next, at 7 s, finds Pusher healthy): the backlog is not hammered (a count on the
+    # server's clock, however slow the worker).
     assert len(outage) <= 25, len(outage)
     assert w.log().count("circuit open") == 1
 
@@ -124,14 +125,16 @@ def test_429_with_retry_after_pauses_every_greenlet(r, pusher, start_worker, que
     assert r.llen(f"{queue_name}:dead") == 0
 
 
-def test_401_for_5s_then_accepted(r, pusher, start_worker, queue_name):
+def test_401_for_2s_then_accepted(r, pusher, start_worker, queue_name):
     total = 100
     pusher.set_mode(status=401)
     w = start_worker()
     _push(r, queue_name, total)
     wait_for(lambda: "circuit open" in w.log(), what="the circuit to open")
     started = time.monotonic()
-    wait_for(lambda: time.monotonic() - started >= 5, timeout=30, what="5 s of 401s")
+    # The probe 1 s after the opening is refused too (the circuit stays open, with no second
+    # "circuit open" line); the one at 3 s finds Pusher accepting again.
+    wait_for(lambda: time.monotonic() - started >= 2, timeout=30, what="2 s of 401s")
     pusher.clear_mode()
     _all_delivered(pusher, total)
     assert r.llen(f"{queue_name}:dead") == 0

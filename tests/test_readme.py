@@ -456,34 +456,20 @@ def run_supervisord_section(redis_server: RedisServer, pusher: LocalPusher, scra
     return outputs
 
 
-def test_the_supervisord_section_as_written(redis_server: RedisServer, pusher: LocalPusher,
-                                           r, scratch: Path) -> None:
-    [out] = run_supervisord_section(redis_server, pusher, scratch, ("supervisord",))
+def test_the_supervisord_section_and_the_deploy_recipe_as_written(
+        redis_server: RedisServer, pusher: LocalPusher, r, scratch: Path) -> None:
+    """One supervisord run for both marked sections: its blocks, then the deploy recipe's (a
+    separate run of the supervisord section alone was this run stopped before the deploy)."""
+    assert [b for b in marked_blocks(README.read_text()) if b.section == "deploy"]
+    [out] = run_supervisord_section(redis_server, pusher, scratch, ("supervisord", "deploy"))
     for num in (0, 1):
         assert f"stopped: relay_{num:02d} (exit status 0)" in out, out
+    assert out.count("entered RUNNING state") >= 4, out  # both restarted
     # Several processes on one stdout: every text line names the worker that wrote it.
     started = re.findall(r"^\S+ \S+ \[([^\]]+)\] INFO relay\.process: worker (\S+) started",
                          out, re.MULTILINE)
-    assert len(started) == 2 and all(tag == wid for tag, wid in started), out
-
-
-def has_quiet() -> bool:
-    done = subprocess.run([sys.executable, str(ROOT / "worker.py"), "--help"],
-                          capture_output=True, text=True, timeout=60)
-    return re.search(r"^\s+quiet\b", done.stdout, re.MULTILINE) is not None
-
-
-def test_the_deploy_recipe_as_written(redis_server: RedisServer, pusher: LocalPusher, r,
-                                      scratch: Path) -> None:
-    assert [b for b in marked_blocks(README.read_text()) if b.section == "deploy"]
-    if not has_quiet():
-        pytest.skip("`relay quiet` does not exist yet (issue 22): SIGTSTP would suspend the "
-                    "worker instead of quieting it")
-    [out] = run_supervisord_section(redis_server, pusher, scratch, ("supervisord", "deploy"))
-    assert out.count("entered RUNNING state") >= 4, out  # both restarted
-    started = re.findall(r"INFO relay\.process: worker (\S+) started", out)
-    assert len(started) == 4, out
-    for wid in started[:2]:  # the first two went quiet before their restart, and said so
+    assert len(started) == 4 and all(tag == wid for tag, wid in started), out
+    for _, wid in started[:2]:  # the first two went quiet before their restart, and said so
         assert re.search(rf"^\S+ \S+ \[{re.escape(wid)}\] \S+ \S+ quiet", out, re.MULTILINE), out
 
 

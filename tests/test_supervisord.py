@@ -167,6 +167,12 @@ def worker_log(tmp_path: Path, num: int) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+# RUNNING after 1 s up instead of the shipped 5 s: where a test only waits for the workers to
+# be up (twice, across a restart, in the kill -9 test). The shipped startsecs is what the
+# bad-configuration test (an exit quicker than it: FATAL) runs with.
+QUICK_START = {"startsecs": "1"}
+
+
 def push(r: redis.Redis, queue: str, count: int, channels: int = 1) -> None:
     support.push(r, queue, count, channel="site-1", key="id", channels=channels)
 
@@ -179,7 +185,7 @@ def test_two_workers_deliver_and_stop_cleanly(
         supervisor: Callable[..., Supervisor], r: redis.Redis, pusher: LocalPusher,
         queue_name: str, tmp_path: Path) -> None:
     addr, ports = metrics_ports()
-    sup = supervisor(RELAY_METRICS_ADDR=addr)
+    sup = supervisor(QUICK_START, RELAY_METRICS_ADDR=addr)
     wait_for(lambda: sup.all_in("RUNNING"), 30, "both workers RUNNING")
     assert sup.pid(PROGRAMS[0]) != sup.pid(PROGRAMS[1])
     for num in (0, 1):
@@ -224,7 +230,7 @@ def test_kill_9_is_restarted_and_nothing_is_lost(
     count = 1000
     # A backlog longer than a window (RELAY_PREFETCH) is shared out between the processes by
     # channel; a shorter one would all go to whichever process popped first.
-    sup = supervisor(RELAY_POOL_SIZE="2", RELAY_PREFETCH="100")
+    sup = supervisor(QUICK_START, RELAY_POOL_SIZE="2", RELAY_PREFETCH="100")
     wait_for(lambda: sup.all_in("RUNNING"), 30, "both workers RUNNING")
     pusher.set_mode(delay=0.05)  # slow enough that the victim has work in flight
     victim = sup.pid(PROGRAMS[0])
@@ -280,7 +286,7 @@ def test_settings_exported_to_supervisord_reach_the_workers(
     assert set(shipped) == {"RELAY_METRICS_ADDR"}, shipped  # checked before anything starts
     addr, ports = metrics_ports()
     sup = supervisor(
-        {"environment": environment({**shipped, "RELAY_METRICS_ADDR": addr})},
+        {**QUICK_START, "environment": environment({**shipped, "RELAY_METRICS_ADDR": addr})},
         exported={"REDIS_URL": redis_server.url, "RELAY_QUEUE": queue_name,
                   "PUSHER_URL": pusher.url, "RELAY_HEARTBEAT_TTL": "2", "PUSHER_TIMEOUT": "2"})
     wait_for(lambda: sup.all_in("RUNNING"), 30, "both workers RUNNING")
