@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_S = 3.0
 WEIGHTS = {
-    "test_admin": 26, "test_alerts": 2, "test_burst": 7, "test_cli_errors": 3,
+    "test_admin": 26, "test_alerts": 2, "test_apps_e2e": 20, "test_burst": 7, "test_cli_errors": 3,
     "test_config": 3, "test_crash": 23, "test_dashboard": 3, "test_dashboard_browser": 19,
     "test_delivery": 8, "test_devmode": 5, "test_dialects_e2e": 5, "test_engine": 7,
     "test_explain": 2, "test_faults": 68, "test_health": 7, "test_history": 2,
