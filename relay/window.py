@@ -102,7 +102,10 @@ class Window:
                 items += self._pop(most)
             else:
                 items += self._seen(self.queue.fetch(most), most)
-                if not items:
+                if not items and (self.backlog or self.parked):
+                    # Something is in view that this fetch could not move: look again soon,
+                    # not in a loop. (An empty queue is no reason to wait: a new item may
+                    # come any moment, and the next fetch may wait for it in a pop.)
                     self.idle_until = time.monotonic() + SHORT_BLOCK_S
         self.resync = False
         self._know(raw for raw, _ in items)
