@@ -16,7 +16,7 @@ from gevent.hub import Hub
 import relay.redis_server
 from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer
-from tests.support import WorkerProcess
+from tests.support import WorkerProcess, worker_processes
 
 _queue_names = itertools.count()
 
@@ -91,17 +91,5 @@ def worker_env(redis_server: RedisServer, pusher: LocalPusher, queue_name: str
 def start_worker(worker_env: dict[str, str], tmp_path: Path
                  ) -> Iterator[Callable[..., WorkerProcess]]:
     """Start workers with the test's settings plus overrides; all are killed at the end."""
-    started: list[WorkerProcess] = []
-
-    def start(wait: bool = True, args: list[str] | None = None, **overrides: str
-              ) -> WorkerProcess:
-        env = {**worker_env, **overrides}
-        proc = WorkerProcess(env, tmp_path / f"worker{len(started)}.log", args)
-        started.append(proc)
-        if wait:
-            proc.wait_started()
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
+    with worker_processes(worker_env, tmp_path) as start:
+        yield start

@@ -12,10 +12,13 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gevent
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,3 +214,65 @@ def behind_a_later_one(events: list[dict[str, Any]], key: str = "s") -> list[dic
         else:
             highest[channel] = seq
     return late
+
+
+@contextmanager
+def worker_processes(env: dict[str, str], logs: Path, name: str = "worker",
+                     script: Path = ROOT / "worker.py") -> Iterator[Callable[..., WorkerProcess]]:
+    """start(wait=True, args=None, **overrides): `worker.py` (or another version's `script`)
+    with these settings plus overrides, its log under `logs`; every one killed at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(wait: bool = True, args: list[str] | None = None, **overrides: str
+              ) -> WorkerProcess:
+        proc = WorkerProcess({**env, **overrides}, logs / f"{name}{len(started)}.log", args,
+                             script=script)
+        started.append(proc)
+        if wait:
+            proc.wait_started()
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.kill()
+
+
+@dataclass
+class Running:
+    """A worker serving in a greenlet of the test process (the engine tested in-process)."""
+    worker: Any  # relay.process.Worker
+    greenlet: gevent.Greenlet
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.worker.stop()
+        return self.greenlet.get(timeout=timeout)
+
+    def result(self, timeout: float = 60.0) -> int:
+        """The exit status of a burst run."""
+        return self.greenlet.get(timeout=timeout)
+
+
+@contextmanager
+def serving(env: dict[str, str]) -> Iterator[Callable[..., Running]]:
+    """start(burst=False, **overrides): the worker the launcher builds from these settings,
+    serving in a greenlet here; each stopped and closed at the end."""
+    from relay import apps, config, launcher
+
+    started: list[Running] = []
+
+    def start(burst: bool = False, **overrides: str) -> Running:
+        cfg = config.load(env={**env, **overrides})
+        worker = launcher.assemble(cfg, apps.from_config(cfg), burst=burst)
+        running = Running(worker, gevent.spawn(worker.serve))
+        started.append(running)
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.worker.stop()
+            running.greenlet.join(timeout=15)
+            launcher.close(running.worker)

@@ -14,20 +14,27 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gevent
 import pytest
 import redis
 
-from relay import apps, config, launcher, producer
+from relay import producer
 from relay.health import HealthServer
-from relay.process import Worker
 from relay.pusher_server import AppCredentials, LocalPusher
 from relay.redis_server import RedisServer, free_port
-from tests.support import WorkerProcess, dead, healthz, metrics, pending, wait_for
+from tests.support import (
+    Running,
+    WorkerProcess,
+    dead,
+    healthz,
+    metrics,
+    pending,
+    serving,
+    wait_for,
+    worker_processes,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,48 +75,17 @@ def env(redis_server: RedisServer, local: LocalPusher, queue_name: str, tmp_path
             "RELAY_POOL_SIZE": "10"}
 
 
-@dataclass
-class Running:
-    worker: Worker
-    greenlet: gevent.Greenlet
-
-    def stop(self, timeout: float = 15.0) -> int:
-        self.worker.stop()
-        return self.greenlet.get(timeout=timeout)
-
-
 @pytest.fixture
 def serve(env: dict[str, str]) -> Iterator[Callable[..., Running]]:
     """serve(burst=..., **settings): the worker the launcher builds, in a greenlet here."""
-    started: list[Running] = []
-
-    def start(burst: bool = False, **overrides: str) -> Running:
-        cfg = config.load(env={**env, **overrides})
-        worker = launcher.assemble(cfg, apps.from_config(cfg), burst=burst)
-        running = Running(worker, gevent.spawn(worker.serve))
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        running.worker.stop()
-        running.greenlet.join(timeout=15)
-        launcher.close(running.worker)
+    with serving(env) as start:
+        yield start
 
 
 @pytest.fixture
 def processes(env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: list[WorkerProcess] = []
-
-    def start(**overrides: str) -> WorkerProcess:
-        proc = WorkerProcess({**env, **overrides}, tmp_path / f"worker{len(started)}.log")
-        started.append(proc)
-        proc.wait_started()
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
+    with worker_processes(env, tmp_path) as start:
+        yield start
 
 
 def push(r: redis.Redis, queue: str, app: str | None, numbers: range | list[int],

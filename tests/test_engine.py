@@ -8,49 +8,20 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import gevent
 import pytest
 import redis
 
-from relay import apps, config, launcher
-from relay.process import Worker
-from tests.support import delivered, pending, wait_for
-
-
-@dataclass
-class Running:
-    worker: Worker
-    greenlet: gevent.Greenlet
-
-    def stop(self, timeout: float = 15.0) -> int:
-        self.worker.stop()
-        return self.greenlet.get(timeout=timeout)
-
-    def result(self, timeout: float = 60.0) -> int:
-        """The exit status of a burst run."""
-        return self.greenlet.get(timeout=timeout)
+from tests.support import Running, delivered, pending, serving, wait_for
 
 
 @pytest.fixture
 def serve(worker_env: dict[str, str]) -> Iterator[Callable[..., Running]]:
     """serve(burst=..., **settings): a worker built from the test's settings, serving."""
-    started: list[Running] = []
-
-    def start(burst: bool = False, **overrides: str) -> Running:
-        cfg = config.load(env={**worker_env, **overrides})
-        worker = launcher.assemble(cfg, apps.from_config(cfg), burst=burst)
-        running = Running(worker, gevent.spawn(worker.serve))
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        running.worker.stop()
-        running.greenlet.join(timeout=15)
-        launcher.close(running.worker)
+    with serving(worker_env) as start:
+        yield start
 
 
 def push(r: redis.Redis, queue: str, count: int, channels: int = 10, start: int = 0) -> None:

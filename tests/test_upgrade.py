@@ -30,6 +30,7 @@ from tests.support import (
     events_total,
     wait_for,
     wait_settled,
+    worker_processes,
 )
 
 OLD = "c4fb7f7cba7e2e29bfeeef14d1c86a3bdd73d57b"  # release 1.0.0 (tagged v1.0.0)
@@ -56,18 +57,8 @@ def old_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def start_old(worker_env: dict[str, str], tmp_path: Path, old_checkout: Path
               ) -> Iterator[Callable[..., WorkerProcess]]:
-    started: list[WorkerProcess] = []
-
-    def start(**overrides: str) -> WorkerProcess:
-        proc = WorkerProcess({**worker_env, **overrides}, tmp_path / f"old{len(started)}.log",
-                             script=old_checkout / "worker.py")
-        started.append(proc)
-        proc.wait_started()
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
+    with worker_processes(worker_env, tmp_path, "old", old_checkout / "worker.py") as start:
+        yield start
 
 
 def push(r: redis.Redis, queue: str) -> None:
