@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,6 +215,16 @@ def behind_a_later_one(events: list[dict[str, Any]], key: str = "s") -> list[dic
         else:
             highest[channel] = seq
     return late
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on this local port now (a port a test must name in advance)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @contextmanager

@@ -42,7 +42,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ import pytest
 from relay.config import SETTINGS, Setting
 from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer, free_port
-from tests.support import ROOT, wait_for
+from tests.support import ROOT, port_is_free, wait_for
 
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -315,15 +314,6 @@ def two_free_ports() -> tuple[int, int]:
         if port < 65535 and port_is_free(port + 1):
             return port, port + 1
     raise RuntimeError("no two free consecutive ports")
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def user_env(bin_dir: Path) -> dict[str, str]:

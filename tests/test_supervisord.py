@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import redis
 from relay.pusher_server import LocalPusher
 from relay.redis_server import RedisServer, free_port
 from tests import support
-from tests.support import ROOT, pending, wait_for, worker_ids
+from tests.support import ROOT, pending, port_is_free, wait_for, worker_ids
 
 PROGRAMS = ("relay:relay_00", "relay:relay_01")
 
@@ -61,15 +60,6 @@ def metrics_ports() -> tuple[str, list[int]]:
         if 1024 < ports[0] and all(port_is_free(p) for p in ports):
             return f"127.0.0.1:{prefix}%(process_num)02d", ports
     raise RuntimeError("no two free consecutive ports")
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def get(url: str) -> str:
