@@ -227,9 +227,12 @@ class Engine:
         of it waits in the lanes go to the retry set until the gate may open again, with no
         attempt counted, so the window stays free for the other apps."""
         entries = [*call, *self.lanes.take_group(route.name)]
-        fates: list[Fated] = [(e.raw, e.item, Later(hold_s, f"app {route.name} held: "
-                               f"{route.circuit.reason or 'paused by a 429'}"), e.extra)
-                              for e in entries]
+        why = f"app {route.name} held: {route.circuit.reason or 'paused by a 429'}"
+        # What can never be sent (unreadable, an unknown app: grouped with `default`) is
+        # dead-lettered now; set aside, it would come straight back from the queue.
+        fates: list[Fated] = [
+            (e.raw, e.item, Later(hold_s, why) if isinstance(e.item, Notification)
+             else DeadLetter("invalid", str(e.item), 0), e.extra) for e in entries]
         self._settle_or_forget(entries, fates, route)
 
     # -- the window ------------------------------------------------------------------------------

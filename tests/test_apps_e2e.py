@@ -326,3 +326,23 @@ def test_sighup_adds_and_removes_apps_and_a_bad_file_keeps_the_old_ones(
     assert numbers(local, DEFAULT_ID) == Counter([5])
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+def test_what_cannot_be_sent_is_dead_lettered_while_the_default_app_is_held(
+        r: redis.Redis, local: LocalPusher, serve: Callable[..., Running],
+        queue_name: str) -> None:
+    """An unreadable item goes with the `default` app's calls. While that app's circuit is
+    open it is dead-lettered at once, not set aside: set aside, it went back to the queue's
+    head and was fetched again, round and round, until the circuit's first probe."""
+    local.set_mode(app_id=DEFAULT_ID, status=401)
+    running = serve()
+    push(r, queue_name, None, range(3))
+    wait_for(lambda: running.worker.routes.get("default").circuit.is_open, 15,
+             "the default app's circuit to open")
+    r.rpush(queue_name, "not json")
+    # The circuit's first probe comes a second after it opened: well before that.
+    wait_for(lambda: dead(r, queue_name), 0.6, "the unreadable item dead-lettered")
+    assert running.worker.routes.get("default").circuit.is_open
+    assert [d["error_class"] for d in dead(r, queue_name)] == ["invalid"]
+    local.clear_mode(DEFAULT_ID)
+    assert running.stop() == 0
