@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,7 @@ sys.path.insert(0, str(REPO))
 from measure import Child, ChildFailed, CpuSampler, percentile  # noqa: E402
 
 from relay.pusher_server import LocalPusher  # noqa: E402
-from relay.redis_server import RedisServer  # noqa: E402
+from relay.redis_server import RedisServer, free_port  # noqa: E402
 
 QUEUE = "notifications"
 SEED_SCRIPT = Path(os.environ.get("SEED_SCRIPT", "/work/shared/peers/seed_em.rb"))
@@ -277,12 +276,6 @@ class Bench:
                 "others_p50_s": percentile(after, 50), "others_p99_s": percentile(after, 99),
                 "busy_delivered_meanwhile": len(busy_events),
                 "busy_behind": behind_a_later_one(busy_events)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def call_seconds(metrics_at: str) -> tuple[float, float]:

@@ -46,7 +46,6 @@ from relay.pause import (
     who_am_i,
 )
 from relay.queue import RedisQueue
-from relay.rules import DEFAULT_APP
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 EXIT_NOTHING = EXIT_UNHEALTHY  # requeue or purge moved nothing: nothing matched
@@ -212,8 +211,7 @@ def collect_apps(queue: RedisQueue, now: float) -> dict[str, Any] | None:
     names = sorted({*totals, *circuits, *limits})
     if len(names) < 2:
         return None
-    keys = {n: queue.keys.ratelimit if n == DEFAULT_APP else f"{queue.keys.ratelimit}:{n}"
-            for n in names}
+    keys = {n: queue.keys.ratelimit_of(n) for n in names}
     tats = dict(zip(names, queue.client.mget([keys[n] for n in names]), strict=True))
     apps: dict[str, Any] = {}
     for name in names:

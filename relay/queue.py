@@ -56,6 +56,7 @@ from relay.errors import RelayError
 from relay.ownership import HAND_OVER, LANE_KEYS, RETURN_LANES, SETTLE_OWNED, TAKE
 from relay.pause import Seen, gated, refusal, round_state, with_state
 from relay.redis_shared import NOW_LUA
+from relay.rules import DEFAULT_APP
 
 log = logging.getLogger(__name__)
 
@@ -375,8 +376,6 @@ redis.call('PERSIST', k)
 redis.call('HDEL', k, 'p')
 redis.call('HSETNX', k, 'p', '1')
 redis.call('HGET', k, 'p')
-redis.call('HLEN', k)
-redis.call('HKEYS', k)
 redis.call('DEL', k)
 redis.call('SADD', k, 'p')
 redis.call('SCARD', k)
@@ -434,6 +433,10 @@ class Keys:
     @property
     def ratelimit(self) -> str:
         return f"{self.prefix}:ratelimit"
+
+    def ratelimit_of(self, app: str) -> str:
+        """An app's shared rate limit (RELAY_APPS): `default`'s is the queue's own."""
+        return self.ratelimit if app == DEFAULT_APP else f"{self.ratelimit}:{app}"
 
     @property
     def history(self) -> str:

@@ -97,9 +97,8 @@ class Routes:
                             http_client=self.http_client)
         limiter = None
         if app.rate_limit > 0:
-            key = self.queue.keys.ratelimit if name == DEFAULT else \
-                f"{self.queue.keys.ratelimit}:{name}"
-            limiter = RateLimiter(self.queue.client, key, app.rate_limit, app.rate_burst,
+            limiter = RateLimiter(self.queue.client, self.queue.keys.ratelimit_of(name),
+                                  app.rate_limit, app.rate_burst,
                                   sleep=gevent.sleep, lock=gevent.lock.Semaphore(),
                                   on_wait=metrics.rate_waits.labels(name).inc)
         return Route(app, delivery, Circuit(), limiter)
