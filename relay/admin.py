@@ -45,7 +45,7 @@ from relay.pause import (
     span,
     who_am_i,
 )
-from relay.queue import RedisQueue
+from relay.queue import RedisQueue, split_totals
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 EXIT_NOTHING = EXIT_UNHEALTHY  # requeue or purge moved nothing: nothing matched
@@ -168,6 +168,7 @@ def collect_stats(cfg: Config, queue: RedisQueue) -> dict[str, Any]:
     lengths = queue.lengths()
     now = queue.now()
     tat = queue.client.get(queue.keys.ratelimit)
+    totals, per_app = split_totals(queue.client.hgetall(queue.keys.stats))
     ahead = max(0.0, float(tat) - now) if tat else 0.0
     workers = queue.workers()
     controls = Controls(queue.client, queue.keys)
@@ -183,22 +184,25 @@ def collect_stats(cfg: Config, queue: RedisQueue) -> dict[str, Any]:
         "retry_scheduled": lengths["retry"],
         "dead": lengths["dead"],
         "workers": workers,
-        "totals": queue.totals(),
+        "totals": totals,
         "rate_limit": {"limit_per_s": cfg.rate_limit, "burst": cfg.rate_burst,
                        "budget_used_events": round(ahead * cfg.rate_limit, 1)},
-        "apps": collect_apps(queue, now),
+        "apps": collect_apps(queue, now, per_app),
     }
 
 
-def collect_apps(queue: RedisQueue, now: float) -> dict[str, Any] | None:
+def collect_apps(queue: RedisQueue, now: float, totals: dict[str, dict[str, int]],
+                 infos: dict[bytes, Any] | None = None) -> dict[str, Any] | None:
     """Each Pusher app's totals, circuit and rate limit when several are configured
     (RELAY_APPS), else None. Read from Redis alone, so it needs no RELAY_APPS here: the totals
     the settle scripts keep per app, and what the live workers publish in their heartbeat
-    (each app's circuit and rate limit)."""
-    totals = queue.app_totals()
+    (each app's circuit and rate limit). `totals`: the per-app totals (`split_totals`); `infos`:
+    the info hash, when the caller has read it already."""
+    if infos is None:
+        infos = queue.client.hgetall(queue.keys.info)
     circuits: dict[str, list[dict[str, Any]]] = {}
     limits: dict[str, dict[str, float]] = {}
-    for wid, raw in queue.client.hgetall(queue.keys.info).items():
+    for wid, raw in infos.items():
         info = _entry(raw)
         for circuit in info.get("circuits") or ():
             if isinstance(circuit, dict) and circuit.get("app"):

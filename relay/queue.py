@@ -571,6 +571,21 @@ class Taken:
     waiting: int = 0  # of those, how many wait for another owner to finish (a takeover)
 
 
+def split_totals(raw: dict[bytes, Any]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """The stats hash as read (`Q:stats`): the totals of every app together, and each Pusher
+    app's (its fields are `app:<name>:<stat>`)."""
+    whole: dict[str, int] = {}
+    per_app: dict[str, dict[str, int]] = {}
+    for key, value in raw.items():
+        field = key.decode()
+        if field.startswith("app:"):
+            app, _, stat = field[4:].rpartition(":")
+            per_app.setdefault(app, {})[stat] = int(value)
+        else:
+            whole[field] = int(value)
+    return whole, per_app
+
+
 class RedisQueue:
     """The queue's Redis side for one worker process.
 
@@ -889,19 +904,3 @@ class RedisQueue:
                           "heartbeat_age_s": round(now - (deadline - ttl), 3),
                           "expired": deadline < now})
         return found
-
-    def totals(self) -> dict[str, int]:
-        """The running totals of every app together (delivered, dead, retried, shed...)."""
-        return {k: v for k, v in self._all_totals().items() if not k.startswith("app:")}
-
-    def app_totals(self) -> dict[str, dict[str, int]]:
-        """The same per Pusher app (RELAY_APPS; `default` with one app)."""
-        found: dict[str, dict[str, int]] = {}
-        for field, n in self._all_totals().items():
-            if field.startswith("app:"):
-                app, _, stat = field[4:].rpartition(":")
-                found.setdefault(app, {})[stat] = n
-        return found
-
-    def _all_totals(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.client.hgetall(self.keys.stats).items()}

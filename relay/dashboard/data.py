@@ -30,7 +30,7 @@ from relay.admin import collect_apps
 from relay.deadletters import DeadLetters, is_invalid
 from relay.history import recent_rates
 from relay.pause import Controls, Pause, Quiet, describe
-from relay.queue import RedisQueue
+from relay.queue import RedisQueue, split_totals
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ class Board:
                    for wid, deadline in beats]
         pause = Pause.from_hash(paused)
         # a line per Pusher app when several are configured (as `relay stats` has it)
-        app_lines = collect_apps(self.queue, now)
+        totals, per_app = split_totals(stats)
+        app_lines = collect_apps(self.queue, now, per_app, infos)
         return {
             "queue": k.queue, "now": now,
             "pause": {**pause.as_dict(now), "text": describe(pause, now)} if pause else None,
@@ -167,8 +168,7 @@ class Board:
             "inflight": sum(w["inflight"] for w in workers),
             "workers": workers,
             "gates": self._gates(workers, tat, now),
-            "totals": {key.decode(): int(v) for key, v in stats.items()
-                       if not key.startswith(b"app:")},
+            "totals": totals,
             "apps": sorted(app_lines) if app_lines else [],  # the page's chart filter
             "app_lines": app_lines,
         }
